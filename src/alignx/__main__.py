@@ -1,0 +1,3 @@
+from alignx.cli import main
+
+raise SystemExit(main())

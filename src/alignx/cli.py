@@ -1,0 +1,139 @@
+"""The ``alignx`` command: one subcommand per pipeline verb.
+
+Every subcommand takes ``--config <yaml>`` plus ``section.key=value`` overrides. A mistake a user can fix
+(an unknown key, a missing file, a model that is not there) prints one line and exits with status 2;
+anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from alignx import __version__
+from alignx.errors import AlignXError
+
+_EPILOG = """\
+pipeline: data -> stage1 (per-axis LoRA experts + task features) -> stage2 (MoCaE router) -> generate/eval/serve
+
+examples:
+  alignx data check
+  alignx stage1 --config configs/demo.yaml
+  alignx stage1 --config configs/default.yaml --axes helpful,honest train.lr=1e-4 run_dir=runs/mine
+  alignx stage1 task-vector --run runs/mine --axis harmless
+"""
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (see configs/); defaults are METHOD.md's")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value",
+        help="override any config field, e.g. train.lr=1e-4 data.max_rows_per_axis=64 run_dir=runs/x",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignx",
+        description="Align an open LLM on helpful, harmless and honest at once: per-axis LoRA experts "
+        "mixed per prompt by a calibrated router (MoCaE).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"alignx {__version__}")
+    verbs = parser.add_subparsers(dest="command", metavar="<command>")
+
+    data = verbs.add_parser("data", help="inspect the data sets and their canonical splits")
+    data_verbs = data.add_subparsers(dest="data_command", metavar="<action>")
+    check = data_verbs.add_parser(
+        "check", help="print every split's row count, skipped bad rows and why, and its hash",
+        description="Load every axis's training split and every evaluation split from data.data_dir "
+        "($ALIGNX_DATA_DIR) or the Hugging Face hub, and report rows, skipped rows by reason, and hashes.",
+    )
+    _add_config_arguments(check)
+
+    stage1 = verbs.add_parser(
+        "stage1", help="train one LoRA expert per axis and build the task-feature banks",
+        description="Stage 1: train one LoRA expert per axis, independently from the same frozen base, each "
+        "with its axis's injection prompt; then pool the base's hidden states over each axis's training "
+        "prompts into a task-feature bank. Finished axes are skipped; --resume continues an interrupted one. "
+        "Subcommand `task-vector` writes an expert's task vector.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="run directory layout: see `python -c 'import alignx.run; help(alignx.run)'` or the README",
+    )
+    _add_config_arguments(stage1)
+    stage1.add_argument("--axes", help="comma-separated subset of helpful,harmless,honest (default: all)")
+    stage1.add_argument("--run", help="run directory (same as run_dir=...)")
+    stage1.add_argument("--resume", action="store_true", help="continue an interrupted training from its last checkpoint")
+
+    vector = verbs.add_parser(
+        "task-vector", help="write an expert's task vector (same as: alignx stage1 task-vector)",
+        description="Write experts/<axis>/task_vector.safetensors: (alpha/r)·B·A for every target module, "
+        "keyed like the base model's weights.",
+    )
+    vector.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
+    vector.add_argument("--axis", required=True, help="helpful, harmless or honest (comma-separated for several)")
+    return parser
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    """``alignx stage1 task-vector ...`` is a sub-verb of stage1; argparse sees it as its own command."""
+    if len(argv) >= 2 and argv[0] == "stage1" and argv[1] == "task-vector":
+        return ["task-vector", *argv[2:]]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args, parser)
+    except AlignXError as exc:
+        print(f"alignx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("alignx: interrupted; finished work is saved — rerun the same command (with --resume) to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from alignx.config import load_config
+
+    if args.command == "data":
+        if args.data_command != "check":
+            parser.parse_args(["data", "--help"])
+        from alignx.data.splits import check_all, format_check_report
+
+        config = load_config(args.config, args.overrides)
+        print(format_check_report(check_all(config.data)))
+        return 0
+    if args.command == "stage1":
+        overrides = list(args.overrides)
+        if args.axes:
+            overrides.append(f"axes={args.axes}")
+        if args.run:
+            overrides.append(f"run_dir={args.run}")
+        config = load_config(args.config, overrides)
+        from alignx.stage1.pipeline import run_stage1
+
+        run = run_stage1(config, resume=args.resume)
+        print(f"[stage1] done: artifacts in {run.root} (manifest: {run.manifest_path})")
+        return 0
+    if args.command == "task-vector":
+        from alignx.axes import parse_axes
+        from alignx.run import RunDir, atomic_save_safetensors
+        from alignx.stage1.task_vector import task_vector
+
+        run = RunDir(args.run)
+        for axis in parse_axes(args.axis):
+            if not run.has_adapter(axis):
+                raise AlignXError(f"no trained {axis} expert in {run.root}; run `alignx stage1 --run {run.root}` first")
+            vector = task_vector(run.adapter_dir(axis))
+            atomic_save_safetensors(vector, run.task_vector_path(axis), {"axis": axis})
+            print(f"[stage1] {axis}: task vector of {len(vector)} modules -> {run.task_vector_path(axis)}")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,258 @@
+"""Configuration: one dataclass per section, loaded from YAML with ``key=value`` CLI overrides.
+
+Every field has the specification's default (METHOD.md), so an empty YAML file is a valid config.
+Unknown keys are an error that lists the valid ones: a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignx.axes import AXES, DEFAULT_INJECTIONS
+from alignx.errors import AlignXError
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to align and how to run it."""
+
+    name: str = "smollm2-135m"  # hub id, local directory, GGUF file, or the embedded default
+    precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("model.precision", self.precision, ("auto", "bf16", "fp32"))
+
+
+@dataclass
+class DataConfig:
+    """Where the data sets are read from and how much of each axis to use."""
+
+    data_dir: str | None = None  # local copy laid out like shared/data; None -> $ALIGNX_DATA_DIR, then the hub
+    helpful_rows: int = 20_000  # Alpaca rows sampled for the helpful axis [paper: 20k]
+    max_rows_per_axis: int | None = None  # cap for quick runs and tests; None uses every row
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("data.helpful_rows", self.helpful_rows)
+        if self.max_rows_per_axis is not None:
+            _check_positive("data.max_rows_per_axis", self.max_rows_per_axis)
+
+    def resolved_data_dir(self) -> Path | None:
+        """The local data directory, or None to read from the Hugging Face hub."""
+        value = self.data_dir or os.environ.get("ALIGNX_DATA_DIR")
+        return Path(value).expanduser() if value else None
+
+
+@dataclass
+class LoraConfig:
+    """One LoRA expert per axis. Default r=16, alpha=32 on every attention and MLP projection."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: str = "attention-mlp"  # attention-mlp | attention | qv | comma-separated module names
+
+    def __post_init__(self) -> None:
+        _check_positive("lora.r", self.r)
+        _check_positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise AlignXError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """Stage 1 optimisation: AdamW + cosine schedule, weight decay 0.01 and 3 epochs [paper]."""
+
+    epochs: float = 3.0
+    max_steps: int | None = None  # optimizer steps per axis; overrides epochs when set
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    max_length: int = 512  # tokens per example; longer examples are truncated (response end first)
+    group_by_length: bool = True  # batches of similar length: far less padding
+    packing: bool = False  # several examples per row, attention kept within each example
+    seed: int = 0
+    save_every: int = 50  # optimizer steps between checkpoints
+    keep_checkpoints: int = 2
+    max_loss: float = 1e4  # a loss above this (or NaN) stops training; the last good checkpoint stays
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_length", "save_every", "keep_checkpoints"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        if self.max_steps is not None:
+            _check_positive("train.max_steps", self.max_steps)
+        if self.epochs <= 0:
+            raise AlignXError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            raise AlignXError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class FeatureConfig:
+    """Task features: mean-pooled hidden states of the frozen base at the router and calibrator layers.
+
+    ``None`` layers resolve to METHOD.md's defaults: router ~L/2, calibrator floor(2L/3).
+    """
+
+    router_layer: int | None = None
+    calibrator_layer: int | None = None
+    batch_size: int = 32
+    max_length: int = 256  # prompt tokens; longer prompts keep their first tokens
+
+    def __post_init__(self) -> None:
+        _check_positive("features.batch_size", self.batch_size)
+        _check_positive("features.max_length", self.max_length)
+
+    def layers(self, num_layers: int) -> tuple[int, int]:
+        """(router layer, calibrator layer), 1-based decoder-layer outputs, validated for this model."""
+        router = self.router_layer if self.router_layer is not None else max(1, num_layers // 2)
+        calibrator = self.calibrator_layer if self.calibrator_layer is not None else max(1, (2 * num_layers) // 3)
+        for name, layer in (("features.router_layer", router), ("features.calibrator_layer", calibrator)):
+            if not 1 <= layer <= num_layers:
+                raise AlignXError(f"{name}={layer} is outside this model's decoder layers 1..{num_layers}")
+        return router, calibrator
+
+
+@dataclass
+class AlignXConfig:
+    """The whole configuration of a run; sections mirror the YAML files in ``configs/``."""
+
+    run_dir: str = "runs/default"
+    axes: list[str] = field(default_factory=lambda: list(AXES))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    injections: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_INJECTIONS))
+
+    def __post_init__(self) -> None:
+        from alignx.axes import parse_axes
+
+        self.axes = list(parse_axes(self.axes))
+        missing = [a for a in AXES if a not in self.injections]
+        unknown = [a for a in self.injections if a not in AXES]
+        if unknown:
+            raise AlignXError(f"injections: unknown axis {', '.join(unknown)}; valid axes: {', '.join(AXES)}")
+        if missing:  # a YAML that sets one axis keeps the defaults of the others
+            self.injections = {a: self.injections.get(a, DEFAULT_INJECTIONS[a]) for a in AXES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AlignXConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AlignXError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise AlignXError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise AlignXError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AlignXError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value))
+    return from_dict(AlignXConfig, raw, prefix="")
+
+
+def from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from a plain mapping, checking keys and types with messages that name the field."""
+    if not isinstance(raw, dict):
+        raise AlignXError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise AlignXError(
+            f"unknown config key {', '.join(prefix + k for k in unknown)} ({where}); valid keys: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value or {}, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a simple type hint, accepting ints for floats and None for optionals."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(name, option, value)
+            except AlignXError as exc:
+                errors.append(str(exc))
+        raise AlignXError(errors[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise AlignXError(f"{name} must be a list, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise AlignXError(f"{name} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise AlignXError(f"{name} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise AlignXError(f"cannot override {'.'.join(keys)}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def save_config(config: AlignXConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomically), so a run records exactly what it used."""
+    from alignx.run import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise AlignXError(f"{name} must be > 0, got {value}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise AlignXError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -1,0 +1,192 @@
+"""The run directory: its layout, its manifest, its lock, and the atomic writes everything uses.
+
+Layout (one directory per run; every file is safetensors, JSON, JSONL or YAML — never pickle)::
+
+    <run>/
+      config.yaml                    the resolved configuration the run was started with
+      manifest.json                  base model id + weight hash, data split hashes, library versions, experts
+      run.lock                       held while an alignx process works on this run
+      experts/<axis>/adapter/        PEFT adapter (adapter_config.json + adapter_model.safetensors)
+      experts/<axis>/train_log.jsonl one line per optimizer step: loss, lr, tokens, tokens/s
+      experts/<axis>/summary.json    final figures of the axis's training
+      experts/<axis>/checkpoints/step-NNNNNN/   resumable training state (last few kept)
+      experts/<axis>/task_vector.safetensors    on demand: (alpha/r)·B·A per target module
+      features/<axis>.safetensors    task-feature bank: router and calibrator features per training prompt
+
+Every write goes to a temporary file in the same directory and is moved into place with
+``os.replace``, so an interruption (even kill -9) leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from alignx.errors import AlignXError
+
+
+class RunDir:
+    """Paths of one run; creating the object touches nothing on disk."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def expert_dir(self, axis: str) -> Path:
+        return self.root / "experts" / axis
+
+    def adapter_dir(self, axis: str) -> Path:
+        return self.expert_dir(axis) / "adapter"
+
+    def train_log_path(self, axis: str) -> Path:
+        return self.expert_dir(axis) / "train_log.jsonl"
+
+    def summary_path(self, axis: str) -> Path:
+        return self.expert_dir(axis) / "summary.json"
+
+    def checkpoints_dir(self, axis: str) -> Path:
+        return self.expert_dir(axis) / "checkpoints"
+
+    def task_vector_path(self, axis: str) -> Path:
+        return self.expert_dir(axis) / "task_vector.safetensors"
+
+    def features_path(self, axis: str) -> Path:
+        return self.root / "features" / f"{axis}.safetensors"
+
+    def has_adapter(self, axis: str) -> bool:
+        return (self.adapter_dir(axis) / "adapter_config.json").is_file()
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {}
+        return read_json(self.manifest_path)
+
+    def update_manifest(self, **sections: Any) -> dict[str, Any]:
+        """Merge top-level sections into manifest.json (nested dicts merge one level deep)."""
+        manifest = self.read_manifest()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+                manifest[key] = {**manifest[key], **value}
+            else:
+                manifest[key] = value
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on the run, so two alignx processes never interleave their writes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "run.lock"
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise AlignXError(
+                    f"run directory {self.root} is in use by {owner}; wait for it to finish or use another --run"
+                ) from None
+            raise
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"alignx pid {os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise AlignXError(f"file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise AlignXError(f"{path} is not valid JSON ({exc}); it may be truncated or corrupted") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old content or the new, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save tensors as safetensors atomically (contiguous copies; shared storage is not allowed there)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+
+
+def load_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
+    """Load tensors and metadata, turning a truncated or corrupted file into a clear error naming it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AlignXError(f"file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise AlignXError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from None
+    return tensors, metadata
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``final`` only if the block completes."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

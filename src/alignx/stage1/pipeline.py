@@ -1,0 +1,149 @@
+"""The Stage 1 recipe: for each axis, train its expert and build its task-feature bank, resumably.
+
+Finished work is recognised by its artifact (the adapter directory, the feature file) and skipped on a
+rerun, so an interrupted ``alignx stage1`` picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from alignx import __version__
+from alignx.config import AlignXConfig, save_config
+from alignx.errors import AlignXError
+from alignx.run import RunDir, atomic_save_safetensors, load_safetensors
+
+# Settings that change what Stage 1 produces: a run may only be resumed or extended with the same ones.
+_ARTIFACT_SECTIONS = ("model", "data", "lora", "train", "features", "injections")
+
+
+def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunDir:
+    """Train the experts of ``config.axes`` and build their feature banks in ``config.run_dir``."""
+    from alignx.data.splits import training_examples
+    from alignx.stage1.train import ExpertTrainer, encode_examples
+
+    run = RunDir(config.run_dir)
+    with run.lock():
+        _check_same_config(run, config)
+        save_config(config, run.config_path)
+        _write_manifest_header(run, config)
+        run.update_manifest(base_model={"weights_sha256": _load_base(config).weights_sha256})
+        for axis in config.axes:
+            split = training_examples(axis, config.data)
+            run.update_manifest(splits={axis: {"rows": len(split.examples), "sha256": split.sha256, "skipped": dict(split.skipped)}})
+            if run.has_adapter(axis):
+                log(f"[stage1] {axis}: expert already trained in {run.adapter_dir(axis)}; skipping")
+            else:
+                loaded = _load_base(config)
+                encoded, skipped = encode_examples(
+                    _formatter(loaded.tokenizer), split.examples, config.injections[axis], config.train.max_length
+                )
+                log(f"[stage1] {axis}: training on {len(encoded)} rows ({sum(skipped.values())} skipped: {dict(skipped)})")
+                trainer = ExpertTrainer(config, run, axis, loaded.model, loaded.tokenizer, encoded)
+                summary = trainer.train(resume=resume)
+                run.update_manifest(experts={axis: {**asdict(summary), "encoding_skipped": dict(skipped)}})
+                log(
+                    f"[stage1] {axis}: {summary.steps} steps, final loss {summary.final_loss:.4f}, "
+                    f"{summary.tokens_per_second:.0f} tokens/s -> {run.adapter_dir(axis)}"
+                )
+            build_feature_bank(run, config, axis, [e.user_text for e in split.examples], split.sha256, log=log)
+    return run
+
+
+def build_feature_bank(run: RunDir, config: AlignXConfig, axis: str, prompts: list[str], split_sha256: str, log=print) -> Path:
+    """Write ``features/<axis>.safetensors`` (router and calibrator features of each distinct prompt)."""
+    from alignx.models import autocast_dtype
+    from alignx.stage1.features import prompt_features
+
+    path = run.features_path(axis)
+    if path.is_file():
+        _, metadata = load_safetensors(path)
+        if metadata.get("split_sha256") == split_sha256:
+            log(f"[stage1] {axis}: feature bank already built in {path}; skipping")
+            return path
+    distinct = list(dict.fromkeys(prompts))
+    loaded = _load_base(config)
+    loaded.model.eval()
+    router_layer, calibrator_layer = config.features.layers(loaded.num_layers)
+    device = next(loaded.model.parameters()).device
+    features = prompt_features(
+        loaded.model,
+        _formatter(loaded.tokenizer),
+        distinct,
+        (router_layer, calibrator_layer),
+        batch_size=config.features.batch_size,
+        max_length=config.features.max_length,
+        autocast_dtype=autocast_dtype(config.model, device),
+        progress=f"features {axis}",
+    )
+    metadata = {
+        "axis": axis,
+        "router_layer": str(router_layer),
+        "calibrator_layer": str(calibrator_layer),
+        "num_prompts": str(len(distinct)),
+        "split_sha256": split_sha256,
+        "base_weights_sha256": loaded.weights_sha256,
+    }
+    atomic_save_safetensors({"router": features[router_layer], "calibrator": features[calibrator_layer]}, path, metadata)
+    log(f"[stage1] {axis}: feature bank of {len(distinct)} prompts (layers {router_layer}, {calibrator_layer}) -> {path}")
+    return path
+
+
+def _load_base(config: AlignXConfig):
+    from alignx.models import load_base_model
+
+    return load_base_model(config.model, for_training=True)
+
+
+def _formatter(tokenizer):
+    from alignx.data.formatting import ChatFormatter
+
+    return ChatFormatter(tokenizer)
+
+
+def _check_same_config(run: RunDir, config: AlignXConfig) -> None:
+    """Refuse to mix artifacts made under different settings in one run directory."""
+    if not run.config_path.is_file():
+        return
+    from alignx.config import load_config
+
+    previous = load_config(run.config_path).to_dict()
+    current = config.to_dict()
+    changed = []
+    for section in _ARTIFACT_SECTIONS:
+        before, after = previous[section], current[section]
+        changed += [f"{section}.{key}" for key in after if before.get(key) != after.get(key)]
+    if changed:
+        raise AlignXError(
+            f"{run.root} was made with different settings ({', '.join(changed)}); "
+            "use the same config to resume, or a new --run directory"
+        )
+
+
+def _write_manifest_header(run: RunDir, config: AlignXConfig) -> None:
+    from alignx.models import resolve_model_source
+
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+
+    source = resolve_model_source(config.model.name)
+    run.update_manifest(
+        alignx_version=__version__,
+        base_model={"name": config.model.name, "source": dataclasses.asdict(source) if dataclasses.is_dataclass(source) else str(source)},
+        config=config.to_dict(),
+        libraries={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__,
+        },
+    )

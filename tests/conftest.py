@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny randomly initialised models of four architectures and a tiny chat tokenizer.
+
+Everything is built from configs at test time (no network, no committed weights). The tokenizer
+has a ~600-token vocabulary because step time on a tiny model is dominated by the vocabulary size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# SmolLM2's ChatML template, including its habit of adding a default system prompt when none is given:
+# the tests must prove that our formatting copes with that.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named Tiny.<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "Give three tips for staying healthy. Eat a balanced diet and exercise regularly.",
+    "What are the three primary colors? The three primary colors are red, blue, and yellow.",
+    "I cannot help with that request because it could hurt people, but I can suggest a safe alternative.",
+    "Answer truthfully: nothing happens if you eat watermelon seeds; they pass through your body.",
+    "Chain of Thought: Let's think step by step. Decline harmful requests briefly and say why.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?'\"()[]{}<>-_+=*/\\|@#$%^&~`",
+]
+
+ARCHITECTURES = ("llama", "mistral", "gemma", "qwen2")
+
+# Tiny models gain nothing from intra-op threads, and two threads fighting another process for two cores
+# run 5-17x slower (FINDINGS.md).
+torch.set_num_threads(1)
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE chat tokenizer (no unknown tokens) with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_tiny_model(arch: str, vocab_size: int, num_layers: int = 3, seed: int = 0):
+    """A randomly initialised causal LM of the given architecture, small enough for a step in ~20 ms."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=3,
+        # Larger than the usual 0.02: with tied embeddings behind a final RMSNorm, 0.02 caps every logit
+        # near 1, so no adapter could ever make the tiny model confident (and the loss could not fall).
+        initializer_range=0.2,
+    )
+    extra = {"gemma": {"head_dim": 16}, "mistral": {"sliding_window": None}}.get(arch, {})
+    config = AutoConfig.for_model(arch, **common, **extra)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """One saved tiny model directory (weights + tokenizer) per architecture, as a user would have."""
+    dirs = {}
+    for arch in ARCHITECTURES:
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        build_tiny_model(arch, len(tiny_tokenizer)).save_pretrained(path)
+        tiny_tokenizer.save_pretrained(path)
+        dirs[arch] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real staged data sets; tests that need them are skipped when they are absent."""
+    value = os.environ.get("ALIGNX_DATA_DIR") or (str(SHARED_DATA) if SHARED_DATA.is_dir() else "")
+    if not value or not Path(value).is_dir():
+        pytest.skip("real data sets not available: set ALIGNX_DATA_DIR")
+    return Path(value)
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_quiet(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
