@@ -27,14 +27,16 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
     from alignx.data.splits import training_examples
     from alignx.stage1.train import ExpertTrainer, encode_examples
 
+    # Everything a user can get wrong (data files, the model) is checked before the run directory is touched.
+    splits = {axis: training_examples(axis, config.data) for axis in config.axes}
+    base_sha256 = _load_base(config).weights_sha256
     run = RunDir(config.run_dir)
     with run.lock():
         _check_same_config(run, config)
         save_config(config, run.config_path)
         _write_manifest_header(run, config)
-        run.update_manifest(base_model={"weights_sha256": _load_base(config).weights_sha256})
-        for axis in config.axes:
-            split = training_examples(axis, config.data)
+        run.update_manifest(base_model={"weights_sha256": base_sha256})
+        for axis, split in splits.items():
             run.update_manifest(splits={axis: {"rows": len(split.examples), "sha256": split.sha256, "skipped": dict(split.skipped)}})
             if run.has_adapter(axis):
                 log(f"[stage1] {axis}: expert already trained in {run.adapter_dir(axis)}; skipping")
@@ -43,6 +45,11 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
                 encoded, skipped = encode_examples(
                     _formatter(loaded.tokenizer), split.examples, config.injections[axis], config.train.max_length
                 )
+                if not encoded:
+                    raise AlignXError(
+                        f"axis {axis}: all {len(split.examples)} rows leave no response token within "
+                        f"train.max_length={config.train.max_length} once formatted; raise train.max_length"
+                    )
                 log(f"[stage1] {axis}: training on {len(encoded)} rows ({sum(skipped.values())} skipped: {dict(skipped)})")
                 trainer = ExpertTrainer(config, run, axis, loaded.model, loaded.tokenizer, encoded)
                 summary = trainer.train(resume=resume)
@@ -108,7 +115,8 @@ def _formatter(tokenizer):
 
 def _check_same_config(run: RunDir, config: AlignXConfig) -> None:
     """Refuse to mix artifacts made under different settings in one run directory."""
-    if not run.config_path.is_file():
+    made = [p for p in (run.root / "experts", run.root / "features") if p.is_dir() and any(p.iterdir())]
+    if not run.config_path.is_file() or not made:
         return
     from alignx.config import load_config
 
