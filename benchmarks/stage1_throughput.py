@@ -1,13 +1,15 @@
 """Stage 1 training throughput: AlignX's expert training vs the authors' recipe, same rows, one run.
 
 Both train a LoRA expert of the helpful axis on the same formatted rows (chat template + injection) of
-the embedded default model, with the same batch size, optimiser and precision:
+the embedded default model, with the same batch size and optimiser:
 
 * ours     — ``alignx.stage1.train.ExpertTrainer`` with the default config: length-grouped batches with
              dynamic padding, loss on response tokens only (LM head run only where labels are),
-             LoRA r=16 on every attention and MLP projection;
-* authors  — the released code's recipe: every row padded to 512 tokens, labels = input_ids
-             (padding included), LoRA r=64 on q/v.
+             LoRA r=16 on every attention and MLP projection, bf16 autocast where the CPU supports it;
+* authors  — the released code's recipe (``Finetune_Pipeline.py``): every row padded to 512 tokens,
+             labels = input_ids (padding included), LoRA r=64 / alpha 32 / dropout 0.1 on q/v, and fp32
+             (its TrainingArguments set neither fp16 nor bf16). ``--authors-precision bf16`` runs it under
+             the same bf16 autocast as ours instead, to separate the recipe from the precision.
 
 Throughput counts real (non-pad) tokens per second of training-step time. The last line is
 ``ratio=<ours/authors>``.
@@ -45,7 +47,7 @@ def ours(config, rows, batch_size: int) -> tuple[int, float, int]:
     return summary.real_tokens, summary.train_seconds, summary.steps
 
 
-def authors(config, rows, batch_size: int) -> tuple[int, float, int]:
+def authors(config, rows, batch_size: int, precision: str) -> tuple[int, float, int]:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -57,7 +59,7 @@ def authors(config, rows, batch_size: int) -> tuple[int, float, int]:
     texts = [formatter.prompt_text(r.user_text, config.injections["helpful"]) + formatter.completion_text(r.response) for r in rows]
     set_seed(0)
     model = get_peft_model(
-        loaded.model, LoraConfig(r=64, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        loaded.model, LoraConfig(r=64, lora_alpha=32, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr, weight_decay=0.01)
     model.train()
@@ -68,7 +70,7 @@ def authors(config, rows, batch_size: int) -> tuple[int, float, int]:
             add_special_tokens=False, return_tensors="pt",
         )
         began = time.perf_counter()
-        with autocast(config.model, "cpu"):
+        with autocast(torch.bfloat16 if precision == "bf16" else None, "cpu"):
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]).loss
         loss.backward()
         optimizer.step()
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256, help="rows of the helpful split to train on")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--authors-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 as the released code runs; bf16 for a same-precision control")
     args = parser.parse_args()
     rows_wanted = 48 if args.quick else args.rows
 
@@ -100,9 +104,12 @@ def main() -> None:
         )
         rows = _rows(config, rows_wanted)
         dtype = autocast_dtype(config.model, "cpu")
-        print(f"rows={len(rows)} batch={args.batch_size} precision={dtype or torch.float32} threads={torch.get_num_threads()}")
+        print(
+            f"rows={len(rows)} batch={args.batch_size} ours_precision={dtype or torch.float32} "
+            f"authors_precision={args.authors_precision} threads={torch.get_num_threads()}"
+        )
         ours_tokens, ours_seconds, ours_steps = ours(config, rows, args.batch_size)
-        authors_tokens, authors_seconds, authors_steps = authors(config, rows, args.batch_size)
+        authors_tokens, authors_seconds, authors_steps = authors(config, rows, args.batch_size, args.authors_precision)
     ours_rate = ours_tokens / ours_seconds
     authors_rate = authors_tokens / authors_seconds
     assert ours_tokens == authors_tokens or math.isclose(ours_tokens, authors_tokens, rel_tol=0.02), (ours_tokens, authors_tokens)

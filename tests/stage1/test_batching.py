@@ -46,18 +46,22 @@ def test_packing_respects_capacity_and_keeps_every_example():
     assert all(sum(lengths[i] for i in row) <= 60 for row in rows)
 
 
-def test_collate_pads_left_and_masks_padding(encoded, tiny_tokenizer):
+def test_collate_pads_right_and_masks_padding(encoded, tiny_tokenizer):
     batch = collate([[0], [1]], encoded, pad_id=tiny_tokenizer.pad_token_id)
     short = len(encoded[0].input_ids)
     width = batch["input_ids"].shape[1]
-    pad = width - short
-    assert pad > 0
-    assert (batch["input_ids"][0, :pad] == tiny_tokenizer.pad_token_id).all()
-    assert (batch["labels"][0, :pad] == IGNORE_INDEX).all()  # padding carries no loss
-    assert (batch["attention_mask"][0, :pad] == 0).all()
-    assert batch["labels"][0, pad:].tolist() == encoded[0].labels  # prompt tokens stay IGNORE_INDEX
-    assert batch["position_ids"][0, pad:].tolist() == list(range(short))
+    assert width > short
+    assert (batch["input_ids"][0, short:] == tiny_tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()  # padding carries no loss
+    assert batch["labels"][0, :short].tolist() == encoded[0].labels  # prompt tokens stay IGNORE_INDEX
+    assert "attention_mask" not in batch and "position_ids" not in batch  # pads come after: causal suffices
     assert batch["real_tokens"] == short + len(encoded[1].input_ids)
+
+
+def test_packed_rows_restart_positions(encoded, tiny_tokenizer):
+    batch = collate([[0, 1]], encoded, pad_id=tiny_tokenizer.pad_token_id)
+    first, second = len(encoded[0].input_ids), len(encoded[1].input_ids)
+    assert batch["position_ids"][0].tolist() == list(range(first)) + list(range(second))
 
 
 def test_padding_does_not_change_the_loss(model, encoded, tiny_tokenizer):
@@ -82,3 +86,18 @@ def test_packed_rows_give_the_same_loss_as_separate_rows(model, encoded, tiny_to
     torch.testing.assert_close(
         ExpertTrainer._loss_sum(model, packed, "cpu"), ExpertTrainer._loss_sum(model, separate, "cpu"), rtol=1e-4, atol=1e-4
     )
+
+
+def test_length_grouping_keeps_padding_small():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(48)]
+    grouped = plan_epoch(lengths, 8, seed=0, epoch=0, group_by_length=True, pack_to=None)
+    shuffled = plan_epoch(lengths, 8, seed=0, epoch=0, group_by_length=False, pack_to=None)
+
+    def padded(plan):
+        return sum(max(lengths[r[0]] for r in batch) * len(batch) for batch in plan)
+
+    assert padded(grouped) < 0.75 * padded(shuffled)
+    assert padded(grouped) < 1.15 * sum(lengths)
