@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(stage1)
     stage1.add_argument("--axes", help="comma-separated subset of helpful,harmless,honest (default: all)")
     stage1.add_argument("--run", help="run directory (same as run_dir=...)")
+    stage1.add_argument("--model", help="hub id, local directory, .gguf file, or smollm2-135m (same as model.name=...)")
     stage1.add_argument("--resume", action="store_true", help="continue an interrupted training from its last checkpoint")
 
     vector = verbs.add_parser(
@@ -117,11 +118,12 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             overrides.append(f"axes={args.axes}")
         if args.run:
             overrides.append(f"run_dir={args.run}")
+        if args.model:
+            overrides.append(f"model.name={args.model}")
         config = load_config(args.config, overrides)
         from alignx.stage1.pipeline import run_stage1
 
-        run = run_stage1(config, resume=args.resume)
-        print(f"[stage1] done: artifacts in {run.root} (manifest: {run.manifest_path})")
+        run_stage1(config, resume=args.resume)
         return 0
     if args.command == "task-vector":
         from alignx.axes import parse_axes

@@ -109,3 +109,27 @@ def test_cli_task_vector_and_user_errors(tmp_path, tiny_model_dir, data_dir):
 
     gone = _cli("stage1", "--axes", "honest", f"data.data_dir={tmp_path / 'nowhere'}", f"model.name={tiny_model_dir}", f"run_dir={tmp_path / 'g'}")
     assert gone.returncode == 2 and "ALIGNX_DATA_DIR" in gone.stderr and "Traceback" not in gone.stderr, gone.stderr
+
+
+def test_accelerate_launch_runs_stage1_data_parallel(tmp_path, tiny_model_dir, data_dir):
+    """`accelerate launch --num_processes 2` (gloo on CPU) trains and writes the same adapter format."""
+    import os
+    import shutil
+
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert launcher, "accelerate's launcher is installed with the package"
+    args = [
+        launcher, "launch", "--cpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1", "-m", "alignx",
+        "stage1", "--model", str(tiny_model_dir), "--axes", "honest", f"data.data_dir={data_dir}",
+        "data.max_rows_per_axis=16", "train.max_steps=2", "train.batch_size=2", "train.max_length=384",
+        "model.precision=fp32", f"run_dir={tmp_path / 'ddp'}",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("[stage1] done") == 1  # only the main process speaks
+    run = RunDir(tmp_path / "ddp")
+    adapter = load_file(run.adapter_dir("honest") / "adapter_model.safetensors")
+    assert len([k for k in adapter if "lora_B" in k]) == 21 and all(torch.isfinite(v).all() for v in adapter.values())
+    log = [json.loads(line) for line in run.train_log_path("honest").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2]
+    assert run.features_path("honest").is_file()

@@ -6,6 +6,7 @@ rerun, so an interrupted ``alignx stage1`` picks up where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import platform
 from dataclasses import asdict
@@ -31,13 +32,19 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
     splits = {axis: training_examples(axis, config.data) for axis in config.axes}
     base_sha256 = _load_base(config).weights_sha256
     run = RunDir(config.run_dir)
-    with run.lock():
-        _check_same_config(run, config)
-        save_config(config, run.config_path)
-        _write_manifest_header(run, config)
-        run.update_manifest(base_model={"weights_sha256": base_sha256})
+    state = _process_state()
+    if not state.is_main_process:
+        log = _quiet
+    with run.lock() if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process:
+            _check_same_config(run, config)
+            save_config(config, run.config_path)
+            _write_manifest_header(run, config)
+            run.update_manifest(base_model={"weights_sha256": base_sha256})
+        state.wait_for_everyone()
         for axis, split in splits.items():
-            run.update_manifest(splits={axis: {"rows": len(split.examples), "sha256": split.sha256, "skipped": dict(split.skipped)}})
+            if state.is_main_process:
+                run.update_manifest(splits={axis: {"rows": len(split.examples), "sha256": split.sha256, "skipped": dict(split.skipped)}})
             if run.has_adapter(axis):
                 log(f"[stage1] {axis}: expert already trained in {run.adapter_dir(axis)}; skipping")
             else:
@@ -53,12 +60,16 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
                 log(f"[stage1] {axis}: training on {len(encoded)} rows ({sum(skipped.values())} skipped: {dict(skipped)})")
                 trainer = ExpertTrainer(config, run, axis, loaded.model, loaded.tokenizer, encoded)
                 summary = trainer.train(resume=resume)
-                run.update_manifest(experts={axis: {**asdict(summary), "encoding_skipped": dict(skipped)}})
+                if state.is_main_process:
+                    run.update_manifest(experts={axis: {**asdict(summary), "encoding_skipped": dict(skipped)}})
                 log(
                     f"[stage1] {axis}: {summary.steps} steps, final loss {summary.final_loss:.4f}, "
                     f"{summary.tokens_per_second:.0f} tokens/s -> {run.adapter_dir(axis)}"
                 )
-            build_feature_bank(run, config, axis, [e.user_text for e in split.examples], split.sha256, log=log)
+            if state.is_main_process:  # one process builds the bank; the others wait for it
+                build_feature_bank(run, config, axis, [e.user_text for e in split.examples], split.sha256, log=log)
+            state.wait_for_everyone()
+    log(f"[stage1] done: artifacts in {run.root} (manifest: {run.manifest_path})")
     return run
 
 
@@ -99,6 +110,17 @@ def build_feature_bank(run: RunDir, config: AlignXConfig, axis: str, prompts: li
     atomic_save_safetensors({"router": features[router_layer], "calibrator": features[calibrator_layer]}, path, metadata)
     log(f"[stage1] {axis}: feature bank of {len(distinct)} prompts (layers {router_layer}, {calibrator_layer}) -> {path}")
     return path
+
+
+def _quiet(*_args) -> None:
+    pass
+
+
+def _process_state():
+    """This process's place under ``accelerate launch`` (a single process otherwise)."""
+    from accelerate import PartialState
+
+    return PartialState()
 
 
 def _load_base(config: AlignXConfig):
