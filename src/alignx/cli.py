@@ -21,6 +21,8 @@ examples:
   alignx stage1 --config configs/demo.yaml
   alignx stage1 --config configs/default.yaml --axes helpful,honest train.lr=1e-4 run_dir=runs/mine
   alignx stage1 task-vector --run runs/mine --axis harmless
+  alignx stage2 --run runs/mine
+  alignx stage2 --run runs/mine stage2.name=no-fractal stage2.use_fractal=false
 """
 
 
@@ -66,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--run", help="run directory (same as run_dir=...)")
     stage1.add_argument("--model", help="hub id, local directory, .gguf file, or smollm2-135m (same as model.name=...)")
     stage1.add_argument("--resume", action="store_true", help="continue an interrupted training from its last checkpoint")
+
+    stage2 = verbs.add_parser(
+        "stage2", help="train the MoCaE router and its calibrators on a Stage 1 run; report routing metrics",
+        description="Stage 2: fit the feature space, the fractal and natural calibrators and the router on the "
+        "run's task-feature banks (experts stay frozen), fit the output temperature on a held-out calibration "
+        "split, train the uncalibrated router as the baseline, and measure both on held-out evaluation prompts "
+        "(accuracy, ECE, Brier, NLL, misrouting per axis; reliability diagrams). The config is the run's own "
+        "config.yaml unless --config is given; stage2.* overrides select ablations (e.g. stage2.name=no-fractal "
+        "stage2.use_fractal=false).",
+    )
+    _add_config_arguments(stage2)
+    stage2.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
 
     vector = verbs.add_parser(
         "task-vector", help="write an expert's task vector (same as: alignx stage1 task-vector)",
@@ -124,6 +138,16 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from alignx.stage1.pipeline import run_stage1
 
         run_stage1(config, resume=args.resume)
+        return 0
+    if args.command == "stage2":
+        from alignx.run import RunDir
+        from alignx.stage2.pipeline import run_stage2
+
+        run = RunDir(args.run)
+        if args.config is None and not run.config_path.is_file():
+            raise AlignXError(f"{run.root} has no config.yaml: run `alignx stage1 --run {run.root}` first")
+        config = load_config(args.config or run.config_path, [*args.overrides, f"run_dir={run.root}"])
+        run_stage2(config)
         return 0
     if args.command == "task-vector":
         from alignx.axes import parse_axes

@@ -126,6 +126,58 @@ class FeatureConfig:
 
 
 @dataclass
+class Stage2Config:
+    """MoCaE: router + fractal and natural calibrators + output calibration (METHOD.md section 3).
+
+    [paper] values are the paper's; the rest are this project's choices, each switchable for ablations.
+    """
+
+    name: str = "alignx"  # artifacts go to <run>/stage2/<name>/; use another name for an ablation
+    latent_dim: int = 256  # k of the calibrator's PCA latent [paper]; not whitened
+    router_hidden: int = 1024  # phi: R^d -> R^1024, W_r in R^{3x1024} [paper]
+    router_phi: str = "linear"  # linear (starts at the L2-regularised logistic solution) | gelu
+    router_init_c: float = 0.01  # inverse L2 strength of that logistic-regression initialisation
+    router_temperature: float = 1.0  # T [paper]
+    use_fractal: bool = True
+    use_natural: bool = True
+    output_calibration: bool = True  # fit T_out on the calibration split by NLL
+    lambda_fractal: float = 0.6  # [paper]
+    lambda_natural: float = 0.4  # [paper]
+    epsilon: float = 0.05  # granularity of the soft correlation integral [paper]
+    epsilon_mode: str = "fixed"  # fixed | dimension (eps_a = clip(1/D_a, 0.03, 0.10))
+    neighbour_fraction: float = 0.01  # k_a = max(min_neighbours, ceil(fraction * N_a)) for the radius r_a
+    min_neighbours: int = 3
+    dimension_neighbours: int = 20  # m of the Levina-Bickel local dimension
+    dimension_weight: float = 0.0  # weight of the local-dimension term (0 = off; measured to add little)
+    ood_alpha: float = 0.05  # the prompt fits no axis when max typicality < alpha
+    ood_fallback: str = "uniform"  # uniform | base (experts off)
+    natural_tau_init: float = 0.1
+    calibration_fraction: float = 0.1  # of each axis's bank, held out for early stopping and T_out
+    batch_size: int = 64  # [paper]
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # [paper]
+    max_epochs: int = 40
+    patience: int = 4
+    class_balanced: bool = True
+    seed: int = 0
+    eval_prompts_per_axis: int | None = None  # held-out routing evaluation prompts per axis (None = all)
+
+    def __post_init__(self) -> None:
+        _check_choice("stage2.router_phi", self.router_phi, ("linear", "gelu"))
+        _check_choice("stage2.epsilon_mode", self.epsilon_mode, ("fixed", "dimension"))
+        _check_choice("stage2.ood_fallback", self.ood_fallback, ("uniform", "base"))
+        for name in ("latent_dim", "router_hidden", "min_neighbours", "dimension_neighbours", "batch_size",
+                     "max_epochs", "patience"):
+            _check_positive(f"stage2.{name}", getattr(self, name))
+        if not 0.0 < self.calibration_fraction < 0.5:
+            raise AlignXError(f"stage2.calibration_fraction must be in (0, 0.5), got {self.calibration_fraction}")
+        if self.lambda_fractal < 0 or self.lambda_natural < 0:
+            raise AlignXError("stage2.lambda_fractal and stage2.lambda_natural must be >= 0")
+        if not self.name or "/" in self.name:
+            raise AlignXError(f"stage2.name must be a plain folder name, got {self.name!r}")
+
+
+@dataclass
 class AlignXConfig:
     """The whole configuration of a run; sections mirror the YAML files in ``configs/``."""
 
@@ -136,6 +188,7 @@ class AlignXConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     injections: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_INJECTIONS))
 
     def __post_init__(self) -> None:

@@ -67,14 +67,19 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
                     f"{summary.tokens_per_second:.0f} tokens/s -> {run.adapter_dir(axis)}"
                 )
             if state.is_main_process:  # one process builds the bank; the others wait for it
-                build_feature_bank(run, config, axis, [e.user_text for e in split.examples], split.sha256, log=log)
+                build_feature_bank(run, config, axis, bank_prompts(split.examples), split.sha256, log=log)
             state.wait_for_everyone()
     log(f"[stage1] done: artifacts in {run.root} (manifest: {run.manifest_path})")
     return run
 
 
+def bank_prompts(examples) -> list[str]:
+    """The prompts of a feature bank, in bank row order: each distinct user text once, first occurrence first."""
+    return list(dict.fromkeys(e.user_text for e in examples))
+
+
 def build_feature_bank(run: RunDir, config: AlignXConfig, axis: str, prompts: list[str], split_sha256: str, log=print) -> Path:
-    """Write ``features/<axis>.safetensors`` (router and calibrator features of each distinct prompt)."""
+    """Write ``features/<axis>.safetensors``: router and calibrator features of each prompt (distinct, in order)."""
     from alignx.models import autocast_dtype
     from alignx.stage1.features import prompt_features
 

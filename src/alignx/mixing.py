@@ -1,0 +1,390 @@
+"""The mixed-expert LoRA layer: every target layer computes y = W0·x + Σ_a w_a·(α/r)_a·B_a·A_a·x with a
+different weight vector w for each example of one batch (METHOD.md §3.6).
+
+Layout. The experts' factors of one layer are stacked once, at attach time:
+
+* ``A_cat`` [R, in]: the experts' A concatenated along the rank dimension, R = r_1 + ... + r_E;
+* ``B_cat`` [out, R]: the experts' B concatenated the same way, each with its scale (α/r or α/√r) folded in.
+
+Experts of different ranks are concatenated with per-expert offsets, not zero-padded to the largest rank:
+padding would spend FLOPs and memory on zeros. Mixing is then one per-example scaling of the rank columns:
+the ``[B, E]`` weights are expanded once per ``set_weights`` to ``[B, R]`` column weights (column j belongs
+to expert ``expert_of_column[j]``), so the hot path is two matmuls and one broadcast multiply, with no
+Python loop over experts or examples::
+
+    y = base(x) + ((x @ A_cat^T) * column_weights[b]) @ B_cat^T
+
+All wrapped layers of a model read one shared :class:`ExpertWeights` holder; weights ``None`` switches the
+experts off (pure base model: what the router's partial prefill needs).
+
+Precision. The factors are stored in the dtype of the base weight (fp32 in AlignX: bf16 comes from
+autocast). Under autocast the two matmuls follow autocast like the base layer's; without it the input is
+cast to the factors' dtype and the low-rank term back to the base output's dtype.
+
+Merging. When a whole batch shares one weight vector (a single request), :meth:`MixtureOfExperts.merge`
+folds Σ_a w_a·scale_a·B_a·A_a into the base weights once (computed in fp32) and switches the low-rank path
+off, so decoding runs at base speed. The merged weight is a *new* tensor; the original weight Parameter is
+kept aside and put back by :meth:`MixtureOfExperts.unmerge`, so unmerging is exact bit for bit (subtracting
+the delta again would not be, in floating point) and a weight tied to another module is never modified in
+place. The price is one extra copy of the target weights while merged.
+
+The LoRA arithmetic itself (factor names, scales) comes from :mod:`alignx.stage1.task_vector`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alignx.errors import AlignXError
+from alignx.stage1.task_vector import LoraFactors, adapter_config, lora_factors
+
+MODES: tuple[str, ...] = ("soft", "top1", "threshold")
+
+
+# ----------------------------------------------------------------------------------------- weight modes
+
+
+def apply_mode(weights: torch.Tensor, mode: str, floor: float = 0.1) -> torch.Tensor:
+    """Post-process routing weights ``[B, E]`` (or ``[E]``) for a generation mode.
+
+    ``soft``: unchanged. ``top1``: one-hot at the argmax (ties: the first expert). ``threshold``: entries
+    below ``floor`` are zeroed and each row renormalised to sum 1; a row with every entry below the floor
+    keeps only its argmax.
+    """
+    if mode not in MODES:
+        raise AlignXError(f"unknown mixing mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if weights.dim() not in (1, 2) or weights.shape[-1] == 0:
+        raise AlignXError(f"routing weights must have shape [E] or [B, E], got {list(weights.shape)}")
+    if mode == "soft":
+        return weights
+    one_hot = F.one_hot(weights.argmax(dim=-1), weights.shape[-1]).to(weights.dtype)
+    if mode == "top1":
+        return one_hot
+    if not 0.0 <= float(floor) < 1.0:
+        raise AlignXError(f"threshold floor must be in [0, 1), got {floor}")
+    kept = torch.where(weights >= floor, weights, torch.zeros_like(weights))
+    total = kept.sum(dim=-1, keepdim=True)
+    empty = total <= 0
+    return torch.where(empty, one_hot, kept / torch.where(empty, torch.ones_like(total), total))
+
+
+# ------------------------------------------------------------------------------------------ the layer
+
+
+class ExpertWeights:
+    """The per-example expert weights that every :class:`MixedLoRALinear` of one model reads.
+
+    ``weights`` is ``None`` (experts off) or a float32 ``[B, E]`` tensor; a single row applies to the whole
+    batch. ``columns`` expands it to the ``[B, R]`` rank-column weights, cached per (device, dtype) so each
+    layer's forward does one dictionary lookup.
+    """
+
+    def __init__(self, ranks: Sequence[int]):
+        self.ranks = tuple(int(r) for r in ranks)
+        self.num_experts = len(self.ranks)
+        self.expert_of_column = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks))
+        self.weights: torch.Tensor | None = None
+        self._columns: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def set(self, weights: torch.Tensor | Sequence[float] | None) -> None:
+        self._columns = {}
+        if weights is None:
+            self.weights = None
+            return
+        weights = torch.as_tensor(weights).detach().to(torch.float32)
+        if weights.dim() == 1:
+            weights = weights.unsqueeze(0)
+        if weights.dim() != 2 or weights.shape[1] != self.num_experts or weights.shape[0] == 0:
+            raise AlignXError(
+                f"expert weights must have shape [{self.num_experts}] or [batch, {self.num_experts}] "
+                f"(one column per expert), got {list(weights.shape)}"
+            )
+        if not torch.isfinite(weights).all():
+            raise AlignXError("expert weights contain NaN or infinite values")
+        self.weights = weights
+
+    def columns(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[B, R]`` column weights for a batch of ``batch`` rows, or None when the experts are off.
+
+        ``generate`` with ``num_return_sequences``/beams repeats each example k times in a row, so a batch of
+        k·B rows uses row i // k of the weights.
+        """
+        if self.weights is None:
+            return None
+        key = (device, dtype)
+        cols = self._columns.get(key)
+        if cols is None:
+            cols = self.weights[:, self.expert_of_column].to(device=device, dtype=dtype)
+            self._columns[key] = cols
+        rows = cols.shape[0]
+        if rows == 1 or rows == batch:
+            return cols
+        if batch % rows == 0:
+            return cols.repeat_interleave(batch // rows, dim=0)
+        raise AlignXError(f"expert weights hold {rows} rows but the batch has {batch} examples")
+
+
+def _features(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, weight is [in, out]) of an nn.Linear or a GPT-2 style Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    with contextlib.suppress(ImportError):
+        from transformers.pytorch_utils import Conv1D
+
+        if isinstance(module, Conv1D):
+            return module.weight.shape[0], module.weight.shape[1], True
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+class MixedLoRALinear(nn.Module):
+    """A frozen base linear layer plus E stacked LoRA experts, mixed per example by a shared holder.
+
+    ``factors`` are the experts' factors of this layer, in expert order, with ranks ``holder.ranks``.
+    """
+
+    def __init__(self, base: nn.Module, factors: Sequence[LoraFactors], holder: ExpertWeights):
+        super().__init__()
+        in_features, out_features, self._transposed = _features(base)
+        ranks = tuple(f.A.shape[0] for f in factors)
+        if ranks != holder.ranks:
+            raise ValueError(f"factor ranks {ranks} differ from the holder's {holder.ranks}")
+        for f in factors:
+            if f.A.shape[1] != in_features or f.B.shape != (out_features, f.A.shape[0]):
+                raise ValueError(f"factors A {list(f.A.shape)}, B {list(f.B.shape)} do not fit {in_features}->{out_features}")
+        self.base = base.requires_grad_(False)
+        self.holder = holder
+        weight = base.weight
+        A_cat = torch.cat([f.A.float() for f in factors], dim=0)
+        B_cat = torch.cat([f.scale * f.B.float() for f in factors], dim=1)
+        self.register_buffer("A_cat", A_cat.to(device=weight.device, dtype=weight.dtype), persistent=False)
+        self.register_buffer("B_cat", B_cat.to(device=weight.device, dtype=weight.dtype), persistent=False)
+        self._original_weight: nn.Parameter | None = None  # set while merged
+
+    @property
+    def merged(self) -> bool:
+        return self._original_weight is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self._original_weight is not None or self.holder.weights is None:
+            return out
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.A_cat.dtype)
+        h = F.linear(x, self.A_cat)  # [..., R]
+        cols = self.holder.columns(x.shape[0] if x.dim() > 1 else 1, h.device, h.dtype)  # [B or 1, R]
+        if x.dim() > 2:
+            cols = cols.view(cols.shape[0], *([1] * (x.dim() - 2)), cols.shape[1])
+        elif x.dim() == 1:
+            cols = cols[0]
+        return out + F.linear(h * cols, self.B_cat).to(out.dtype)
+
+    def delta(self, column_weights: torch.Tensor) -> torch.Tensor:
+        """Σ_a w_a·scale_a·B_a·A_a in fp32, laid out like the base weight; ``column_weights``: ``[R]``."""
+        delta = (self.B_cat.float() * column_weights.to(self.B_cat.device, torch.float32)) @ self.A_cat.float()
+        return delta.T if self._transposed else delta
+
+    def merge(self, column_weights: torch.Tensor) -> None:
+        """Replace the base weight by W0 + delta (a new tensor); the original Parameter is kept aside."""
+        if self._original_weight is not None:
+            self.unmerge()
+        original = self.base.weight
+        merged = (original.detach().float() + self.delta(column_weights)).to(original.dtype)
+        self._original_weight = original
+        self.base.weight = nn.Parameter(merged, requires_grad=False)
+
+    def unmerge(self) -> None:
+        """Put the original weight Parameter back: bit-for-bit the weight before :meth:`merge`."""
+        if self._original_weight is not None:
+            self.base.weight = self._original_weight
+            self._original_weight = None
+
+    def extra_repr(self) -> str:
+        return f"experts={self.holder.num_experts}, ranks={self.holder.ranks}, merged={self.merged}"
+
+
+# --------------------------------------------------------------------------------------- the mixture
+
+
+class MixtureOfExperts:
+    """E LoRA experts attached to a causal LM, mixed with per-example weights.
+
+    Create with :meth:`attach`; weights are ``[B, E]`` or ``[E]`` in ``experts`` order, ``None`` = base model.
+    """
+
+    def __init__(self, model: nn.Module, experts: tuple[str, ...], layers: dict[str, MixedLoRALinear],
+                 holder: ExpertWeights):
+        self.model = model
+        self.experts = experts
+        self.layers = layers
+        self.holder = holder
+        self.merged_weights: torch.Tensor | None = None
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.holder.ranks
+
+    @property
+    def is_merged(self) -> bool:
+        return self.merged_weights is not None
+
+    @classmethod
+    def attach(cls, model: nn.Module, adapter_dirs: Mapping[str, Path | str],
+               axes_order: Sequence[str]) -> MixtureOfExperts:
+        """Wrap every module the adapters target in a :class:`MixedLoRALinear`; experts in ``axes_order``."""
+        experts = tuple(axes_order)
+        missing = [a for a in experts if a not in adapter_dirs]
+        extra = sorted(set(adapter_dirs) - set(experts))
+        if not experts or missing or extra or len(set(experts)) != len(experts):
+            raise AlignXError(
+                f"experts {', '.join(experts) or '(none)'} do not match the adapters given "
+                f"({', '.join(adapter_dirs) or 'none'})"
+                + (f": no adapter for {', '.join(missing)}" if missing else "")
+                + (f": adapters {', '.join(extra)} are not in the expert order" if extra else "")
+            )
+        factors = {a: _expert_factors(a, Path(adapter_dirs[a])) for a in experts}
+
+        submodules = dict(model.named_modules())
+        for a in experts:
+            absent = [m for m in factors[a] if m not in submodules]
+            if absent:
+                raise AlignXError(
+                    f"expert {a} ({adapter_dirs[a]}) targets modules {_names(absent)} that the base model "
+                    f"({type(model).__name__}) does not have: was it trained on another base model?"
+                )
+        modules = list(factors[experts[0]])
+        for a in experts[1:]:
+            if set(factors[a]) != set(modules):
+                only_a = sorted(set(factors[a]) - set(modules))
+                only_first = sorted(set(modules) - set(factors[a]))
+                raise AlignXError(
+                    f"experts {experts[0]} and {a} target different modules"
+                    + (f"; only {a} targets {_names(only_a)}" if only_a else "")
+                    + (f"; only {experts[0]} targets {_names(only_first)}" if only_first else "")
+                    + ": train every expert with the same lora.targets"
+                )
+
+        for m in modules:
+            module = submodules[m]
+            if isinstance(module, MixedLoRALinear):
+                raise AlignXError(f"module {m} already has experts attached: detach() the other mixture first")
+            try:
+                in_features, out_features, _ = _features(module)
+            except TypeError:
+                raise AlignXError(f"module {m} is a {type(module).__name__}, not a linear layer; "
+                                  "AlignX experts must target linear projections") from None
+            for a in experts:
+                f = factors[a][m]
+                if f.A.shape[1] != in_features or f.B.shape[0] != out_features:
+                    raise AlignXError(
+                        f"rank/shape mismatch: expert {a} ({adapter_dirs[a]}) module {m} maps "
+                        f"{f.A.shape[1]} -> {f.B.shape[0]} features but the base layer maps "
+                        f"{in_features} -> {out_features}: was it trained on another base model?"
+                    )
+
+        holder = ExpertWeights([next(iter(factors[a].values())).A.shape[0] for a in experts])
+        layers: dict[str, MixedLoRALinear] = {}
+        for m in modules:
+            layer = MixedLoRALinear(submodules[m], [factors[a][m] for a in experts], holder)
+            _replace(model, m, layer)
+            layers[m] = layer
+        return cls(model, experts, layers, holder)
+
+    # --- weights
+
+    def set_weights(self, weights: torch.Tensor | Sequence[float] | None) -> None:
+        """Per-example weights ``[B, E]`` (or ``[E]`` for the whole batch); None switches the experts off."""
+        if self.is_merged:
+            raise RuntimeError("the experts are merged into the base weights: unmerge() before set_weights()")
+        self.holder.set(weights)
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self.holder.weights
+
+    @contextlib.contextmanager
+    def using(self, weights: torch.Tensor | Sequence[float] | None) -> Iterator[MixtureOfExperts]:
+        """Run a block with these weights, then restore the previous ones."""
+        previous = self.holder.weights
+        self.set_weights(weights)
+        try:
+            yield self
+        finally:
+            self.holder.set(previous)
+
+    # --- merging
+
+    def merge(self, weights: torch.Tensor | Sequence[float]) -> None:
+        """Fold Σ_a w_a·scale_a·B_a·A_a into the base weights (one vector ``[E]`` for the whole batch)."""
+        vector = torch.as_tensor(weights).detach().to(torch.float32)
+        if vector.dim() == 2 and vector.shape[0] == 1:
+            vector = vector[0]
+        if vector.dim() != 1 or vector.shape[0] != len(self.experts):
+            raise AlignXError(
+                f"merge() takes one weight vector of shape [{len(self.experts)}] shared by the whole batch, "
+                f"got {list(vector.shape)}; per-example weights need set_weights()"
+            )
+        if not torch.isfinite(vector).all():
+            raise AlignXError("expert weights contain NaN or infinite values")
+        columns = vector[self.holder.expert_of_column]
+        for layer in self.layers.values():
+            layer.merge(columns)
+        self.merged_weights = vector
+
+    def unmerge(self) -> None:
+        """Restore the exact original base weights and the low-rank path."""
+        for layer in self.layers.values():
+            layer.unmerge()
+        self.merged_weights = None
+
+    @contextlib.contextmanager
+    def merged(self, weights: torch.Tensor | Sequence[float]) -> Iterator[MixtureOfExperts]:
+        """Run a block with ``weights`` merged into the base weights, then unmerge."""
+        self.merge(weights)
+        try:
+            yield self
+        finally:
+            self.unmerge()
+
+    def detach(self) -> nn.Module:
+        """Unmerge and put the original base modules back; returns the model."""
+        self.unmerge()
+        for name, layer in self.layers.items():
+            _replace(self.model, name, layer.base)
+        self.layers = {}
+        self.holder.set(None)
+        return self.model
+
+
+def _expert_factors(expert: str, adapter_dir: Path) -> dict[str, LoraFactors]:
+    """The expert's factors, refusing adapter variants whose arithmetic is not scale·B·A."""
+    config = adapter_config(adapter_dir)
+    if config.get("use_dora"):
+        raise AlignXError(f"expert {expert} ({adapter_dir}) is a DoRA adapter; AlignX mixes plain LoRA experts")
+    if config.get("lora_bias"):
+        raise AlignXError(f"expert {expert} ({adapter_dir}) has lora_bias=true; AlignX mixes plain LoRA experts")
+    factors = lora_factors(adapter_dir)
+    ranks = {f.A.shape[0] for f in factors.values()}
+    bad = [m for m, f in factors.items() if f.B.shape[1] != f.A.shape[0]]
+    if len(ranks) != 1 or bad:
+        raise AlignXError(
+            f"rank/shape mismatch in expert {expert} ({adapter_dir}): "
+            + (f"lora_A and lora_B ranks differ in {_names(bad)}" if bad else
+               f"its modules have different ranks {sorted(ranks)}; one rank per expert is supported")
+        )
+    return factors
+
+
+def _names(modules: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(modules[:limit])
+    return shown + (f" and {len(modules) - limit} more" if len(modules) > limit else "")
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,193 @@
+"""The fractal calibrator: how a prompt's feature sits in each axis's feature cloud, at granularity ε.
+
+For each axis a with latent bank Z_a (N_a points) — METHOD.md section 3.2, all [ours] unless marked:
+
+* fraction-matched radius: k_a = max(3, ⌈0.01·N_a⌉) and r_a = the median over the bank of each point's
+  distance to its k_a-th neighbour, so clouds of different sizes are compared at the same *fraction*;
+* soft correlation integral in the log domain, at granularity ε = 0.05 [paper]:
+  log C_a(z) = logsumexp_j log σ((r_a − ‖z − z_j‖)/(ε·r_a)) − log N_a
+  (a sigmoid instead of the hard step of Grassberger–Procaccia, so the score is smooth in z);
+* conformal typicality: u_a(z) = (1 + #{j : s_j ≤ log C_a(z)}) / (N_a + 1) ∈ (0, 1], where s_j are the bank's
+  own leave-one-out values — a rank, hence comparable across axes whatever their density;
+* optional local-dimension term (Levina–Bickel MLE, m = 20): u_a ← u_a·exp(−β·|D̂_a(z) − D̄_a|/D̄_a);
+* q^frac = u / Σ u, and the out-of-distribution gate max_a u_a(z) < α.
+
+Every distance is computed with batched matrix products (``torch.cdist`` in matmul mode), in chunks, so a
+query against a 20,000-point bank costs one [Q, N] product and no Python loop over points.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_CHUNK = 1024  # query rows per distance block: bounds memory at CHUNK × N floats
+
+
+def pairwise_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances [Q, N] by matrix products (the fast path for many points), in float64.
+
+    The matrix-product form ‖a‖² + ‖b‖² − 2a·b cancels catastrophically in float32 once neighbour
+    distances are small next to the norms (nearest-neighbour distances would be noise); float64 keeps
+    them exact for the price of a slower but still tiny product.
+    """
+    return torch.cdist(queries.double(), bank.double(), compute_mode="use_mm_for_euclid_dist")
+
+
+def kth_neighbour_distances(points: torch.Tensor, k: int, *, exclude_self: bool) -> torch.Tensor:
+    """Distances [N, k] from each point to its k nearest bank points (itself excluded when asked)."""
+    rows = []
+    for start in range(0, len(points), _CHUNK):
+        block = pairwise_distances(points[start : start + _CHUNK], points)
+        if exclude_self:
+            index = torch.arange(start, start + len(block))
+            block[torch.arange(len(block)), index] = math.inf
+        rows.append(block.topk(k, dim=1, largest=False).values)
+    return torch.cat(rows)
+
+
+def levina_bickel_dimension(neighbour_distances: torch.Tensor) -> torch.Tensor:
+    """Local intrinsic dimension from sorted distances T_1..T_m to the m nearest neighbours.
+
+    D̂ = [ (1/(m−1)) Σ_{j<m} log(T_m / T_j) ]⁻¹ (Levina & Bickel, 2004). Rows [.., m] → [..].
+    """
+    distances = neighbour_distances.clamp_min(1e-12)
+    logs = torch.log(distances[..., -1:] / distances[..., :-1])
+    return 1.0 / logs.mean(dim=-1).clamp_min(1e-12)
+
+
+@dataclass
+class AxisCloud:
+    """What the calibrator keeps of one axis's latent bank."""
+
+    points: torch.Tensor  # [N, k], float64 (see pairwise_distances)
+    radius: float  # r_a
+    epsilon: float  # ε_a
+    loo_scores: torch.Tensor  # sorted leave-one-out log C_a of the bank's own points, [N]
+    mean_dimension: float  # D̄_a
+
+
+class FractalCalibrator:
+    """Geometry-aware calibration over the axes' latent clouds (see the module docstring)."""
+
+    def __init__(
+        self,
+        clouds: list[AxisCloud],
+        *,
+        dimension_neighbours: int = 20,
+        dimension_weight: float = 0.0,
+    ):
+        self.clouds = clouds
+        self.dimension_neighbours = dimension_neighbours
+        self.dimension_weight = dimension_weight
+
+    # ---- fitting ------------------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        banks: list[torch.Tensor],
+        *,
+        epsilon: float = 0.05,
+        epsilon_mode: str = "fixed",
+        neighbour_fraction: float = 0.01,
+        min_neighbours: int = 3,
+        dimension_neighbours: int = 20,
+        dimension_weight: float = 0.0,
+    ) -> "FractalCalibrator":
+        clouds = []
+        for bank in banks:
+            bank = bank.double()
+            n = len(bank)
+            if n < max(min_neighbours, 3) + 2:
+                raise ValueError(f"a feature cloud needs at least {max(min_neighbours, 3) + 2} points, got {n}")
+            k = min(max(min_neighbours, math.ceil(neighbour_fraction * n)), n - 1)
+            m = min(dimension_neighbours, n - 1)
+            neighbours = kth_neighbour_distances(bank, max(k, m), exclude_self=True)
+            radius = float(neighbours[:, k - 1].median())
+            mean_dimension = float(levina_bickel_dimension(neighbours[:, :m]).mean())
+            eps = epsilon if epsilon_mode == "fixed" else min(max(1.0 / mean_dimension, 0.03), 0.10)
+            loo = _log_correlation_integral(bank, bank, radius, eps, exclude_self=True)
+            clouds.append(AxisCloud(bank, radius, eps, loo.sort().values, mean_dimension))
+        return cls(clouds, dimension_neighbours=dimension_neighbours, dimension_weight=dimension_weight)
+
+    # ---- scoring ------------------------------------------------------------------------------------
+    def log_correlation_integrals(self, z: torch.Tensor, own_axis: torch.Tensor | None = None) -> torch.Tensor:
+        """log C_a(z) for every axis: [Q, A]. ``own_axis[i] = a`` marks z[i] as a point of bank a at the same
+        index order (training points), whose own contribution is left out, as in the bank's LOO scores."""
+        columns = []
+        for a, cloud in enumerate(self.clouds):
+            if own_axis is None or not bool((own_axis == a).any()):
+                columns.append(_log_correlation_integral(z, cloud.points, cloud.radius, cloud.epsilon, exclude_self=False))
+                continue
+            mine = own_axis == a  # these queries are the bank, in order: use its leave-one-out values
+            column = torch.empty(len(z))
+            column[~mine] = _log_correlation_integral(z[~mine], cloud.points, cloud.radius, cloud.epsilon, exclude_self=False)
+            column[mine] = _log_correlation_integral(z[mine], cloud.points, cloud.radius, cloud.epsilon, exclude_self=True)
+            columns.append(column)
+        return torch.stack(columns, dim=1)
+
+    def typicality(self, z: torch.Tensor, own_axis: torch.Tensor | None = None) -> torch.Tensor:
+        """Conformal typicality u_a(z) ∈ (0, 1] for every axis: [Q, A]."""
+        scores = self.log_correlation_integrals(z, own_axis)
+        columns = []
+        for a, cloud in enumerate(self.clouds):
+            rank = torch.searchsorted(cloud.loo_scores, scores[:, a].contiguous(), right=True)
+            columns.append((rank + 1).float() / (len(cloud.loo_scores) + 1))
+        u = torch.stack(columns, dim=1)
+        if self.dimension_weight > 0:
+            u = u * torch.exp(-self.dimension_weight * self.dimension_deviation(z))
+        return u
+
+    def dimension_deviation(self, z: torch.Tensor) -> torch.Tensor:
+        """|D̂_a(z) − D̄_a| / D̄_a for every axis: [Q, A] (the optional local-dimension term)."""
+        columns = []
+        for cloud in self.clouds:
+            m = min(self.dimension_neighbours, len(cloud.points))
+            distances = torch.cat([
+                pairwise_distances(z[s : s + _CHUNK], cloud.points).topk(m, dim=1, largest=False).values
+                for s in range(0, len(z), _CHUNK)
+            ])
+            local = levina_bickel_dimension(distances).float()
+            columns.append((local - cloud.mean_dimension).abs() / cloud.mean_dimension)
+        return torch.stack(columns, dim=1)
+
+    @staticmethod
+    def distribution(u: torch.Tensor) -> torch.Tensor:
+        """q^frac = u / Σ_a u_a."""
+        return u / u.sum(dim=1, keepdim=True)
+
+    # ---- persistence --------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for a, cloud in enumerate(self.clouds):
+            out[f"fractal.{a}.points"] = cloud.points
+            out[f"fractal.{a}.loo_scores"] = cloud.loo_scores
+            out[f"fractal.{a}.scalars"] = torch.tensor([cloud.radius, cloud.epsilon, cloud.mean_dimension])
+        return out
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], num_axes: int, **options) -> "FractalCalibrator":
+        clouds = []
+        for a in range(num_axes):
+            radius, eps, dimension = tensors[f"fractal.{a}.scalars"].tolist()
+            clouds.append(AxisCloud(tensors[f"fractal.{a}.points"].double(), radius, eps, tensors[f"fractal.{a}.loo_scores"], dimension))
+        return cls(clouds, **options)
+
+
+def _log_correlation_integral(
+    queries: torch.Tensor, bank: torch.Tensor, radius: float, epsilon: float, *, exclude_self: bool
+) -> torch.Tensor:
+    """log C(z) = logsumexp_j log σ((r − ‖z − z_j‖)/(ε r)) − log N, per query (chunked)."""
+    n = len(bank) - (1 if exclude_self else 0)
+    out = []
+    for start in range(0, len(queries), _CHUNK):
+        distances = pairwise_distances(queries[start : start + _CHUNK], bank)
+        if exclude_self:
+            index = torch.arange(start, start + len(distances))
+            distances[torch.arange(len(distances)), index] = math.inf
+        soft_counts = F.logsigmoid((radius - distances) / (epsilon * radius))
+        out.append((torch.logsumexp(soft_counts, dim=1) - math.log(n)).float())
+    return torch.cat(out) if out else torch.empty(0)

@@ -1,0 +1,242 @@
+"""The Stage 2 recipe: train MoCaE (and the uncalibrated router it is measured against) on the feature banks.
+
+Layout under ``<run>/stage2/``::
+
+    eval_features.safetensors    router/calibrator features of the held-out evaluation prompts (cached)
+    <name>/mocae.safetensors     router, calibrators, feature space and T_out (``alignx`` by default)
+    <name>/mocae.json            axes, layers, the Stage 2 config it was trained with
+    <name>/history.json          per-epoch training loss and calibration NLL
+    moe-uncalibrated/...         the same router trained alone: no calibrators, no T_out
+    report.json                  routing metrics before/after output calibration, for each router
+    reliability.png              reliability diagrams
+
+Each bank is split by a stable hash of the prompt: ``calibration_fraction`` of it is held out for early
+stopping and T_out, and is never part of the fractal calibrator's clouds (its points would otherwise be
+scored against themselves). Routing is evaluated on the axes' *evaluation* prompts (AlpacaEval,
+BeaverTails eval half, TruthfulQA 409–817), which neither Stage 1 nor Stage 2 ever saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import torch
+
+from alignx.axes import AXES
+from alignx.config import AlignXConfig, Stage2Config
+from alignx.errors import AlignXError
+from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, load_safetensors
+from alignx.stage2.mocae import MoCaE
+from alignx.stage2.train import RoutingData, train_mocae
+
+BASELINE = "moe-uncalibrated"
+
+
+def stage2_dir(run: RunDir) -> Path:
+    return run.root / "stage2"
+
+
+def is_calibration_prompt(prompt: str, fraction: float) -> bool:
+    """Stable (hash-based) membership of the calibration split."""
+    return int(hashlib.sha256(prompt.strip().encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
+
+
+def load_banks(run: RunDir, config: AlignXConfig):
+    """Feature banks of all axes, checked against the data split they were built from, with their prompts."""
+    from alignx.data.splits import training_examples
+    from alignx.stage1.pipeline import bank_prompts
+
+    banks, layers = {}, None
+    for axis in AXES:
+        path = run.features_path(axis)
+        if not path.is_file():
+            raise AlignXError(f"no feature bank for axis {axis} in {run.root}; run `alignx stage1 --run {run.root}` first")
+        tensors, meta = load_safetensors(path)
+        split = training_examples(axis, config.data)
+        if meta.get("split_sha256") != split.sha256:
+            raise AlignXError(f"{path} was built from a different {axis} data split; rerun `alignx stage1` for this run")
+        prompts = bank_prompts(split.examples)
+        if len(prompts) != len(tensors["router"]):
+            raise AlignXError(f"{path} holds {len(tensors['router'])} rows for {len(prompts)} prompts; it is damaged")
+        these = (int(meta["router_layer"]), int(meta["calibrator_layer"]))
+        if layers is not None and these != layers:
+            raise AlignXError(f"feature banks of {run.root} were built at different layers ({layers} vs {these})")
+        layers = these
+        banks[axis] = (tensors["router"], tensors["calibrator"], prompts)
+    return banks, layers
+
+
+def build_model(config: Stage2Config, train_router, train_calibrator, train_labels, layers) -> tuple[MoCaE, RoutingData]:
+    """Fit the feature space and calibrators on the training part of the banks; return the model and its data."""
+    from alignx.stage2.feature_space import FeatureSpace
+    from alignx.stage2.fractal import FractalCalibrator
+    from alignx.stage2.natural import NaturalCalibrator
+    from alignx.stage2.router import Router
+
+    torch.manual_seed(config.seed)
+    space = FeatureSpace.fit(train_router, train_calibrator, config.latent_dim, config.seed)
+    h = space.router(train_router)
+    fractal = None
+    log_fractal = None
+    if config.use_fractal:
+        z = space.latent(train_calibrator)
+        fractal = FractalCalibrator.fit(
+            [z[train_labels == a] for a in range(len(AXES))],
+            epsilon=config.epsilon, epsilon_mode=config.epsilon_mode, neighbour_fraction=config.neighbour_fraction,
+            min_neighbours=config.min_neighbours, dimension_neighbours=config.dimension_neighbours,
+            dimension_weight=config.dimension_weight,
+        )
+        # training points are bank points: score each against its own cloud leave-one-out (labels are sorted)
+        log_fractal = FractalCalibrator.distribution(fractal.typicality(z, own_axis=train_labels)).log()
+    router = Router(h.shape[1], len(AXES), config.router_hidden, config.router_phi, config.router_temperature)
+    if config.router_phi == "linear":
+        router.init_from_logistic_regression(h, train_labels, config.router_init_c, config.seed)
+    natural = NaturalCalibrator.fit(h, train_labels, len(AXES), config.natural_tau_init) if config.use_natural else None
+    model = MoCaE(config, list(AXES), space, router, natural, fractal, layers)
+    return model, RoutingData(h, log_fractal, train_labels)
+
+
+def routing_data(model: MoCaE, router_features, calibrator_features, labels) -> RoutingData:
+    """Standardised features and log q^frac of held-out prompts (scored against the full clouds)."""
+    h = model.space.router(router_features)
+    log_fractal = None
+    if model.fractal is not None:
+        u = model.fractal.typicality(model.space.latent(calibrator_features))
+        log_fractal = (u / u.sum(1, keepdim=True)).log()
+    return RoutingData(h, log_fractal, labels)
+
+
+def evaluation_features(run: RunDir, config: AlignXConfig, layers: tuple[int, int], log=print):
+    """Features of every axis's evaluation prompts, computed once by a partial prefill and cached."""
+    from alignx.data.formatting import ChatFormatter
+    from alignx.data.splits import evaluation_prompts
+    from alignx.models import autocast_dtype, load_base_model
+    from alignx.stage1.features import prompt_features
+
+    path = stage2_dir(run) / "eval_features.safetensors"
+    prompts, labels = [], []
+    for a, axis in enumerate(AXES):
+        split = evaluation_prompts(axis, config.data, limit=config.stage2.eval_prompts_per_axis)
+        distinct = list(dict.fromkeys(e.user_text for e in split.examples))
+        prompts += distinct
+        labels += [a] * len(distinct)
+    digest = hashlib.sha256("\n\x00".join(prompts).encode()).hexdigest()
+    if path.is_file():
+        tensors, meta = load_safetensors(path)
+        if meta.get("prompts_sha256") == digest and meta.get("layers") == f"{layers[0]},{layers[1]}":
+            return tensors["router"], tensors["calibrator"], tensors["labels"]
+    loaded = load_base_model(config.model)
+    device = next(loaded.model.parameters()).device
+    features = prompt_features(
+        loaded.model, ChatFormatter(loaded.tokenizer), prompts, layers,
+        batch_size=config.features.batch_size, max_length=config.features.max_length,
+        autocast_dtype=autocast_dtype(config.model, device), progress="stage2 eval features",
+    )
+    tensors = {"router": features[layers[0]], "calibrator": features[layers[1]], "labels": torch.tensor(labels)}
+    atomic_save_safetensors(tensors, path, {"prompts_sha256": digest, "layers": f"{layers[0]},{layers[1]}"})
+    log(f"[stage2] evaluation features of {len(prompts)} held-out prompts -> {path}")
+    return tensors["router"], tensors["calibrator"], tensors["labels"]
+
+
+def run_stage2(config: AlignXConfig, log=print) -> Path:
+    """Train ``config.stage2`` (and the uncalibrated baseline), evaluate routing, write the report."""
+    from alignx.eval.metrics import routing_metrics
+
+    run = RunDir(config.run_dir)
+    with run.lock():
+        banks, layers = load_banks(run, config)
+        out = stage2_dir(run)
+        router_rows, calibrator_rows, label_rows, held_out = [], [], [], []
+        for a, axis in enumerate(AXES):
+            router, calibrator, prompts = banks[axis]
+            held_out.append(torch.tensor([is_calibration_prompt(p, config.stage2.calibration_fraction) for p in prompts]))
+            router_rows.append(router)
+            calibrator_rows.append(calibrator)
+            label_rows.append(torch.full((len(prompts),), a))
+        router_all, calibrator_all, labels_all = torch.cat(router_rows), torch.cat(calibrator_rows), torch.cat(label_rows)
+        calibration_mask = torch.cat(held_out)
+        for a, axis in enumerate(AXES):
+            fit_count = int(((labels_all == a) & ~calibration_mask).sum())
+            if fit_count < 8 or int(((labels_all == a) & calibration_mask).sum()) < 1:
+                raise AlignXError(
+                    f"axis {axis}: its feature bank is too small to split for Stage 2 ({fit_count} training prompts); "
+                    "use more rows (data.max_rows_per_axis) in Stage 1"
+                )
+        eval_router, eval_calibrator, eval_labels = evaluation_features(run, config, layers, log)
+
+        report = {"axes": list(AXES), "layers": list(layers), "routers": {}}
+        variants = [config.stage2]
+        if config.stage2.name != BASELINE:
+            variants.append(dataclasses.replace(
+                config.stage2, name=BASELINE, use_fractal=False, use_natural=False, output_calibration=False
+            ))
+        for variant in variants:
+            fit = ~calibration_mask
+            model, train_data = build_model(variant, router_all[fit], calibrator_all[fit], labels_all[fit], layers)
+            calibration = routing_data(model, router_all[calibration_mask], calibrator_all[calibration_mask], labels_all[calibration_mask])
+            history = train_mocae(model, train_data, calibration, variant, log=log)
+            target = out / variant.name
+            target.mkdir(parents=True, exist_ok=True)
+            model.save(target)
+            atomic_write_json(target / "history.json", history)
+            report["routers"][variant.name] = _evaluate(model, eval_router, eval_calibrator, eval_labels, routing_metrics)
+            log(_summary_line(variant.name, report["routers"][variant.name]))
+        atomic_write_json(out / "report.json", report)
+        _plot_reliability(report, out / "reliability.png")
+        log(f"[stage2] done: routers in {out}, report {out / 'report.json'}, diagrams {out / 'reliability.png'}")
+    return out
+
+
+def _evaluate(model: MoCaE, router_features, calibrator_features, labels, routing_metrics) -> dict:
+    from alignx.eval.metrics import reliability_bins
+
+    data = routing_data(model, router_features, calibrator_features, labels)
+    with torch.no_grad():
+        raw = model(data.h, data.log_fractal, calibrated=False).exp()
+        final = model(data.h, data.log_fractal, calibrated=True).exp()
+    result = {
+        "before_output_calibration": routing_metrics(raw, labels, list(AXES)),
+        "after_output_calibration": routing_metrics(final, labels, list(AXES)),
+        "output_temperature": float(model.log_t_out.exp()) if model.config.output_calibration else None,
+        "reliability": reliability_bins(final, labels),
+    }
+    if model.fractal is not None:
+        routing = model.route(router_features, calibrator_features)
+        result["ood_rate"] = float(routing.ood.float().mean())
+    return result
+
+
+def _summary_line(name: str, result: dict) -> str:
+    before, after = result["before_output_calibration"], result["after_output_calibration"]
+    return (
+        f"[stage2] {name}: held-out accuracy {after['accuracy']:.3f}, ECE {before['ece']:.3f} -> {after['ece']:.3f}, "
+        f"NLL {before['nll']:.3f} -> {after['nll']:.3f}, Brier {after['brier']:.3f}"
+    )
+
+
+def _plot_reliability(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["routers"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        bins = [b for b in report["routers"][name]["reliability"] if b["count"]]
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="black")
+        metrics = report["routers"][name]["after_output_calibration"]
+        ax.set_title(f"{name}\nacc {metrics['accuracy']:.3f}  ECE {metrics['ece']:.3f}")
+        ax.set_xlabel("confidence (top routing weight)")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

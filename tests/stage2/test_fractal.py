@@ -1,0 +1,80 @@
+"""The fractal calibrator: dimension estimates, typicality, and the out-of-distribution gate."""
+
+import pytest
+import torch
+
+from alignx.stage2.fractal import FractalCalibrator, kth_neighbour_distances, levina_bickel_dimension
+
+
+def _embedded(points: torch.Tensor, ambient: int, seed: int) -> torch.Tensor:
+    """Place low-dimensional points in a random orientation of a higher-dimensional space."""
+    rotation, _ = torch.linalg.qr(torch.randn(ambient, ambient, generator=torch.Generator().manual_seed(seed)))
+    padded = torch.cat([points, torch.zeros(len(points), ambient - points.shape[1])], dim=1)
+    return padded @ rotation
+
+
+@pytest.mark.parametrize("dimension", [1, 2, 5])
+def test_levina_bickel_recovers_known_dimensions(dimension):
+    generator = torch.Generator().manual_seed(dimension)
+    cube = torch.rand(4000, dimension, generator=generator)
+    points = _embedded(cube, 16, seed=dimension)
+    estimate = float(levina_bickel_dimension(kth_neighbour_distances(points, 20, exclude_self=True)).mean())
+    assert abs(estimate - dimension) / dimension < 0.15, estimate
+
+
+def _clouds(seed=0, n=300):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[6.0, 0, 0, 0], [0, 6.0, 0, 0], [0, 0, 6.0, 0]])
+    return [centre + torch.randn(n, 4, generator=generator) for centre in centres]
+
+
+def test_in_cloud_points_are_typical_and_off_manifold_points_trip_the_gate():
+    banks = _clouds()
+    calibrator = FractalCalibrator.fit(banks)
+    held_out = _clouds(seed=1, n=100)
+    u_in = calibrator.typicality(torch.cat(held_out))
+    labels = torch.arange(3).repeat_interleave(100)
+    assert (u_in.argmax(1) == labels).float().mean() > 0.97
+    assert (u_in.max(1).values < 0.05).float().mean() < 0.1  # in-distribution prompts rarely flagged
+
+    far = torch.randn(100, 4, generator=torch.Generator().manual_seed(2)) * 2 + torch.tensor([0, 0, 0, 15.0])
+    u_far = calibrator.typicality(far)
+    assert (u_far.max(1).values < 0.05).float().mean() > 0.9  # off-manifold inputs trip the gate
+    q_in, q_far = FractalCalibrator.distribution(u_in), FractalCalibrator.distribution(u_far)
+    entropy = lambda q: float(-(q * q.log()).sum(1).mean())  # noqa: E731
+    assert entropy(q_far) > entropy(q_in) + 0.3  # and get a flatter fractal distribution
+
+
+def test_clouds_of_different_sizes_are_comparable():
+    # the same distribution sampled 100 vs 2000 times: fraction-matched radii + conformal ranks make a
+    # point of that distribution equally typical for both clouds
+    generator = torch.Generator().manual_seed(3)
+    small, large = torch.randn(100, 4, generator=generator), torch.randn(2000, 4, generator=generator)
+    calibrator = FractalCalibrator.fit([small, large])
+    u = calibrator.typicality(torch.randn(500, 4, generator=generator))
+    assert abs(float(u[:, 0].mean() - u[:, 1].mean())) < 0.08
+
+
+def test_leave_one_out_scoring_of_bank_points_matches_the_conformal_reference():
+    banks = _clouds(n=200)
+    calibrator = FractalCalibrator.fit(banks)
+    points = torch.cat(banks)
+    own = torch.arange(3).repeat_interleave(200)
+    u = calibrator.typicality(points, own_axis=own)
+    # each bank point's own-axis typicality is its rank among the bank's LOO scores: uniform on (0, 1]
+    own_u = u[torch.arange(600), own]
+    assert 0.45 < float(own_u.mean()) < 0.55
+    naive = calibrator.typicality(points)[torch.arange(600), own]
+    assert float(naive.mean()) > float(own_u.mean()) + 0.05  # counting itself would inflate typicality
+
+
+def test_dimension_mode_and_dimension_term_are_switchable():
+    banks = _clouds()
+    plain = FractalCalibrator.fit(banks)
+    assert all(3.0 < c.mean_dimension < 5.0 for c in plain.clouds)  # 4-d Gaussians
+    by_dimension = FractalCalibrator.fit(banks, epsilon_mode="dimension")
+    assert all(0.03 <= c.epsilon <= 0.10 for c in by_dimension.clouds)
+    with_term = FractalCalibrator.fit(banks, dimension_weight=1.0)
+    z = torch.cat(_clouds(seed=5, n=20))
+    assert torch.all(with_term.typicality(z) <= plain.typicality(z) + 1e-6)  # the term only penalises
+    assert not torch.allclose(with_term.typicality(z), plain.typicality(z))

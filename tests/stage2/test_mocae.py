@@ -1,0 +1,81 @@
+"""MoCaE on synthetic feature banks: routing, calibration, ablations, persistence."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from alignx.config import Stage2Config
+from alignx.stage2.mocae import MoCaE
+from alignx.stage2.pipeline import build_model, routing_data
+from alignx.stage2.train import calibration_nll, train_mocae
+
+LAYERS = (1, 2)
+
+
+def _bank(n_per_axis: int, seed: int, spread: float = 1.0):
+    """Three Gaussian clusters in a 24-d 'router' space; the 'calibrator' space is a noisy linear view of it."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.zeros(3, 24)
+    centres[0, 0] = centres[1, 1] = centres[2, 2] = 4.0
+    labels = torch.arange(3).repeat_interleave(n_per_axis)
+    router = centres[labels] + spread * torch.randn(len(labels), 24, generator=g)
+    mixing = torch.randn(24, 16, generator=torch.Generator().manual_seed(99))
+    calibrator = router @ mixing + 0.1 * torch.randn(len(labels), 16, generator=g)
+    return router, calibrator, labels
+
+
+def _config(**changes):
+    return dataclasses.replace(Stage2Config(latent_dim=8, router_hidden=64, max_epochs=15, patience=3), **changes)
+
+
+def _trained(config, spread=1.0):
+    router, calibrator, labels = _bank(120, seed=0, spread=spread)
+    model, train = build_model(config, router, calibrator, labels, LAYERS)
+    cal_router, cal_calibrator, cal_labels = _bank(40, seed=1, spread=spread)
+    calibration = routing_data(model, cal_router, cal_calibrator, cal_labels)
+    train_mocae(model, train, calibration, config, log=lambda *_: None)
+    return model, calibration
+
+
+def test_routing_on_three_clusters_is_near_perfect():
+    model, _ = _trained(_config())
+    router, calibrator, labels = _bank(50, seed=2)
+    routing = model.route(router, calibrator)
+    assert (routing.calibrated.argmax(1) == labels).float().mean() > 0.98
+    assert torch.allclose(routing.weights.sum(1), torch.ones(len(labels)))
+    assert routing.ood.float().mean() < 0.1
+    for name in ("router", "fractal", "natural", "typicality"):
+        assert getattr(routing, name).shape == (150, 3)
+
+
+def test_output_temperature_lowers_calibration_nll():
+    model, calibration = _trained(_config(), spread=2.5)  # overlapping clusters: calibration matters
+    before = calibration_nll(model, calibration, calibrated=False)
+    after = calibration_nll(model, calibration, calibrated=True)
+    assert float(model.log_t_out.exp()) != pytest.approx(1.0)
+    assert after < before
+
+
+def test_uncalibrated_variant_is_the_router_alone():
+    model, calibration = _trained(_config(use_fractal=False, use_natural=False, output_calibration=False))
+    assert model.fractal is None and model.natural is None
+    with torch.no_grad():
+        assert torch.allclose(model(calibration.h, None).exp(), model.router.log_probs(calibration.h).exp())
+
+
+def test_off_manifold_prompts_fall_back(tmp_path):
+    model, _ = _trained(_config(ood_fallback="base"))
+    far = torch.randn(20, 24, generator=torch.Generator().manual_seed(3)) * 3 + 40.0
+    routing = model.route(far, far @ torch.randn(24, 16, generator=torch.Generator().manual_seed(99)))
+    assert routing.ood.all() and torch.equal(routing.weights, torch.zeros(20, 3))  # base model: experts off
+
+
+def test_save_and_load_route_identically(tmp_path):
+    model, _ = _trained(_config())
+    model.save(tmp_path)
+    loaded = MoCaE.load(tmp_path)
+    router, calibrator, _ = _bank(10, seed=4)
+    a, b = model.route(router, calibrator), loaded.route(router, calibrator)
+    assert torch.allclose(a.weights, b.weights, atol=1e-6) and torch.equal(a.ood, b.ood)
+    assert loaded.layers == LAYERS

@@ -1,0 +1,297 @@
+"""The mixed-expert LoRA layer against independent references: PEFT's own adapters, task-vector merges,
+and each example run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from alignx.config import ModelConfig
+from alignx.errors import AlignXError
+from alignx.mixing import ExpertWeights, MixedLoRALinear, MixtureOfExperts, apply_mode
+from alignx.models import load_base_model
+from alignx.stage1.task_vector import LoraFactors, task_vector
+from conftest import build_tiny_model
+
+EXPERTS = ["helpful", "harmless", "honest"]
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+TEXTS = [
+    "Give three tips for staying healthy.",
+    "Hello there, how are you today?",
+    "Answer truthfully: nothing happens if you eat watermelon seeds.",
+]
+ATOL = 1e-5  # same factored computation as PEFT: only the folded scale rounds differently
+# Merged weights (task vectors, merge()) sum the same terms in another order: fp32 rounding reaches ~1.4e-5 on
+# logits up to ~7, while the wrong weights (e.g. permuted) move them by ~4.
+MERGED_ATOL = 5e-5
+
+
+def _base(model_dir) -> nn.Module:
+    return load_base_model(ModelConfig(name=str(model_dir), precision="fp32")).model
+
+
+def _save_adapter(model: nn.Module, path, seed: int, r: int = 4, alpha: int = 8, targets=TARGETS):
+    torch.manual_seed(seed)  # lora_A's random init
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # B starts at zero; make every expert do something different
+    peft.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir) -> dict:
+    root = tmp_path_factory.mktemp("experts")
+    dirs = {name: _save_adapter(_base(tiny_model_dir), root / name, seed) for seed, name in enumerate(EXPERTS, 1)}
+    dirs["wide"] = _save_adapter(_base(tiny_model_dir), root / "wide", seed=7, r=8, alpha=16)  # another rank
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_tokenizer):
+    """The three texts right-padded into one batch, plus each one unpadded."""
+    rows = [tiny_tokenizer(t)["input_ids"] for t in TEXTS]
+    assert len({len(r) for r in rows}) == 3  # different lengths: the padding is exercised
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tiny_tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "rows": [torch.tensor([r]) for r in rows]}
+
+
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.fixture(scope="module")
+def peft_logits(tiny_model_dir, adapters, batch) -> dict[str, torch.Tensor]:
+    """Each expert run alone through PEFT on a fresh base: the reference for one-hot weights."""
+    return {name: _logits(PeftModel.from_pretrained(_base(tiny_model_dir), path).eval(), batch)
+            for name, path in adapters.items()}
+
+
+@pytest.fixture(scope="module")
+def mixture(tiny_model_dir, adapters) -> MixtureOfExperts:
+    return MixtureOfExperts.attach(_base(tiny_model_dir), {a: adapters[a] for a in EXPERTS}, EXPERTS)
+
+
+def _task_vector_model(model_dir, adapters, weights: dict[str, float]) -> nn.Module:
+    """A fresh base with Σ w_a·τ_a added to its weights: task arithmetic, independent of the mixed layer."""
+    model = _base(model_dir)
+    state = model.state_dict()
+    for name, w in weights.items():
+        for key, delta in task_vector(adapters[name]).items():
+            state[key] = state[key] + w * delta
+    model.load_state_dict(state)
+    return model
+
+
+def test_one_hot_weights_equal_each_single_peft_adapter(mixture, peft_logits, batch):
+    assert len(mixture.layers) == 3 * 3 and mixture.ranks == (4, 4, 4)
+    for i, name in enumerate(EXPERTS):
+        with mixture.using(torch.eye(3)[i]):
+            logits = _logits(mixture.model, batch)
+        torch.testing.assert_close(logits, peft_logits[name], rtol=0, atol=ATOL)
+    # the experts really differ, so a wrong expert could not pass
+    assert (peft_logits["helpful"] - peft_logits["honest"]).abs().max() > 0.1
+
+
+def test_per_example_weights_equal_each_example_alone(mixture, batch):
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    with mixture.using(weights):
+        together = _logits(mixture.model, batch)
+    for i, ids in enumerate(batch["rows"]):
+        with mixture.using(weights[i]), torch.no_grad():
+            alone = mixture.model(input_ids=ids).logits[0]
+        torch.testing.assert_close(together[i, : ids.shape[1]], alone, rtol=0, atol=ATOL)
+    with mixture.using(weights[1]), torch.no_grad():  # a single row applies to the whole batch
+        torch.testing.assert_close(_logits(mixture.model, batch)[1], together[1], rtol=0, atol=ATOL)
+
+
+def test_top1_mode_equals_the_argmax_expert(mixture, peft_logits, batch):
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.25, 0.35, 0.4]])
+    with mixture.using(apply_mode(weights, "top1")):
+        logits = _logits(mixture.model, batch)
+    for i, name in enumerate(EXPERTS):  # row i's argmax is expert i
+        torch.testing.assert_close(logits[i], peft_logits[name][i], rtol=0, atol=ATOL)
+
+
+def test_soft_weights_equal_merging_the_task_vectors(mixture, tiny_model_dir, adapters, batch):
+    weights = [0.2, 0.5, 0.3]
+    with mixture.using(torch.tensor(weights)):
+        mixed = _logits(mixture.model, batch)
+    merged = _logits(_task_vector_model(tiny_model_dir, adapters, dict(zip(EXPERTS, weights))), batch)
+    torch.testing.assert_close(mixed, merged, rtol=0, atol=MERGED_ATOL)
+
+
+def test_experts_of_different_ranks(tiny_model_dir, adapters, peft_logits, batch):
+    order = ["helpful", "wide", "honest"]
+    mixture = MixtureOfExperts.attach(_base(tiny_model_dir), {a: adapters[a] for a in order}, order)
+    assert mixture.ranks == (4, 8, 4)
+    assert next(iter(mixture.layers.values())).A_cat.shape[0] == 16  # concatenated, no padding
+    with mixture.using(torch.tensor([0.0, 1.0, 0.0])):
+        torch.testing.assert_close(_logits(mixture.model, batch), peft_logits["wide"], rtol=0, atol=ATOL)
+    weights = [0.3, 0.45, 0.25]
+    with mixture.using(torch.tensor(weights)):
+        mixed = _logits(mixture.model, batch)
+    merged = _logits(_task_vector_model(tiny_model_dir, adapters, dict(zip(order, weights))), batch)
+    torch.testing.assert_close(mixed, merged, rtol=0, atol=MERGED_ATOL)
+
+
+def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(mixture, batch):
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    originals = {name: layer.base.weight.detach().clone() for name, layer in mixture.layers.items()}
+    with mixture.using(weights):
+        mixed = _logits(mixture.model, batch)
+    mixture.merge(weights)
+    try:
+        assert mixture.is_merged and all(layer.merged for layer in mixture.layers.values())
+        assert not any(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
+        with pytest.raises(RuntimeError, match="unmerge"):
+            mixture.set_weights(weights)
+        merged = _logits(mixture.model, batch)  # the low-rank path is off: weights None here
+    finally:
+        mixture.unmerge()
+    torch.testing.assert_close(merged, mixed, rtol=0, atol=MERGED_ATOL)
+    assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
+    with mixture.merged(weights):  # merging again with other weights and the context manager
+        pass
+    assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
+
+
+def test_no_weights_is_exactly_the_base_model(mixture, tiny_model_dir, batch):
+    mixture.set_weights(None)
+    assert torch.equal(_logits(mixture.model, batch), _logits(_base(tiny_model_dir), batch))
+
+
+def test_detach_restores_the_original_modules(tiny_model_dir, adapters, batch):
+    model = _base(tiny_model_dir)
+    before = _logits(model, batch)
+    mixture = MixtureOfExperts.attach(model, {a: adapters[a] for a in EXPERTS}, EXPERTS)
+    names = list(mixture.layers)
+    mixture.merge([0.0, 1.0, 0.0])
+    assert mixture.detach() is model
+    assert not any(isinstance(m, MixedLoRALinear) for m in model.modules())
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert torch.equal(_logits(model, batch), before)
+
+
+def test_greedy_generate_with_per_example_weights_equals_each_alone(mixture, tiny_tokenizer):
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in TEXTS[:2]]
+    pad = tiny_tokenizer.pad_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.3, 0.7]])
+    options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=pad)
+    with mixture.using(weights), torch.no_grad():
+        together = mixture.model.generate(input_ids=ids, attention_mask=mask, **options)[:, width:]
+    assert together.shape == (2, 5)
+    for i, p in enumerate(prompts):
+        with mixture.using(weights[i]), torch.no_grad():
+            alone = mixture.model.generate(input_ids=torch.tensor([p]), **options)[0, len(p):]
+        assert together[i].tolist() == alone.tolist()
+
+
+# ------------------------------------------------------------------------------------- mismatched adapters
+
+
+def _other_adapter(tmp_path, tiny_tokenizer, kind: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if kind == "more layers":
+        return _save_adapter(build_tiny_model("llama", len(tiny_tokenizer), num_layers=4), tmp_path / kind, 9)
+    if kind == "other sizes":
+        config = AutoConfig.for_model("llama", vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+        return _save_adapter(AutoModelForCausalLM.from_config(config), tmp_path / kind, 9)
+    return _save_adapter(build_tiny_model("llama", len(tiny_tokenizer)), tmp_path / kind, 9, targets=["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("more layers", r"expert honest .* targets modules model\.layers\.3\..* that the base model .* does not have"),
+        ("other sizes", r"rank/shape mismatch: expert honest .* module model\.layers\.0\.mlp\.down_proj maps 96 -> 64"),
+        ("other targets", r"experts helpful and honest target different modules; only helpful targets .*down_proj"),
+    ],
+)
+def test_mismatched_adapters_are_clear_errors(tmp_path, tiny_model_dir, tiny_tokenizer, adapters, kind, message):
+    model = _base(tiny_model_dir)
+    dirs = {"helpful": adapters["helpful"], "harmless": adapters["harmless"],
+            "honest": _other_adapter(tmp_path, tiny_tokenizer, kind)}
+    with pytest.raises(AlignXError, match=message):
+        MixtureOfExperts.attach(model, dirs, EXPERTS)
+    assert not any(isinstance(m, MixedLoRALinear) for m in model.modules())  # checked before touching it
+
+
+def test_expert_order_and_weight_shapes_are_checked(mixture, tiny_model_dir, adapters):
+    with pytest.raises(AlignXError, match="no adapter for honest"):
+        MixtureOfExperts.attach(_base(tiny_model_dir), {a: adapters[a] for a in EXPERTS[:2]}, EXPERTS)
+    with pytest.raises(AlignXError, match=r"shape \[3\] or \[batch, 3\]"):
+        mixture.set_weights(torch.ones(2, 4))
+    with pytest.raises(AlignXError, match="already has experts attached"):
+        MixtureOfExperts.attach(mixture.model, {a: adapters[a] for a in EXPERTS}, EXPERTS)
+    with pytest.raises(AlignXError, match="one weight vector"):
+        mixture.merge(torch.ones(2, 3))
+
+
+# ------------------------------------------------------------------------------------------- the layer alone
+
+
+def _layer(dtype=torch.float32):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(dtype)
+    factors = [LoraFactors(A=torch.randn(r, 16), B=torch.randn(8, r), scale=s) for r, s in ((2, 0.5), (3, 2.0))]
+    holder = ExpertWeights([2, 3])
+    return MixedLoRALinear(base, factors, holder), factors
+
+
+def test_layer_mixes_rank_slices_per_example():
+    layer, factors = _layer()
+    x = torch.randn(3, 5, 16)
+    weights = torch.tensor([[1.0, 0.0], [0.3, 0.7], [-0.5, 2.0]])
+    layer.holder.set(weights)
+    expected = torch.stack([
+        layer.base(x[b]) + sum(w * f.scale * x[b] @ f.A.T @ f.B.T for w, f in zip(weights[b], factors))
+        for b in range(3)
+    ])
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x[:, 0]), expected[:, 0], rtol=1e-5, atol=1e-5)  # [N, in] inputs
+    # generate's num_return_sequences repeats each example k times in a row
+    torch.testing.assert_close(layer(x.repeat_interleave(2, 0)), expected.repeat_interleave(2, 0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AlignXError, match="3 rows but the batch has 4"):
+        layer(torch.randn(4, 16))
+
+
+def test_layer_dtype_follows_the_base_weight_and_autocast():
+    layer, _ = _layer()
+    layer.holder.set([0.4, 0.6])
+    x = torch.randn(2, 4, 16)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.1)
+    half, _ = _layer(torch.bfloat16)
+    assert half.A_cat.dtype == half.B_cat.dtype == torch.bfloat16
+    half.holder.set([0.4, 0.6])
+    assert half(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_apply_mode():
+    weights = torch.tensor([[0.05, 0.6, 0.35], [0.3, 0.3, 0.4], [0.34, 0.33, 0.33]])
+    assert torch.equal(apply_mode(weights, "soft"), weights)
+    assert torch.equal(apply_mode(weights, "top1"), torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]]))
+    thresholded = apply_mode(weights, "threshold", floor=0.335)
+    torch.testing.assert_close(thresholded, torch.tensor([[0.0, 0.6 / 0.95, 0.35 / 0.95], [0, 0, 1], [1, 0, 0]]))
+    torch.testing.assert_close(apply_mode(weights[0], "threshold", floor=0.1), torch.tensor([0.0, 0.6, 0.35]) / 0.95)
+    with pytest.raises(AlignXError, match="valid modes: soft, top1, threshold"):
+        apply_mode(weights, "top2")
