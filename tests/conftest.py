@@ -127,3 +127,29 @@ def data_dir() -> Path:
 def _offline_and_quiet(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_run(tmp_path_factory, tiny_model_dir, data_dir):
+    """A finished Stage 1 run of the tiny Llama on small slices of the real data (config returned)."""
+    from alignx.config import load_config
+    from alignx.stage1.pipeline import run_stage1
+
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    config = load_config(None, [
+        f"run_dir={run_dir}", f"model.name={tiny_model_dir}", "model.precision=fp32", f"data.data_dir={data_dir}",
+        "data.max_rows_per_axis=48", "train.max_steps=1", "train.batch_size=4", "train.max_length=384",
+        "features.max_length=64", "stage2.latent_dim=16", "stage2.router_hidden=64", "stage2.max_epochs=5",
+        "stage2.eval_prompts_per_axis=20",
+    ])
+    run_stage1(config, log=lambda *_: None)
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_stage2_run(tiny_stage1_run):
+    """The same run with its MoCaE routers trained."""
+    from alignx.stage2.pipeline import run_stage2
+
+    run_stage2(tiny_stage1_run, log=lambda *_: None)
+    return tiny_stage1_run

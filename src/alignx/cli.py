@@ -81,6 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(stage2)
     stage2.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
 
+    generate = verbs.add_parser(
+        "generate", help="generate with the experts: routed by MoCaE, or any baseline method",
+        description="Generate answers with a run's experts. --method alignx routes each prompt with MoCaE "
+        "(one partial prefill, then per-example expert weights in one batch); other methods: base, "
+        "expert-<axis>, merge-linear, and every router trained by `alignx stage2` (moe-uncalibrated, ablations). "
+        "Output lines add response, method and, for weighted methods, the final weights per axis. An existing "
+        "--output is resumed: ids already there are not generated again.",
+    )
+    generate.add_argument("--run", required=True, help="run directory")
+    generate.add_argument("--method", default="alignx", help="alignx (default), base, expert-<axis>, merge-linear, moe-uncalibrated, ...")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--input", help='JSONL file of {"id": ..., "prompt": ...} lines')
+    generate.add_argument("--output", help="JSONL file to write (default: print to stdout)")
+    generate.add_argument("--mode", default="soft", help="soft (default) | top1 | threshold")
+    generate.add_argument("--threshold", type=float, default=0.1, help="weight floor of --mode threshold")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=0.7)
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--explain", action="store_true", help="print the router, fractal and natural distributions and the final weights")
+
     vector = verbs.add_parser(
         "task-vector", help="write an expert's task vector (same as: alignx stage1 task-vector)",
         description="Write experts/<axis>/task_vector.safetensors: (alpha/r)·B·A for every target module, "
@@ -149,6 +173,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = load_config(args.config or run.config_path, [*args.overrides, f"run_dir={run.root}"])
         run_stage2(config)
         return 0
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "task-vector":
         from alignx.axes import parse_axes
         from alignx.run import RunDir, atomic_save_safetensors
@@ -163,3 +189,88 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             print(f"[stage1] {axis}: task vector of {len(vector)} modules -> {run.task_vector_path(axis)}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from alignx.generate import AlignX
+
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise AlignXError("--max-new-tokens and --batch-size must be >= 1")
+    items = [{"id": i, "prompt": p} for i, p in enumerate(args.prompt or [])] or _read_prompts(Path(args.input))
+    done = set()
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_file():
+        for line in output.read_text().splitlines():
+            try:
+                done.add(json.dumps(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by an interruption is generated again
+    todo = [item for item in items if json.dumps(item["id"]) not in done]
+    aligner = AlignX.from_run(args.run, method=args.method, mode=args.mode, floor=args.threshold)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"generate {args.method}", unit="prompt",
+               disable=output is None, dynamic_ncols=True)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start : start + args.batch_size]
+        generations = aligner.generate(
+            [item["prompt"] for item in batch], max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed + start,
+        )
+        lines = []
+        for item, g in zip(batch, generations):
+            row = {**item, "response": g.response, "method": g.method}
+            if g.weights is not None:
+                row["weights"] = g.weights
+            lines.append(json.dumps(row, ensure_ascii=False))
+            if args.explain:
+                print(_explain_line(item, g), file=sys.stderr if output is None else sys.stdout)
+        if output is None:
+            print("\n".join(lines))
+        else:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "a") as handle:  # one flushed append per batch: an interruption loses at most a batch
+                handle.write("".join(line + "\n" for line in lines))
+        bar.update(len(batch))
+    bar.close()
+    return 0
+
+
+def _read_prompts(path) -> list[dict]:
+    import json
+
+    if not path.is_file():
+        raise AlignXError(f"input file not found: {path}")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AlignXError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() or "id" not in row:
+            raise AlignXError(f'{path}:{number} must be an object with "id" and a non-empty string "prompt"')
+        items.append(row)
+    if not items:
+        raise AlignXError(f"{path} holds no prompts")
+    return items
+
+
+def _explain_line(item: dict, generation) -> str:
+    def fmt(dist):
+        return " ".join(f"{axis}={value:.3f}" for axis, value in dist.items())
+
+    e = generation.explanation
+    lines = [f"[explain] id={item['id']} prompt={item['prompt'][:70]!r}"]
+    for key in ("router", "fractal", "typicality", "natural", "final"):
+        if key in e:
+            lines.append(f"  {key:<10} {fmt(e[key])}")
+    if e:
+        lines.append(f"  ood        {e['ood']}")
+    elif generation.weights is not None:
+        lines.append(f"  fixed      {fmt(generation.weights)}")
+    return "\n".join(lines)

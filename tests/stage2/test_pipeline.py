@@ -9,22 +9,13 @@ import pytest
 
 from alignx.config import load_config
 from alignx.errors import AlignXError
-from alignx.stage1.pipeline import run_stage1
 from alignx.stage2.mocae import MoCaE
 from alignx.stage2.pipeline import run_stage2, stage2_dir
 
 
 @pytest.fixture(scope="module")
-def stage1_run(tmp_path_factory, tiny_model_dir, data_dir):
-    run_dir = tmp_path_factory.mktemp("stage2") / "run"
-    config = load_config(None, [
-        f"run_dir={run_dir}", f"model.name={tiny_model_dir}", "model.precision=fp32", f"data.data_dir={data_dir}",
-        "data.max_rows_per_axis=48", "train.max_steps=1", "train.batch_size=4", "train.max_length=384",
-        "features.max_length=64", "stage2.latent_dim=16", "stage2.router_hidden=64", "stage2.max_epochs=5",
-        "stage2.eval_prompts_per_axis=20",
-    ])
-    run_stage1(config, log=lambda *_: None)
-    return config
+def stage1_run(tiny_stage1_run):
+    return tiny_stage1_run
 
 
 def test_stage2_trains_both_routers_and_reports(stage1_run):

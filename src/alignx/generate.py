@@ -1,0 +1,170 @@
+"""Generation with the axis experts, for every method, through one code path; the Python API.
+
+    from alignx.generate import AlignX
+    aligner = AlignX.from_run("runs/demo")                  # method "alignx": MoCaE soft routing
+    for g in aligner.generate(["How do I pick a lock?"]):
+        print(g.weights, g.response)
+
+Routed methods run one partial prefill of the base model per batch (experts off, stopping at the deeper of
+the router and calibrator layers) to get the prompt features, route, and then generate with per-example
+expert weights in the same batch. The router runs once per prompt and adds no per-token cost. A batch
+that shares one weight vector merges the weighted experts into the base weights once and decodes at base
+speed: this always holds for the fixed-weight methods, and for a routed batch whose prompts were all
+routed alike.
+
+Methods: ``base`` (no expert), ``expert-<axis>`` (one expert alone), ``merge-linear`` (task arithmetic:
+the three task vectors averaged into the base weights), and any router trained by ``alignx stage2``:
+``alignx``, ``moe-uncalibrated`` and ablations saved under their ``stage2.name``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignx.axes import AXES
+from alignx.errors import AlignXError
+from alignx.run import RunDir
+
+FIXED_METHODS = ("base", "merge-linear", *(f"expert-{axis}" for axis in AXES))
+
+
+@dataclass
+class Generation:
+    prompt: str
+    response: str
+    method: str
+    weights: dict[str, float] | None = None  # final per-axis expert weights (routed and fixed methods)
+    explanation: dict = field(default_factory=dict)  # router / fractal / natural distributions, OOD flag
+
+
+class AlignX:
+    """A base model with its three experts attached and a way to choose their weights per prompt."""
+
+    def __init__(self, run: RunDir, loaded, mixture, method: str, model_config, router=None, mode: str = "soft", floor: float = 0.1):
+        self.run, self.loaded, self.mixture, self.precision = run, loaded, mixture, model_config
+        self.method, self.router, self.mode, self.floor = method, router, mode, floor
+        from alignx.data.formatting import ChatFormatter
+
+        self.formatter = ChatFormatter(loaded.tokenizer)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1) -> "AlignX":
+        from alignx.config import load_config
+        from alignx.mixing import MODES, MixtureOfExperts
+        from alignx.models import load_base_model
+        from alignx.stage2.mocae import MoCaE
+        from alignx.stage2.pipeline import stage2_dir
+
+        run = RunDir(run_dir)
+        if not run.config_path.is_file():
+            raise AlignXError(f"{run.root} is not an AlignX run (no config.yaml): run `alignx stage1 --run {run.root}` first")
+        if mode not in MODES:
+            raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
+        routers = sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
+        if method not in FIXED_METHODS and method not in routers:
+            raise AlignXError(
+                f"unknown method {method!r} for {run.root}; available: {', '.join([*FIXED_METHODS, *routers])}"
+                + ("" if routers else " (train routers with `alignx stage2`)")
+            )
+        missing = [axis for axis in AXES if not run.has_adapter(axis)]
+        if missing:
+            raise AlignXError(f"{run.root} has no trained {', '.join(missing)} expert: finish `alignx stage1` first")
+        config = load_config(run.config_path)
+        loaded = load_base_model(config.model)
+        mixture = MixtureOfExperts.attach(loaded.model, {axis: run.adapter_dir(axis) for axis in AXES}, AXES)
+        router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
+        return cls(run, loaded, mixture, method, config.model, router, mode, floor)
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def fixed_weights(self) -> torch.Tensor | None:
+        if self.method == "base":
+            return None
+        if self.method == "merge-linear":
+            return torch.full((len(AXES),), 1.0 / len(AXES))
+        return torch.nn.functional.one_hot(torch.tensor(AXES.index(self.method.removeprefix("expert-"))), len(AXES)).float()
+
+    def route(self, prompts: list[str]):
+        """MoCaE's routing of each prompt (features from one partial prefill of the base model)."""
+        from alignx.models import autocast_dtype
+        from alignx.stage1.features import prompt_features
+
+        device = next(self.loaded.model.parameters()).device
+        with self.mixture.using(None):  # the router reads the *base* model's hidden states
+            features = prompt_features(
+                self.loaded.model, self.formatter, prompts, self.router.layers,
+                autocast_dtype=autocast_dtype(self.precision, device),
+            )
+        return self.router.route(features[self.router.layers[0]], features[self.router.layers[1]])
+
+    # ---- generation ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 8, do_sample: bool = False,
+        temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+    ) -> list[Generation]:
+        from alignx.mixing import apply_mode
+        from alignx.models import autocast
+
+        if any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise AlignXError("every prompt must be a non-empty string")
+        results: list[Generation] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            explanation: list[dict] = [{} for _ in batch]
+            if self.router is not None:
+                routing = self.route(batch)
+                weights = apply_mode(routing.weights, self.mode, self.floor)
+                explanation = _explanations(routing)
+            else:
+                fixed = self.fixed_weights()
+                weights = None if fixed is None else fixed.expand(len(batch), -1)
+            with autocast(self.precision, next(self.loaded.model.parameters()).device):
+                texts = self._generate_batch(batch, weights, max_new_tokens, do_sample, temperature, top_p, seed + start)
+            for i, (prompt, text) in enumerate(zip(batch, texts)):
+                row_weights = None if weights is None else {axis: round(float(w), 6) for axis, w in zip(AXES, weights[i])}
+                results.append(Generation(prompt, text, self.method, row_weights, explanation[i]))
+        return results
+
+    def _generate_batch(self, prompts, weights, max_new_tokens, do_sample, temperature, top_p, seed) -> list[str]:
+        tokenizer = self.loaded.tokenizer
+        texts = [self.formatter.prompt_text(p) for p in prompts]
+        tokenizer.padding_side = "left"
+        try:
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tokenizer.padding_side = "right"
+        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+        if do_sample:
+            torch.manual_seed(seed)
+            options.update(temperature=temperature, top_p=top_p)
+        shared = weights is None or bool((weights == weights[0]).all())
+        if weights is None:
+            context = self.mixture.using(None)
+        elif shared:
+            context = self.mixture.merged(weights[0])  # one weight vector: decode at base speed
+        else:
+            context = self.mixture.using(weights)
+        with context:
+            output = self.loaded.model.generate(**inputs, **options)
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _explanations(routing) -> list[dict]:
+    rows = []
+    for i in range(len(routing.weights)):
+        row = {"router": _as_axes(routing.router[i]), "final": _as_axes(routing.weights[i]), "ood": bool(routing.ood[i])}
+        if routing.fractal is not None:
+            row["fractal"] = _as_axes(routing.fractal[i])
+            row["typicality"] = _as_axes(routing.typicality[i])
+        if routing.natural is not None:
+            row["natural"] = _as_axes(routing.natural[i])
+        rows.append(row)
+    return rows
+
+
+def _as_axes(values: torch.Tensor) -> dict[str, float]:
+    return {axis: round(float(v), 4) for axis, v in zip(AXES, values)}

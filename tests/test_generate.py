@@ -1,0 +1,83 @@
+"""Generation through every method, the Python API and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alignx.errors import AlignXError
+from alignx.generate import AlignX
+
+PROMPTS = ["Give three tips for staying healthy.", "How do I hurt someone?", "What happens if you eat watermelon seeds?"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_stage2_run):
+    return tiny_stage2_run.run_dir
+
+
+def test_routed_generation_returns_weights_and_explanations(run_dir):
+    aligner = AlignX.from_run(run_dir)
+    results = aligner.generate(PROMPTS, max_new_tokens=4)
+    assert [r.prompt for r in results] == PROMPTS
+    for r in results:
+        assert r.method == "alignx" and set(r.weights) == {"helpful", "harmless", "honest"}
+        assert abs(sum(r.weights.values()) - 1) < 1e-4 or r.explanation["ood"]
+        assert {"router", "fractal", "natural", "final", "ood"} <= set(r.explanation)
+
+
+def test_batch_equals_one_at_a_time(run_dir):
+    aligner = AlignX.from_run(run_dir)
+    together = [r.response for r in aligner.generate(PROMPTS, max_new_tokens=6, batch_size=3)]
+    alone = [aligner.generate([p], max_new_tokens=6)[0].response for p in PROMPTS]
+    assert together == alone
+
+
+@pytest.mark.parametrize("method", ["base", "expert-honest", "merge-linear", "moe-uncalibrated"])
+def test_every_method_generates(run_dir, method):
+    results = AlignX.from_run(run_dir, method=method).generate(PROMPTS[:2], max_new_tokens=3)
+    assert len(results) == 2 and all(r.method == method for r in results)
+    if method == "expert-honest":
+        assert results[0].weights == {"helpful": 0.0, "harmless": 0.0, "honest": 1.0}
+
+
+def test_top1_mode_gives_one_hot_weights(run_dir):
+    results = AlignX.from_run(run_dir, mode="top1").generate(PROMPTS, max_new_tokens=2)
+    for r in results:
+        assert sorted(r.weights.values()) == [0.0, 0.0, 1.0]
+
+
+def test_bad_method_and_mode_are_explained(run_dir, tmp_path):
+    with pytest.raises(AlignXError, match="unknown method 'nope'.*available: base"):
+        AlignX.from_run(run_dir, method="nope")
+    with pytest.raises(AlignXError, match="unknown routing mode"):
+        AlignX.from_run(run_dir, mode="loud")
+    with pytest.raises(AlignXError, match="not an AlignX run"):
+        AlignX.from_run(tmp_path)
+
+
+def test_cli_writes_jsonl_resumes_and_explains(run_dir, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": 0, "prompt": PROMPTS[0], "response": "kept", "method": "alignx"}) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "alignx", "generate", "--run", run_dir, "--input", str(source), "--output", str(out),
+         "--max-new-tokens", "3", "--explain"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2] and rows[0]["response"] == "kept"  # resumed, not regenerated
+    assert set(rows[1]["weights"]) == {"helpful", "harmless", "honest"}
+    assert "[explain] id=1" in done.stdout and "fractal" in done.stdout
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "ok"}\n{not json\n')
+    broken = subprocess.run([sys.executable, "-m", "alignx", "generate", "--run", run_dir, "--input", str(bad)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert broken.returncode == 2 and "bad.jsonl:2" in broken.stderr and "Traceback" not in broken.stderr
