@@ -212,7 +212,8 @@ def _other_adapter(tmp_path, tiny_tokenizer, kind: str):
         config = AutoConfig.for_model("llama", vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=96,
                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
         return _save_adapter(AutoModelForCausalLM.from_config(config), tmp_path / kind, 9)
-    return _save_adapter(build_tiny_model("llama", len(tiny_tokenizer)), tmp_path / kind, 9, targets=["q_proj", "v_proj"])
+    model = build_tiny_model("llama", len(tiny_tokenizer))
+    return _save_adapter(model, tmp_path / kind, 9, targets=["q_proj", "v_proj"])
 
 
 @pytest.mark.parametrize(
@@ -283,7 +284,7 @@ def test_layer_dtype_follows_the_base_weight_and_autocast():
     half, _ = _layer(torch.bfloat16)
     assert half.A_cat.dtype == half.B_cat.dtype == torch.bfloat16
     half.holder.set([0.4, 0.6])
-    assert half(x.bfloat16()).dtype == torch.bfloat16
+    assert half(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model takes bf16 inputs, base and experts alike
 
 
 def test_apply_mode():
@@ -293,5 +294,7 @@ def test_apply_mode():
     thresholded = apply_mode(weights, "threshold", floor=0.335)
     torch.testing.assert_close(thresholded, torch.tensor([[0.0, 0.6 / 0.95, 0.35 / 0.95], [0, 0, 1], [1, 0, 0]]))
     torch.testing.assert_close(apply_mode(weights[0], "threshold", floor=0.1), torch.tensor([0.0, 0.6, 0.35]) / 0.95)
+    # every entry below the floor: the argmax alone is kept
+    assert torch.equal(apply_mode(weights, "threshold", floor=0.7), apply_mode(weights, "top1"))
     with pytest.raises(AlignXError, match="valid modes: soft, top1, threshold"):
         apply_mode(weights, "top2")

@@ -18,8 +18,9 @@ All wrapped layers of a model read one shared :class:`ExpertWeights` holder; wei
 experts off (pure base model: what the router's partial prefill needs).
 
 Precision. The factors are stored in the dtype of the base weight (fp32 in AlignX: bf16 comes from
-autocast). Under autocast the two matmuls follow autocast like the base layer's; without it the input is
-cast to the factors' dtype and the low-rank term back to the base output's dtype.
+autocast), so whatever input the base layer accepts, the low-rank path accepts too; under autocast the two
+matmuls follow autocast exactly like the base layer's. The folded B_cat = scale·B is computed in fp32 before
+the cast. Merged deltas are computed in fp32 and cast once to the weight's dtype.
 
 Merging. When a whole batch shares one weight vector (a single request), :meth:`MixtureOfExperts.merge`
 folds Σ_a w_a·scale_a·B_a·A_a into the base weights once (computed in fp32) and switches the low-rank path
@@ -156,7 +157,9 @@ class MixedLoRALinear(nn.Module):
             raise ValueError(f"factor ranks {ranks} differ from the holder's {holder.ranks}")
         for f in factors:
             if f.A.shape[1] != in_features or f.B.shape != (out_features, f.A.shape[0]):
-                raise ValueError(f"factors A {list(f.A.shape)}, B {list(f.B.shape)} do not fit {in_features}->{out_features}")
+                raise ValueError(
+                    f"factors A {list(f.A.shape)}, B {list(f.B.shape)} do not fit {in_features} -> {out_features}"
+                )
         self.base = base.requires_grad_(False)
         self.holder = holder
         weight = base.weight
@@ -174,8 +177,6 @@ class MixedLoRALinear(nn.Module):
         out = self.base(x)
         if self._original_weight is not None or self.holder.weights is None:
             return out
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.A_cat.dtype)
         h = F.linear(x, self.A_cat)  # [..., R]
         cols = self.holder.columns(x.shape[0] if x.dim() > 1 else 1, h.device, h.dtype)  # [B or 1, R]
         if x.dim() > 2:
