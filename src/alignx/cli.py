@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(stage2)
     stage2.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
+    stage2.add_argument("--force", action="store_true", help="retrain even if the report already covers these settings")
 
     generate = verbs.add_parser(
         "generate", help="generate with the experts: routed by MoCaE, or any baseline method",
@@ -171,7 +172,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.config is None and not run.config_path.is_file():
             raise AlignXError(f"{run.root} has no config.yaml: run `alignx stage1 --run {run.root}` first")
         config = load_config(args.config or run.config_path, [*args.overrides, f"run_dir={run.root}"])
-        run_stage2(config)
+        run_stage2(config, force=args.force)
         return 0
     if args.command == "generate":
         return _generate(args)

@@ -42,6 +42,13 @@ def test_cli_runs_an_ablation_and_explains_missing_runs(stage1_run, tmp_path):
     )
     assert ablation.returncode == 0, ablation.stderr[-2000:]
     assert MoCaE.load(stage2_dir_of(stage1_run) / "no-fractal").fractal is None
+    report = json.loads((stage2_dir_of(stage1_run) / "report.json").read_text())
+    assert {"alignx", "no-fractal", "moe-uncalibrated"} <= set(report["routers"])  # ablations accumulate
+    again = subprocess.run(
+        [sys.executable, "-m", "alignx", "stage2", "--run", stage1_run.run_dir, "stage2.name=no-fractal", "stage2.use_fractal=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert again.returncode == 0 and "skipping" in again.stdout  # nothing finished is redone
     missing = subprocess.run([sys.executable, "-m", "alignx", "stage2", "--run", str(tmp_path / "none")],
                              capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 2 and "alignx stage1" in missing.stderr and "Traceback" not in missing.stderr

@@ -21,8 +21,24 @@ class NaturalCalibrator(nn.Module):
 
     @classmethod
     def fit(cls, h: torch.Tensor, labels: torch.Tensor, num_axes: int, tau_init: float = 0.1) -> "NaturalCalibrator":
+        """Centroids of the training features, and τ_n started at its own maximum-likelihood value.
+
+        Starting τ_n at the temperature that makes q^nat calibrated on its own (instead of an arbitrary
+        constant) matters: the joint training is stopped early, often before τ_n would have moved far.
+        """
+        from scipy.optimize import minimize_scalar
+
         centroids = torch.stack([h[labels == a].mean(0) for a in range(num_axes)])
-        return cls(centroids, tau_init)
+        calibrator = cls(centroids, tau_init)
+        with torch.no_grad():
+            similarities = calibrator.similarities(h)
+
+        def nll(log_tau: float) -> float:
+            return float(F.cross_entropy(similarities / math.exp(log_tau), labels))
+
+        best = minimize_scalar(nll, bounds=(math.log(1e-3), math.log(10.0)), method="bounded")
+        calibrator.log_tau.data.fill_(float(best.x))
+        return calibrator
 
     def similarities(self, h: torch.Tensor) -> torch.Tensor:
         return F.normalize(h, dim=-1) @ F.normalize(self.centroids, dim=-1).T

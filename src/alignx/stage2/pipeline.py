@@ -140,14 +140,42 @@ def evaluation_features(run: RunDir, config: AlignXConfig, layers: tuple[int, in
     return tensors["router"], tensors["calibrator"], tensors["labels"]
 
 
-def run_stage2(config: AlignXConfig, log=print) -> Path:
-    """Train ``config.stage2`` (and the uncalibrated baseline), evaluate routing, write the report."""
+def _already_done(out: Path, variants: list[Stage2Config]) -> bool:
+    """True when report.json covers every variant and each was trained with the same settings."""
+    from alignx.run import read_json
+
+    if not (out / "report.json").is_file():
+        return False
+    report = read_json(out / "report.json")
+    for variant in variants:
+        meta = out / variant.name / "mocae.json"
+        if variant.name not in report.get("routers", {}) or not meta.is_file():
+            return False
+        if read_json(meta).get("stage2") != dataclasses.asdict(variant):
+            return False
+    return True
+
+
+def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
+    """Train ``config.stage2`` (and the uncalibrated baseline), evaluate routing, write the report.
+
+    A run whose report already covers the same routers with the same settings is left as it is
+    unless ``force``.
+    """
     from alignx.eval.metrics import routing_metrics
 
     run = RunDir(config.run_dir)
+    variants = [config.stage2]
+    if config.stage2.name != BASELINE:
+        variants.append(dataclasses.replace(
+            config.stage2, name=BASELINE, use_fractal=False, use_natural=False, output_calibration=False
+        ))
     with run.lock():
-        banks, layers = load_banks(run, config)
         out = stage2_dir(run)
+        if not force and _already_done(out, variants):
+            log(f"[stage2] routers already trained with these settings in {out}; skipping (--force to retrain)")
+            return out
+        banks, layers = load_banks(run, config)
         router_rows, calibrator_rows, label_rows, held_out = [], [], [], []
         for a, axis in enumerate(AXES):
             router, calibrator, prompts = banks[axis]
@@ -167,11 +195,12 @@ def run_stage2(config: AlignXConfig, log=print) -> Path:
         eval_router, eval_calibrator, eval_labels = evaluation_features(run, config, layers, log)
 
         report = {"axes": list(AXES), "layers": list(layers), "routers": {}}
-        variants = [config.stage2]
-        if config.stage2.name != BASELINE:
-            variants.append(dataclasses.replace(
-                config.stage2, name=BASELINE, use_fractal=False, use_natural=False, output_calibration=False
-            ))
+        if (out / "report.json").is_file():  # keep the routers of earlier runs (other ablations) in the report
+            from alignx.run import read_json
+
+            previous = read_json(out / "report.json")
+            if previous.get("layers") == list(layers):
+                report["routers"] = previous.get("routers", {})
         for variant in variants:
             fit = ~calibration_mask
             model, train_data = build_model(variant, router_all[fit], calibrator_all[fit], labels_all[fit], layers)

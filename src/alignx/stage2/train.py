@@ -57,7 +57,7 @@ def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch.labels)
+            total += float(loss.detach()) * len(batch.labels)
             seen += len(batch.labels)
         model.eval()
         nll = calibration_nll(model, calibration)
