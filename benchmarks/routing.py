@@ -7,7 +7,8 @@ values do not change the cost, so random experts are used unless --run gives tra
   prefill that yields the features (target < 5 ms: nearest-neighbour work is batched matrix products);
 * the partial-prefill feature cost per prompt (bf16 where supported);
 * greedy decode tokens/s of ``alignx`` (soft routing: per-example weights, unmerged low-rank path at batch 8;
-  one shared vector merged into the base weights at batch 1) vs ``base``, at batch 1 and 8.
+  one shared vector merged into the base weights at batch 1) vs ``base``, at batch 1 and 8 — per decoded
+  token, excluding the prompt's prefill and the one-off merge (reported on its own line).
 
 Last line: ``router_ms=<x> decode_vs_base=<alignx/base decode time, worst of batch 1 and 8>``.
 
@@ -96,15 +97,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens: under 5 minutes on 2 cores")
     parser.add_argument("--bank-size", type=int, default=20_000)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
-    repeats = 3 if args.quick else 10
-    new_tokens = 16 if args.quick else args.new_tokens
+    repeats = 5 if args.quick else 10
+    new_tokens = 32 if args.quick else args.new_tokens
 
     from alignx.config import ModelConfig
     from alignx.data.formatting import ChatFormatter
     from alignx.mixing import MixtureOfExperts
-    from alignx.models import autocast, autocast_dtype, load_base_model
+    from alignx.models import autocast, autocast_dtype, load_base_model, store_frozen_linears_in
     from alignx.stage1.features import prompt_features
 
     config = ModelConfig()
@@ -122,17 +123,20 @@ def main() -> None:
     prefill = timed(lambda: prompt_features(loaded.model, formatter, PROMPTS, (15, 20), autocast_dtype=dtype), repeats)
     print(f"partial prefill (layers 1..20 of 30) per prompt, batch of {len(PROMPTS)}: {prefill / len(PROMPTS) * 1000:.1f} ms")
 
+    if dtype is not None:  # as `alignx generate` does: frozen projections and expert factors in bf16
+        store_frozen_linears_in(loaded.model, dtype)
     with tempfile.TemporaryDirectory() as tmp:
         mixture = MixtureOfExperts.attach(loaded.model, random_experts(loaded.model, Path(tmp)), ["helpful", "harmless", "honest"])
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "left"
     soft = torch.softmax(torch.randn(len(PROMPTS), 3, generator=torch.Generator().manual_seed(1)), dim=1)
 
-    def decode(batch: int, weights) -> float:
+    def request(batch: int, weights, tokens: int):
         inputs = tokenizer([formatter.prompt_text(p) for p in PROMPTS[:batch]], return_tensors="pt", padding=True, add_special_tokens=False)
-        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        options = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 
-        def run():
+        def run() -> float:
+            began = time.perf_counter()
             with autocast(config, "cpu"), torch.inference_mode():
                 if weights is None:
                     with mixture.using(None):
@@ -143,17 +147,32 @@ def main() -> None:
                 else:
                     with mixture.using(weights[:batch]):
                         loaded.model.generate(**inputs, **options)
+            return time.perf_counter() - began
 
-        return timed(run, repeats)
+        return run
 
+    def decode_pair(batch: int) -> tuple[float, float]:
+        """Seconds per decoded token of base and alignx: generating N tokens minus generating 1 (which holds
+        the prompt's prefill and, for a merged request, the one-off merge), over N − 1. Base and alignx
+        runs alternate so that drift in the machine's speed hits both alike; medians over the repeats."""
+        runs = {name: (request(batch, w, new_tokens), request(batch, w, 1)) for name, w in (("base", None), ("alignx", soft))}
+        for long_run, short_run in runs.values():
+            long_run(), short_run()  # warm-up
+        samples = {"base": [], "alignx": []}
+        for _ in range(repeats):
+            for name, (long_run, short_run) in runs.items():
+                samples[name].append((long_run() - short_run()) / (new_tokens - 1))
+        return statistics.median(samples["base"]), statistics.median(samples["alignx"])
+
+    merge_ms = timed(lambda: (mixture.merge(soft[0]), mixture.unmerge()), repeats) * 1000
+    print(f"one-off merge of a request's weight vector into the base weights: {merge_ms:.0f} ms")
     ratios = []
     for batch in (1, 8):
-        base_time = decode(batch, None)
-        alignx_time = decode(batch, soft)
+        base_time, alignx_time = decode_pair(batch)
         ratios.append(alignx_time / base_time)
         print(
-            f"decode batch={batch}: base {batch * new_tokens / base_time:.1f} tok/s, "
-            f"alignx(soft) {batch * new_tokens / alignx_time:.1f} tok/s, ratio {alignx_time / base_time:.3f}"
+            f"decode batch={batch}: base {batch / base_time:.1f} tok/s, alignx(soft) {batch / alignx_time:.1f} tok/s, "
+            f"ratio {alignx_time / base_time:.3f}" + (" (merged)" if batch == 1 else " (per-example weights)")
         )
     print(f"router_ms={router_ms:.2f} decode_vs_base={max(ratios):.3f}")
 

@@ -282,9 +282,29 @@ def test_layer_dtype_follows_the_base_weight_and_autocast():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.1)
     half, _ = _layer(torch.bfloat16)
-    assert half.A_cat.dtype == half.B_cat.dtype == torch.bfloat16
+    assert half.A_cat.dtype == half.B_cat.dtype == torch.float32  # the low-rank path is always fp32
     half.holder.set([0.4, 0.6])
     assert half(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model takes bf16 inputs, base and experts alike
+
+
+def test_bf16_base_with_fp32_low_rank_path_matches_the_fp32_sum():
+    """A bf16-stored base under autocast with the fp32 low-rank path: the same sum, per example."""
+    reference, factors = _layer()
+    half, _ = _layer(torch.bfloat16)
+    weights = torch.tensor([[1.0, 0.0], [0.3, 0.7], [-0.5, 2.0]])
+    reference.holder.set(weights)
+    half.holder.set(weights)
+    x = torch.randn(3, 5, 16)  # an fp32 residual stream, as in a bf16-stored model under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = half(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x), rtol=0.05, atol=0.15)
+    alone = []
+    for b in range(3):
+        half.holder.set(weights[b])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            alone.append(half(x[b : b + 1]))
+    torch.testing.assert_close(torch.cat(alone), out)  # each example alone gives the same rows
 
 
 def test_apply_mode():

@@ -54,7 +54,7 @@ class AlignX:
     def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1) -> "AlignX":
         from alignx.config import load_config
         from alignx.mixing import MODES, MixtureOfExperts
-        from alignx.models import load_base_model
+        from alignx.models import autocast_dtype, load_base_model, store_frozen_linears_in
         from alignx.stage2.mocae import MoCaE
         from alignx.stage2.pipeline import stage2_dir
 
@@ -74,6 +74,9 @@ class AlignX:
             raise AlignXError(f"{run.root} has no trained {', '.join(missing)} expert: finish `alignx stage1` first")
         config = load_config(run.config_path)
         loaded = load_base_model(config.model)
+        dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
+        if dtype is not None:  # the frozen projections and the expert factors then live in the compute dtype
+            store_frozen_linears_in(loaded.model, dtype)
         mixture = MixtureOfExperts.attach(loaded.model, {axis: run.adapter_dir(axis) for axis in AXES}, AXES)
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
         return cls(run, loaded, mixture, method, config.model, router, mode, floor)

@@ -165,8 +165,8 @@ class MixedLoRALinear(nn.Module):
         weight = base.weight
         A_cat = torch.cat([f.A.float() for f in factors], dim=0)
         B_cat = torch.cat([f.scale * f.B.float() for f in factors], dim=1)
-        self.register_buffer("A_cat", A_cat.to(device=weight.device, dtype=weight.dtype), persistent=False)
-        self.register_buffer("B_cat", B_cat.to(device=weight.device, dtype=weight.dtype), persistent=False)
+        self.register_buffer("A_cat", A_cat.to(device=weight.device), persistent=False)  # fp32: see forward
+        self.register_buffer("B_cat", B_cat.to(device=weight.device), persistent=False)
         self._original_weight: nn.Parameter | None = None  # set while merged
 
     @property
@@ -177,13 +177,18 @@ class MixedLoRALinear(nn.Module):
         out = self.base(x)
         if self._original_weight is not None or self.holder.weights is None:
             return out
-        h = F.linear(x, self.A_cat)  # [..., R]
-        cols = self.holder.columns(x.shape[0] if x.dim() > 1 else 1, h.device, h.dtype)  # [B or 1, R]
+        cols = self.holder.columns(x.shape[0] if x.dim() > 1 else 1, x.device, torch.float32)  # [B or 1, R]
         if x.dim() > 2:
             cols = cols.view(cols.shape[0], *([1] * (x.dim() - 2)), cols.shape[1])
         elif x.dim() == 1:
             cols = cols[0]
-        return out + F.linear(h * cols, self.B_cat).to(out.dtype)
+        # The low-rank path runs in fp32 even under bf16 autocast: its products are tiny ([B, in]×[in, R]
+        # while decoding) and CPU fp32 GEMMs of that size cost a third of bf16 ones (fixed oneDNN overhead);
+        # it also keeps the mixing exact. The result is added into the base output in its own dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            h = F.linear(x.float(), self.A_cat)  # [..., R]
+            delta = F.linear(h.mul_(cols), self.B_cat)
+        return out.add_(delta)
 
     def delta(self, column_weights: torch.Tensor) -> torch.Tensor:
         """Σ_a w_a·scale_a·B_a·A_a in fp32, laid out like the base weight; ``column_weights``: ``[R]``."""

@@ -28,6 +28,7 @@ from alignx.errors import AlignXError
 from alignx.run import RunDir, atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
 from alignx.stage1.batching import collate, plan_epoch
 from alignx.stage1.fast_dropout import use_fast_dropout
+from alignx.models import store_frozen_linears_in
 
 _CHECKPOINT = re.compile(r"^step-(\d{6,})$")
 
@@ -120,7 +121,7 @@ class ExpertTrainer:
         world, rank = accelerator.num_processes, accelerator.process_index
         set_seed(cfg.seed)
         if dtype is not None:
-            _store_frozen_linears_in(self._model, dtype)
+            store_frozen_linears_in(self._model, dtype)
         model = get_peft_model(self._model, lora_config_for(self._model, self.config))
         if accelerator.device.type == "cpu":
             use_fast_dropout(model)
@@ -276,20 +277,6 @@ class ExpertTrainer:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return int(state["step"])
-
-
-def _store_frozen_linears_in(model, dtype: torch.dtype) -> None:
-    """Keep the frozen decoder projections in the autocast dtype.
-
-    Autocast only caches casts of weights that require grad, so frozen fp32 weights are re-cast to bf16 in
-    every forward and backward (~18% of a SmolLM2 step on CPU). Storing them in bf16 gives bit-identical
-    matmuls; norms, embeddings and the LoRA factors (which PEFT keeps in fp32) are untouched.
-    """
-    from alignx.models import decoder_layers
-
-    for module in decoder_layers(model).modules():
-        if isinstance(module, torch.nn.Linear):
-            module.to(dtype)
 
 
 class _TrainLog:
