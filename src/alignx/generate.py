@@ -13,8 +13,10 @@ speed: this always holds for the fixed-weight methods, and for a routed batch wh
 routed alike.
 
 Methods: ``base`` (no expert), ``expert-<axis>`` (one expert alone), ``merge-linear`` (task arithmetic:
-the three task vectors averaged into the base weights), and any router trained by ``alignx stage2``:
-``alignx``, ``moe-uncalibrated`` and ablations saved under their ``stage2.name``.
+the three task vectors averaged into the base weights), ``trinityx`` (one global calibrated weight vector
+for every prompt, written by Stage 2), the single-adapter baselines of :mod:`alignx.baselines`
+(``sft-mix``, ``merge-ties``), and any router trained by ``alignx stage2``: ``alignx``,
+``moe-uncalibrated`` and ablations saved under their ``stage2.name``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from alignx.axes import AXES
 from alignx.errors import AlignXError
 from alignx.run import RunDir
 
-FIXED_METHODS = ("base", "merge-linear", *(f"expert-{axis}" for axis in AXES))
+FIXED_METHODS = ("base", "merge-linear", "trinityx", *(f"expert-{axis}" for axis in AXES))
 
 
 @dataclass
@@ -43,8 +45,10 @@ class Generation:
 class AlignX:
     """A base model with its three experts attached and a way to choose their weights per prompt."""
 
-    def __init__(self, run: RunDir, loaded, mixture, method: str, model_config, router=None, mode: str = "soft", floor: float = 0.1):
+    def __init__(self, run: RunDir, loaded, mixture, method: str, model_config, router=None, mode: str = "soft",
+                 floor: float = 0.1, fixed: torch.Tensor | None = None):
         self.run, self.loaded, self.mixture, self.precision = run, loaded, mixture, model_config
+        self.fixed = fixed  # the weight vector of a fixed-weight method (None: routed, or the base model)
         self.method, self.router, self.mode, self.floor = method, router, mode, floor
         from alignx.data.formatting import ChatFormatter
 
@@ -63,32 +67,31 @@ class AlignX:
             raise AlignXError(f"{run.root} is not an AlignX run (no config.yaml): run `alignx stage1 --run {run.root}` first")
         if mode not in MODES:
             raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
+        from alignx.baselines import SINGLE_ADAPTER_METHODS
+
         routers = sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
-        if method not in FIXED_METHODS and method not in routers:
+        singles = [m for m in SINGLE_ADAPTER_METHODS if run.has_adapter(m)]
+        if method not in FIXED_METHODS and method not in routers and method not in singles:
             raise AlignXError(
-                f"unknown method {method!r} for {run.root}; available: {', '.join([*FIXED_METHODS, *routers])}"
+                f"unknown method {method!r} for {run.root}; available: {', '.join([*FIXED_METHODS, *singles, *routers])}"
                 + ("" if routers else " (train routers with `alignx stage2`)")
+                + ("" if singles else " (baselines sft-mix, merge-ties: `alignx baseline`)")
             )
         missing = [axis for axis in AXES if not run.has_adapter(axis)]
         if missing:
             raise AlignXError(f"{run.root} has no trained {', '.join(missing)} expert: finish `alignx stage1` first")
+        fixed = _fixed_weights(run, method)
         config = load_config(run.config_path)
         loaded = load_base_model(config.model)
         dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
         if dtype is not None:  # the frozen projections and the expert factors then live in the compute dtype
             store_frozen_linears_in(loaded.model, dtype)
-        mixture = MixtureOfExperts.attach(loaded.model, {axis: run.adapter_dir(axis) for axis in AXES}, AXES)
+        experts = [method] if method in singles else list(AXES)
+        mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
-        return cls(run, loaded, mixture, method, config.model, router, mode, floor)
+        return cls(run, loaded, mixture, method, config.model, router, mode, floor, fixed)
 
     # ---- weights ------------------------------------------------------------------------------------
-    def fixed_weights(self) -> torch.Tensor | None:
-        if self.method == "base":
-            return None
-        if self.method == "merge-linear":
-            return torch.full((len(AXES),), 1.0 / len(AXES))
-        return torch.nn.functional.one_hot(torch.tensor(AXES.index(self.method.removeprefix("expert-"))), len(AXES)).float()
-
     def route(self, prompts: list[str]):
         """MoCaE's routing of each prompt (features from one partial prefill of the base model)."""
         from alignx.models import autocast_dtype
@@ -122,12 +125,13 @@ class AlignX:
                 weights = apply_mode(routing.weights, self.mode, self.floor)
                 explanation = _explanations(routing)
             else:
-                fixed = self.fixed_weights()
-                weights = None if fixed is None else fixed.expand(len(batch), -1)
+                weights = None if self.fixed is None else self.fixed.expand(len(batch), -1)
             with autocast(self.precision, next(self.loaded.model.parameters()).device):
                 texts = self._generate_batch(batch, weights, max_new_tokens, do_sample, temperature, top_p, seed + start)
             for i, (prompt, text) in enumerate(zip(batch, texts)):
-                row_weights = None if weights is None else {axis: round(float(w), 6) for axis, w in zip(AXES, weights[i])}
+                row_weights = None if weights is None else {
+                    name: round(float(w), 6) for name, w in zip(self.mixture.experts, weights[i])
+                }
                 results.append(Generation(prompt, text, self.method, row_weights, explanation[i]))
         return results
 
@@ -154,6 +158,27 @@ class AlignX:
             output = self.loaded.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
+    """The weight vector of a fixed-weight method; None for the base model and for routed methods."""
+    from alignx.baselines import SINGLE_ADAPTER_METHODS
+    from alignx.run import read_json
+    from alignx.stage2.pipeline import stage2_dir
+
+    if method == "merge-linear":
+        return torch.full((len(AXES),), 1.0 / len(AXES))
+    if method == "trinityx":
+        path = stage2_dir(run) / "trinityx.json"
+        if not path.is_file():
+            raise AlignXError(f"trinityx uses the global weights Stage 2 writes: run `alignx stage2 --run {run.root}` first")
+        weights = read_json(path)["weights"]
+        return torch.tensor([float(weights[axis]) for axis in AXES])
+    if method.startswith("expert-"):
+        return torch.nn.functional.one_hot(torch.tensor(AXES.index(method.removeprefix("expert-"))), len(AXES)).float()
+    if method in SINGLE_ADAPTER_METHODS:
+        return torch.ones(1)
+    return None
 
 
 def _explanations(routing) -> list[dict]:

@@ -146,6 +146,8 @@ def _already_done(out: Path, variants: list[Stage2Config]) -> bool:
 
     if not (out / "report.json").is_file():
         return False
+    if any(v.name == "alignx" for v in variants) and not (out / "trinityx.json").is_file():
+        return False
     report = read_json(out / "report.json")
     for variant in variants:
         meta = out / variant.name / "mocae.json"
@@ -212,10 +214,22 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
             atomic_write_json(target / "history.json", history)
             report["routers"][variant.name] = _evaluate(model, eval_router, eval_calibrator, eval_labels, routing_metrics)
             log(_summary_line(variant.name, report["routers"][variant.name]))
+            if variant.name == "alignx":
+                _write_trinityx(model, calibration, out / "trinityx.json", log)
         atomic_write_json(out / "report.json", report)
         _plot_reliability(report, out / "reliability.png")
         log(f"[stage2] done: routers in {out}, report {out / 'report.json'}, diagrams {out / 'reliability.png'}")
     return out
+
+
+def _write_trinityx(model: MoCaE, calibration: RoutingData, path: Path, log) -> None:
+    """TrinityX baseline: one global weight vector for every prompt, the mean of MoCaE's calibrated
+    weights over the calibration split (held-out prompts of all axes, in their natural proportions)."""
+    with torch.no_grad():
+        weights = model(calibration.h, calibration.log_fractal).exp().mean(0)
+    atomic_write_json(path, {"weights": {axis: round(float(w), 6) for axis, w in zip(AXES, weights)},
+                             "from": "alignx", "prompts": int(len(calibration.labels))})
+    log(f"[stage2] trinityx global weights {dict(zip(AXES, [round(float(w), 3) for w in weights]))} -> {path}")
 
 
 def _evaluate(model: MoCaE, router_features, calibrator_features, labels, routing_metrics) -> dict:

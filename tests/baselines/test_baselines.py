@@ -1,0 +1,64 @@
+"""Baselines with artifacts of their own, and the weight-only ones, through `alignx generate`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alignx.axes import AXES
+from alignx.errors import AlignXError
+from alignx.generate import AlignX
+from alignx.run import RunDir
+from alignx.stage1.task_vector import adapter_config, task_vector
+
+
+def _cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "alignx", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_stage2_run):
+    done = _cli("baseline", "--run", tiny_stage2_run.run_dir, "--method", "sft-mix,merge-ties")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return RunDir(tiny_stage2_run.run_dir)
+
+
+def test_sft_mix_trains_on_all_axes_with_the_experts_budget(run):
+    log = [json.loads(line) for line in run.train_log_path("sft-mix").read_text().splitlines()]
+    expert_steps = sum(json.loads(run.summary_path(axis).read_text())["steps"] for axis in AXES)
+    assert len(log) == expert_steps == 3
+    assert run.has_adapter("sft-mix")
+
+
+def test_merge_ties_is_a_trimmed_sign_consistent_merge(run):
+    config = adapter_config(run.adapter_dir("merge-ties"))
+    # r1 + r2 + r3 = 48, capped by the tiny model's smallest projection (k/v: 32 outputs)
+    assert config["r"] == min(sum(adapter_config(run.adapter_dir(axis))["r"] for axis in AXES), 32)
+    merged = task_vector(run.adapter_dir("merge-ties"))
+    experts = [task_vector(run.adapter_dir(axis)) for axis in AXES]
+    key = next(iter(merged))
+    average = sum(e[key] for e in experts) / 3
+    assert merged.keys() == experts[0].keys()
+    assert not torch.allclose(merged[key], average, atol=1e-6)  # TIES is not the plain average
+
+
+@pytest.mark.parametrize("method", ["sft-mix", "merge-ties", "trinityx"])
+def test_baselines_generate(run, method):
+    results = AlignX.from_run(run.root, method=method).generate(["How do I stay healthy?"], max_new_tokens=3)
+    assert results[0].method == method
+    if method == "trinityx":
+        weights = json.loads((run.root / "stage2" / "trinityx.json").read_text())["weights"]
+        assert results[0].weights == pytest.approx(weights, abs=1e-5) and sum(weights.values()) == pytest.approx(1, abs=1e-4)
+    else:
+        assert results[0].weights == {method: 1.0}
+
+
+def test_unknown_baseline_is_explained(run):
+    bad = _cli("baseline", "--run", str(run.root), "--method", "sft-magic")
+    assert bad.returncode == 2 and "valid: sft-mix, merge-ties" in bad.stderr
+    with pytest.raises(AlignXError, match="unknown method"):
+        AlignX.from_run(run.root, method="sft-sequential")
