@@ -107,15 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--explain", action="store_true", help="print the router, fractal and natural distributions and the final weights")
 
     baseline = verbs.add_parser(
-        "baseline", help="train or merge a baseline that needs its own adapter (sft-mix, merge-ties)",
+        "baseline", help="train or merge a baseline that needs its own adapters (sft-mix, sft-sequential, merge-ties)",
         description="Baselines of METHOD.md section 4 with artifacts of their own, written to "
         "experts/<method>/adapter of the run: sft-mix (one LoRA on all axes' data, same total budget as the "
-        "experts) and merge-ties (PEFT TIES merge of the three experts). Then use them with "
+        "experts), sft-sequential (the authors' stacked scheme: each axis's LoRA trained on top of the previous) "
+        "and merge-ties (PEFT TIES merge of the three experts). Then use them with "
         "`alignx generate --method <method>`. Weight-only baselines (base, expert-<axis>, merge-linear, "
         "trinityx, moe-uncalibrated) need no step here.",
     )
     baseline.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
-    baseline.add_argument("--method", required=True, help="sft-mix, merge-ties, or both comma-separated")
+    baseline.add_argument("--method", required=True, help="sft-mix, sft-sequential, merge-ties (comma-separated for several)")
     baseline.add_argument("--density", type=float, default=0.2, help="share of each task vector TIES keeps")
     baseline.add_argument("--resume", action="store_true", help="continue an interrupted sft-mix training")
 
@@ -188,23 +189,26 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         run_stage2(config, force=args.force)
         return 0
     if args.command == "baseline":
-        from alignx.baselines import SINGLE_ADAPTER_METHODS
+        from alignx.baselines import TRAINED_METHODS
         from alignx.baselines.merge_ties import build_merge_ties
         from alignx.baselines.sft_mix import train_sft_mix
+        from alignx.baselines.sft_sequential import train_sft_sequential
         from alignx.run import RunDir
 
         run = RunDir(args.run)
         if not run.config_path.is_file():
             raise AlignXError(f"{run.root} has no config.yaml: run `alignx stage1 --run {run.root}` first")
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in SINGLE_ADAPTER_METHODS]
+        unknown = [m for m in methods if m not in TRAINED_METHODS]
         if unknown or not methods:
-            raise AlignXError(f"unknown baseline {', '.join(unknown) or '(none)'}; valid: {', '.join(SINGLE_ADAPTER_METHODS)}")
+            raise AlignXError(f"unknown baseline {', '.join(unknown) or '(none)'}; valid: {', '.join(TRAINED_METHODS)}")
         config = load_config(run.config_path)
         with run.lock():
             for method in methods:
                 if method == "sft-mix":
                     train_sft_mix(run, config, resume=args.resume)
+                elif method == "sft-sequential":
+                    train_sft_sequential(run, config, resume=args.resume)
                 else:
                     build_merge_ties(run, config, density=args.density)
         return 0

@@ -14,8 +14,8 @@ routed alike.
 
 Methods: ``base`` (no expert), ``expert-<axis>`` (one expert alone), ``merge-linear`` (task arithmetic:
 the three task vectors averaged into the base weights), ``trinityx`` (one global calibrated weight vector
-for every prompt, written by Stage 2), the single-adapter baselines of :mod:`alignx.baselines`
-(``sft-mix``, ``merge-ties``), and any router trained by ``alignx stage2``: ``alignx``,
+for every prompt, written by Stage 2), the trained baselines of :mod:`alignx.baselines`
+(``sft-mix``, ``sft-sequential``, ``merge-ties``), and any router trained by ``alignx stage2``: ``alignx``,
 ``moe-uncalibrated`` and ablations saved under their ``stage2.name``.
 """
 
@@ -67,15 +67,15 @@ class AlignX:
             raise AlignXError(f"{run.root} is not an AlignX run (no config.yaml): run `alignx stage1 --run {run.root}` first")
         if mode not in MODES:
             raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
-        from alignx.baselines import SINGLE_ADAPTER_METHODS
+        from alignx.baselines import TRAINED_METHODS, method_adapters
 
         routers = sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
-        singles = [m for m in SINGLE_ADAPTER_METHODS if run.has_adapter(m)]
+        singles = [m for m in TRAINED_METHODS if all(run.has_adapter(a) for a in method_adapters(m))]
         if method not in FIXED_METHODS and method not in routers and method not in singles:
             raise AlignXError(
                 f"unknown method {method!r} for {run.root}; available: {', '.join([*FIXED_METHODS, *singles, *routers])}"
                 + ("" if routers else " (train routers with `alignx stage2`)")
-                + ("" if singles else " (baselines sft-mix, merge-ties: `alignx baseline`)")
+                + ("" if singles else " (baselines sft-mix, sft-sequential, merge-ties: `alignx baseline`)")
             )
         missing = [axis for axis in AXES if not run.has_adapter(axis)]
         if missing:
@@ -86,7 +86,7 @@ class AlignX:
         dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
         if dtype is not None:  # the frozen projections and the expert factors then live in the compute dtype
             store_frozen_linears_in(loaded.model, dtype)
-        experts = [method] if method in singles else list(AXES)
+        experts = list(method_adapters(method)) if method in singles else list(AXES)
         mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
         return cls(run, loaded, mixture, method, config.model, router, mode, floor, fixed)
@@ -162,7 +162,7 @@ class AlignX:
 
 def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
     """The weight vector of a fixed-weight method; None for the base model and for routed methods."""
-    from alignx.baselines import SINGLE_ADAPTER_METHODS
+    from alignx.baselines import TRAINED_METHODS, method_adapters
     from alignx.run import read_json
     from alignx.stage2.pipeline import stage2_dir
 
@@ -176,8 +176,8 @@ def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
         return torch.tensor([float(weights[axis]) for axis in AXES])
     if method.startswith("expert-"):
         return torch.nn.functional.one_hot(torch.tensor(AXES.index(method.removeprefix("expert-"))), len(AXES)).float()
-    if method in SINGLE_ADAPTER_METHODS:
-        return torch.ones(1)
+    if method in TRAINED_METHODS:
+        return torch.ones(len(method_adapters(method)))
     return None
 
 

@@ -22,7 +22,7 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def run(tiny_stage2_run):
-    done = _cli("baseline", "--run", tiny_stage2_run.run_dir, "--method", "sft-mix,merge-ties")
+    done = _cli("baseline", "--run", tiny_stage2_run.run_dir, "--method", "sft-mix,sft-sequential,merge-ties")
     assert done.returncode == 0, done.stderr[-2000:]
     return RunDir(tiny_stage2_run.run_dir)
 
@@ -46,6 +46,17 @@ def test_merge_ties_is_a_trimmed_sign_consistent_merge(run):
     assert not torch.allclose(merged[key], average, atol=1e-6)  # TIES is not the plain average
 
 
+def test_sft_sequential_stacks_each_axis_on_the_previous_ones(run):
+    from alignx.baselines.sft_sequential import STAGES
+
+    assert all(run.has_adapter(stage) for stage in STAGES)
+    vectors = [task_vector(run.adapter_dir(stage)) for stage in STAGES]
+    key = next(iter(vectors[0]))
+    assert not torch.allclose(vectors[0][key], vectors[1][key])
+    result = AlignX.from_run(run.root, method="sft-sequential").generate(["Hi there"], max_new_tokens=2)[0]
+    assert result.weights == {stage: 1.0 for stage in STAGES}  # all three stages applied together
+
+
 @pytest.mark.parametrize("method", ["sft-mix", "merge-ties", "trinityx"])
 def test_baselines_generate(run, method):
     results = AlignX.from_run(run.root, method=method).generate(["How do I stay healthy?"], max_new_tokens=3)
@@ -59,6 +70,6 @@ def test_baselines_generate(run, method):
 
 def test_unknown_baseline_is_explained(run):
     bad = _cli("baseline", "--run", str(run.root), "--method", "sft-magic")
-    assert bad.returncode == 2 and "valid: sft-mix, merge-ties" in bad.stderr
+    assert bad.returncode == 2 and "valid: sft-mix, sft-sequential, merge-ties" in bad.stderr
     with pytest.raises(AlignXError, match="unknown method"):
-        AlignX.from_run(run.root, method="sft-sequential")
+        AlignX.from_run(run.root, method="moe-dense")

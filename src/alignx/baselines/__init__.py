@@ -7,8 +7,19 @@ stored beside the axis experts as ``experts/<method>/adapter``:
 
 * ``sft-mix`` — one LoRA on all three axes' data (each row with its own axis's injection), trained by the
   Stage 1 machinery with the same budget as the three experts together;
+* ``sft-sequential`` — the authors' stacked scheme: each axis's LoRA trained on top of the earlier ones
+  (three adapters ``experts/sft-sequential-<axis>/adapter``, applied together);
 * ``merge-ties`` — the three experts merged by PEFT's TIES (``ties_svd``: trim, elect sign, disjoint merge
   on the full task vectors, then an SVD back to LoRA factors of rank r₁ + r₂ + r₃).
 """
 
-SINGLE_ADAPTER_METHODS = ("sft-mix", "merge-ties")
+TRAINED_METHODS = ("sft-mix", "sft-sequential", "merge-ties")
+
+
+def method_adapters(method: str) -> tuple[str, ...]:
+    """The adapters (names under ``experts/``) a baseline method applies, each with weight 1."""
+    if method == "sft-sequential":
+        from alignx.baselines.sft_sequential import STAGES
+
+        return STAGES
+    return (method,)
