@@ -42,7 +42,7 @@ def synthetic_router(dim: int, bank_size: int, latent: int = 256):
     """A MoCaE with banks of ``bank_size`` random points per axis (query cost does not depend on the values)."""
     from alignx.config import Stage2Config
     from alignx.stage2.feature_space import FeatureSpace, Projection, Standardiser
-    from alignx.stage2.fractal import AxisCloud, FractalCalibrator, _log_correlation_integral, kth_neighbour_distances
+    from alignx.stage2.fractal import AxisCloud, FractalCalibrator, exact_log_correlation_integral, kth_neighbour_distances
     from alignx.stage2.mocae import MoCaE
     from alignx.stage2.natural import NaturalCalibrator
     from alignx.stage2.router import Router
@@ -53,7 +53,7 @@ def synthetic_router(dim: int, bank_size: int, latent: int = 256):
         points = torch.randn(bank_size, latent, generator=generator, dtype=torch.float64)
         sample = points[:2000]
         radius = float(kth_neighbour_distances(sample, max(3, math.ceil(0.01 * bank_size)), exclude_self=True)[:, -1].median())
-        loo = _log_correlation_integral(sample, sample, radius, 0.05, exclude_self=True).sort().values
+        loo = exact_log_correlation_integral(sample, sample, radius, 0.05, exclude_self=True).sort().values
         clouds.append(AxisCloud(points, radius, 0.05, loo, float(latent)))
     space = FeatureSpace(
         Standardiser(torch.zeros(dim), torch.ones(dim)), Standardiser(torch.zeros(dim), torch.ones(dim)),

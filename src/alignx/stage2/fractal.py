@@ -37,16 +37,24 @@ def pairwise_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tenso
     return torch.cdist(queries.double(), bank.double(), compute_mode="use_mm_for_euclid_dist")
 
 
+def distance_blocks(queries: torch.Tensor, bank: torch.Tensor, *, exclude_self: bool):
+    """Exact distances from ``queries`` to ``bank`` in blocks of rows; with ``exclude_self`` the queries
+    are the bank itself (same order) and each point's distance to itself is +inf."""
+    for start in range(0, len(queries), _CHUNK):
+        block = pairwise_distances(queries[start : start + _CHUNK], bank)
+        if exclude_self:
+            block[torch.arange(len(block)), torch.arange(start, start + len(block))] = math.inf
+        yield block
+
+
 def kth_neighbour_distances(points: torch.Tensor, k: int, *, exclude_self: bool) -> torch.Tensor:
     """Distances [N, k] from each point to its k nearest bank points (itself excluded when asked)."""
-    rows = []
-    for start in range(0, len(points), _CHUNK):
-        block = pairwise_distances(points[start : start + _CHUNK], points)
-        if exclude_self:
-            index = torch.arange(start, start + len(block))
-            block[torch.arange(len(block)), index] = math.inf
-        rows.append(block.topk(k, dim=1, largest=False).values)
-    return torch.cat(rows)
+    return torch.cat([b.topk(k, dim=1, largest=False).values for b in distance_blocks(points, points, exclude_self=exclude_self)])
+
+
+def soft_log_count(distances: torch.Tensor, radius: float, epsilon: float, bank_size: int) -> torch.Tensor:
+    """log C = logsumexp_j log σ((r − d_j)/(ε r)) − log N over the last dimension."""
+    return torch.logsumexp(F.logsigmoid((radius - distances) / (epsilon * radius)), dim=-1) - math.log(bank_size)
 
 
 def levina_bickel_dimension(neighbour_distances: torch.Tensor) -> torch.Tensor:
@@ -90,11 +98,10 @@ class AxisCloud:
 
     def log_correlation_integral(self, z: torch.Tensor) -> torch.Tensor:
         """log C_a(z) for queries that are not bank points."""
-        out = []
-        for start in range(0, len(z), _CHUNK):
-            distances = self.query_distances(z[start : start + _CHUNK])
-            soft_counts = F.logsigmoid((self.radius - distances) / (self.epsilon * self.radius))
-            out.append(torch.logsumexp(soft_counts, dim=1) - math.log(len(self.points)))
+        out = [
+            soft_log_count(self.query_distances(z[s : s + _CHUNK]), self.radius, self.epsilon, len(self.points))
+            for s in range(0, len(z), _CHUNK)
+        ]
         return torch.cat(out) if out else torch.empty(0)
 
 
@@ -137,7 +144,7 @@ class FractalCalibrator:
             radius = float(neighbours[:, k - 1].median())
             mean_dimension = float(levina_bickel_dimension(neighbours[:, :m]).mean())
             eps = epsilon if epsilon_mode == "fixed" else min(max(1.0 / mean_dimension, 0.03), 0.10)
-            loo = _log_correlation_integral(bank, bank, radius, eps, exclude_self=True)
+            loo = exact_log_correlation_integral(bank, bank, radius, eps, exclude_self=True)
             clouds.append(AxisCloud(bank, radius, eps, loo.sort().values, mean_dimension))
         return cls(clouds, dimension_neighbours=dimension_neighbours, dimension_weight=dimension_weight)
 
@@ -153,7 +160,7 @@ class FractalCalibrator:
             mine = own_axis == a  # these queries are the bank, in order: use its leave-one-out values
             column = torch.empty(len(z))
             column[~mine] = cloud.log_correlation_integral(z[~mine])
-            column[mine] = _log_correlation_integral(z[mine], cloud.points, cloud.radius, cloud.epsilon, exclude_self=True)
+            column[mine] = exact_log_correlation_integral(z[mine], cloud.points, cloud.radius, cloud.epsilon, exclude_self=True)
             columns.append(column)
         return torch.stack(columns, dim=1)
 
@@ -205,17 +212,10 @@ class FractalCalibrator:
         return cls(clouds, **options)
 
 
-def _log_correlation_integral(
+def exact_log_correlation_integral(
     queries: torch.Tensor, bank: torch.Tensor, radius: float, epsilon: float, *, exclude_self: bool
 ) -> torch.Tensor:
-    """log C(z) = logsumexp_j log σ((r − ‖z − z_j‖)/(ε r)) − log N, per query (chunked)."""
+    """log C(z) with exact float64 distances (fitting; ``exclude_self``: leave-one-out over the bank)."""
     n = len(bank) - (1 if exclude_self else 0)
-    out = []
-    for start in range(0, len(queries), _CHUNK):
-        distances = pairwise_distances(queries[start : start + _CHUNK], bank)
-        if exclude_self:
-            index = torch.arange(start, start + len(distances))
-            distances[torch.arange(len(distances)), index] = math.inf
-        soft_counts = F.logsigmoid((radius - distances) / (epsilon * radius))
-        out.append((torch.logsumexp(soft_counts, dim=1) - math.log(n)).float())
+    out = [soft_log_count(d, radius, epsilon, n).float() for d in distance_blocks(queries, bank, exclude_self=exclude_self)]
     return torch.cat(out) if out else torch.empty(0)
