@@ -87,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate answers with a run's experts. --method alignx routes each prompt with MoCaE "
         "(one partial prefill, then per-example expert weights in one batch); other methods: base, "
         "expert-<axis>, merge-linear, trinityx, the baselines of `alignx baseline` (sft-mix, sft-sequential, "
-        "merge-ties), and every router trained by `alignx stage2` (moe-uncalibrated, ablations). "
+        "merge-ties, moe-dense), and every router trained by `alignx stage2` (moe-uncalibrated, ablations). "
         "Output lines add response, method and, for weighted methods, the final weights per axis. An existing "
         "--output is resumed: ids already there are not generated again.",
     )
     generate.add_argument("--run", required=True, help="run directory")
-    generate.add_argument("--method", default="alignx", help="alignx (default), base, expert-<axis>, merge-linear, trinityx, sft-mix, sft-sequential, merge-ties, moe-uncalibrated, ...")
+    generate.add_argument("--method", default="alignx", help="alignx (default), base, expert-<axis>, merge-linear, trinityx, sft-mix, sft-sequential, merge-ties, moe-dense, moe-uncalibrated, ...")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--input", help='JSONL file of {"id": ..., "prompt": ...} lines')
@@ -108,18 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--explain", action="store_true", help="print the router, fractal and natural distributions and the final weights")
 
     baseline = verbs.add_parser(
-        "baseline", help="train or merge a baseline that needs its own adapters (sft-mix, sft-sequential, merge-ties)",
+        "baseline", help="train or merge a baseline that needs its own artifacts (sft-mix, sft-sequential, merge-ties, moe-dense)",
         description="Baselines of METHOD.md section 4 with artifacts of their own, written to "
         "experts/<method>/adapter of the run: sft-mix (one LoRA on all axes' data, same total budget as the "
         "experts), sft-sequential (the authors' stacked scheme: each axis's LoRA trained on top of the previous) "
-        "and merge-ties (PEFT TIES merge of the three experts). Then use them with "
+        "merge-ties (PEFT TIES merge of the three experts) and moe-dense (token-level top-2 MoE of three dense "
+        "expert FFNs per layer; only its token routers train, same budget, saved as "
+        "experts/moe-dense/routers.safetensors). Then use them with "
         "`alignx generate --method <method>`. Weight-only baselines (base, expert-<axis>, merge-linear, "
         "trinityx, moe-uncalibrated) need no step here.",
     )
     baseline.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
-    baseline.add_argument("--method", required=True, help="sft-mix, sft-sequential, merge-ties (comma-separated for several)")
+    baseline.add_argument("--method", required=True, help="sft-mix, sft-sequential, merge-ties, moe-dense (comma-separated for several)")
     baseline.add_argument("--density", type=float, default=0.2, help="share of each task vector TIES keeps")
-    baseline.add_argument("--resume", action="store_true", help="continue an interrupted sft-mix training")
+    baseline.add_argument("--resume", action="store_true", help="continue an interrupted sft-mix, sft-sequential or moe-dense training")
 
     vector = verbs.add_parser(
         "task-vector", help="write an expert's task vector (same as: alignx stage1 task-vector)",
@@ -192,6 +194,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "baseline":
         from alignx.baselines import TRAINED_METHODS
         from alignx.baselines.merge_ties import build_merge_ties
+        from alignx.baselines.moe_dense import train_moe_dense
         from alignx.baselines.sft_mix import train_sft_mix
         from alignx.baselines.sft_sequential import train_sft_sequential
         from alignx.run import RunDir
@@ -210,6 +213,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     train_sft_mix(run, config, resume=args.resume)
                 elif method == "sft-sequential":
                     train_sft_sequential(run, config, resume=args.resume)
+                elif method == "moe-dense":
+                    train_moe_dense(run, config, resume=args.resume)
                 else:
                     build_merge_ties(run, config, density=args.density)
         return 0

@@ -140,7 +140,8 @@ class Stage2Config:
     router_temperature: float = 1.0  # T [paper]
     use_fractal: bool = True
     use_natural: bool = True
-    output_calibration: bool = True  # fit T_out on the calibration split by NLL
+    output_calibration: bool = True  # fit T_out by NLL (see calibration)
+    calibration: str = "cross-fit"  # cross-fit: T_out on out-of-fold predictions over source groups | hash
     lambda_fractal: float = 0.6  # [paper]
     lambda_natural: float = 0.4  # [paper]
     epsilon: float = 0.05  # granularity of the soft correlation integral [paper]
@@ -166,6 +167,7 @@ class Stage2Config:
         _check_choice("stage2.router_phi", self.router_phi, ("linear", "gelu"))
         _check_choice("stage2.epsilon_mode", self.epsilon_mode, ("fixed", "dimension"))
         _check_choice("stage2.ood_fallback", self.ood_fallback, ("uniform", "base"))
+        _check_choice("stage2.calibration", self.calibration, ("cross-fit", "hash"))
         for name in ("latent_dim", "router_hidden", "min_neighbours", "dimension_neighbours", "batch_size",
                      "max_epochs", "patience"):
             _check_positive(f"stage2.{name}", getattr(self, name))

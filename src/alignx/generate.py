@@ -15,12 +15,14 @@ routed alike.
 Methods: ``base`` (no expert), ``expert-<axis>`` (one expert alone), ``merge-linear`` (task arithmetic:
 the three task vectors averaged into the base weights), ``trinityx`` (one global calibrated weight vector
 for every prompt, written by Stage 2), the trained baselines of :mod:`alignx.baselines`
-(``sft-mix``, ``sft-sequential``, ``merge-ties``), and any router trained by ``alignx stage2``: ``alignx``,
-``moe-uncalibrated`` and ablations saved under their ``stage2.name``.
+(``sft-mix``, ``sft-sequential``, ``merge-ties``, and ``moe-dense``: every decoder MLP replaced by three dense
+expert FFNs with a trained top-2 token router, no per-prompt weights), and any router trained by
+``alignx stage2``: ``alignx``, ``moe-uncalibrated`` and ablations saved under their ``stage2.name``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +48,9 @@ class AlignX:
     """A base model with its three experts attached and a way to choose their weights per prompt."""
 
     def __init__(self, run: RunDir, loaded, mixture, method: str, model_config, router=None, mode: str = "soft",
-                 floor: float = 0.1, fixed: torch.Tensor | None = None):
+                 floor: float = 0.1, fixed: torch.Tensor | None = None, dense=None):
         self.run, self.loaded, self.mixture, self.precision = run, loaded, mixture, model_config
+        self.dense = dense  # moe-dense: the DenseMoE handle (its layers replace the MLPs; mixture is None)
         self.fixed = fixed  # the weight vector of a fixed-weight method (None: routed, or the base model)
         self.method, self.router, self.mode, self.floor = method, router, mode, floor
         from alignx.data.formatting import ChatFormatter
@@ -67,15 +70,15 @@ class AlignX:
             raise AlignXError(f"{run.root} is not an AlignX run (no config.yaml): run `alignx stage1 --run {run.root}` first")
         if mode not in MODES:
             raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
-        from alignx.baselines import TRAINED_METHODS, method_adapters
+        from alignx.baselines import TRAINED_METHODS, is_trained, method_adapters
 
         routers = sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
-        singles = [m for m in TRAINED_METHODS if all(run.has_adapter(a) for a in method_adapters(m))]
+        singles = [m for m in TRAINED_METHODS if is_trained(run, m)]
         if method not in FIXED_METHODS and method not in routers and method not in singles:
             raise AlignXError(
                 f"unknown method {method!r} for {run.root}; available: {', '.join([*FIXED_METHODS, *singles, *routers])}"
                 + ("" if routers else " (train routers with `alignx stage2`)")
-                + ("" if singles else " (baselines sft-mix, sft-sequential, merge-ties: `alignx baseline`)")
+                + ("" if singles else " (baselines sft-mix, sft-sequential, merge-ties, moe-dense: `alignx baseline`)")
             )
         missing = [axis for axis in AXES if not run.has_adapter(axis)]
         if missing:
@@ -83,13 +86,20 @@ class AlignX:
         fixed = _fixed_weights(run, method)
         config = load_config(run.config_path)
         loaded = load_base_model(config.model)
+        dense = None
+        if method == "moe-dense":  # built before the bf16 storage below, so the experts are merged in fp32
+            from alignx.baselines.moe_dense import load_dense_moe
+
+            dense = load_dense_moe(run, loaded.model)
         dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
         if dtype is not None:  # the frozen projections and the expert factors then live in the compute dtype
             store_frozen_linears_in(loaded.model, dtype)
-        experts = list(method_adapters(method)) if method in singles else list(AXES)
-        mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
+        mixture = None
+        if dense is None:
+            experts = list(method_adapters(method)) if method in singles else list(AXES)
+            mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
-        return cls(run, loaded, mixture, method, config.model, router, mode, floor, fixed)
+        return cls(run, loaded, mixture, method, config.model, router, mode, floor, fixed, dense)
 
     # ---- weights ------------------------------------------------------------------------------------
     def route(self, prompts: list[str]):
@@ -148,7 +158,9 @@ class AlignX:
             torch.manual_seed(seed)
             options.update(temperature=temperature, top_p=top_p)
         shared = weights is None or bool((weights == weights[0]).all())
-        if weights is None:
+        if self.mixture is None:  # moe-dense: the token routers inside the model do all the mixing
+            context = contextlib.nullcontext()
+        elif weights is None:
             context = self.mixture.using(None)
         elif shared:
             context = self.mixture.merged(weights[0])  # one weight vector: decode at base speed
@@ -162,7 +174,7 @@ class AlignX:
 
 def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
     """The weight vector of a fixed-weight method; None for the base model and for routed methods."""
-    from alignx.baselines import TRAINED_METHODS, method_adapters
+    from alignx.baselines import ADAPTER_METHODS, method_adapters
     from alignx.run import read_json
     from alignx.stage2.pipeline import stage2_dir
 
@@ -176,7 +188,7 @@ def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
         return torch.tensor([float(weights[axis]) for axis in AXES])
     if method.startswith("expert-"):
         return torch.nn.functional.one_hot(torch.tensor(AXES.index(method.removeprefix("expert-"))), len(AXES)).float()
-    if method in TRAINED_METHODS:
+    if method in ADAPTER_METHODS:
         return torch.ones(len(method_adapters(method)))
     return None
 

@@ -8,7 +8,7 @@ import torch
 from alignx.config import Stage2Config
 from alignx.stage2.mocae import MoCaE
 from alignx.stage2.pipeline import build_model, routing_data
-from alignx.stage2.train import calibration_nll, train_mocae
+from alignx.stage2.train import calibration_nll, fit_output_temperature, train_mocae
 
 LAYERS = (1, 2)
 
@@ -35,6 +35,10 @@ def _trained(config, spread=1.0):
     cal_router, cal_calibrator, cal_labels = _bank(40, seed=1, spread=spread)
     calibration = routing_data(model, cal_router, cal_calibrator, cal_labels)
     train_mocae(model, train, calibration, config, log=lambda *_: None)
+    if config.output_calibration:
+        with torch.no_grad():
+            logits = model(calibration.h, calibration.log_fractal, calibrated=False)
+        fit_output_temperature(model, logits, calibration.labels)
     return model, calibration
 
 

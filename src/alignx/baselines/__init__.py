@@ -10,14 +10,28 @@ stored beside the axis experts as ``experts/<method>/adapter``:
 * ``sft-sequential`` — the authors' stacked scheme: each axis's LoRA trained on top of the earlier ones
   (three adapters ``experts/sft-sequential-<axis>/adapter``, applied together);
 * ``merge-ties`` — the three experts merged by PEFT's TIES (``ties_svd``: trim, elect sign, disjoint merge
-  on the full task vectors, then an SVD back to LoRA factors of rank r₁ + r₂ + r₃).
+  on the full task vectors, then an SVD back to LoRA factors of rank r₁ + r₂ + r₃);
+* ``moe-dense`` — the H3Fusion/TrinityX-style token-level MoE: three dense expert FFNs per layer (base MLP
+  plus each axis's MLP LoRA merged) and a trained top-2 token router per layer; not an adapter but
+  ``experts/moe-dense/routers.safetensors`` (see :mod:`alignx.baselines.moe_dense`).
 """
 
-TRAINED_METHODS = ("sft-mix", "sft-sequential", "merge-ties")
+ADAPTER_METHODS = ("sft-mix", "sft-sequential", "merge-ties")  # applied as LoRA adapters with weight 1
+TRAINED_METHODS = (*ADAPTER_METHODS, "moe-dense")
+
+
+def is_trained(run, method: str) -> bool:
+    """Whether ``run`` (a :class:`alignx.run.RunDir`) holds the finished artifacts of a trained baseline."""
+    if method == "moe-dense":
+        from alignx.baselines.moe_dense import is_trained as moe_dense_trained
+
+        return moe_dense_trained(run)
+    return all(run.has_adapter(a) for a in method_adapters(method))
 
 
 def method_adapters(method: str) -> tuple[str, ...]:
-    """The adapters (names under ``experts/``) a baseline method applies, each with weight 1."""
+    """The adapters (names under ``experts/``) an adapter baseline (:data:`ADAPTER_METHODS`) applies, each
+    with weight 1."""
     if method == "sft-sequential":
         from alignx.baselines.sft_sequential import STAGES
 

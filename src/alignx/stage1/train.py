@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +74,26 @@ def lora_config_for(model, config: AlignXConfig):
 
 
 class ExpertTrainer:
-    """Trains the LoRA expert of one axis into ``run``; call :meth:`train`."""
+    """Trains the LoRA expert of one axis into ``run``; call :meth:`train`.
 
-    def __init__(self, config: AlignXConfig, run: RunDir, axis: str, model, tokenizer, examples: list[EncodedExample]):
+    The optional hooks let a baseline train something other than a fresh LoRA through the same loop,
+    budget, checkpoints and logs (``moe-dense`` trains only its token routers this way):
+
+    * ``prepare(model) -> model``: makes the model trainable; its parameters with ``requires_grad`` are
+      what is trained and checkpointed. Default: wrap with a new LoRA (``get_peft_model``).
+    * ``aux_loss(batch) -> scalar``: called right after each micro-batch's forward; the step's objective
+      adds the mean of these over the step's micro-batches to the token-mean LM loss. Its step value is
+      logged as ``aux_loss``; the LM ``loss`` logged (and checked against ``train.max_loss``) excludes it.
+    * ``save(model)``: writes the trained artifact from the unwrapped model (main process only).
+      Default: ``save_pretrained`` of the adapter into ``experts/<axis>/adapter``.
+    """
+
+    def __init__(self, config: AlignXConfig, run: RunDir, axis: str, model, tokenizer, examples: list[EncodedExample],
+                 *, prepare: Callable | None = None, aux_loss: Callable | None = None, save: Callable | None = None):
         if not examples:
             raise AlignXError(f"axis {axis}: no training rows left after encoding")
         self.config, self.run, self.axis = config, run, axis
+        self.prepare, self.aux_loss, self.save = prepare, aux_loss, save
         self.train_cfg = config.train
         self.examples = examples
         self.lengths = [len(e.input_ids) for e in examples]
@@ -122,7 +137,10 @@ class ExpertTrainer:
         set_seed(cfg.seed)
         if dtype is not None:
             store_frozen_linears_in(self._model, dtype)
-        model = get_peft_model(self._model, lora_config_for(self._model, self.config))
+        if self.prepare is None:
+            model = get_peft_model(self._model, lora_config_for(self._model, self.config))
+        else:
+            model = self.prepare(self._model)
         if accelerator.device.type == "cpu":
             use_fast_dropout(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -161,11 +179,17 @@ class ExpertTrainer:
             label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=accelerator.device)
+            aux_sum = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
                 sync = i == len(batches) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     micro = self._loss_sum(model, batch, accelerator.device)
-                    accelerator.backward(micro / max(label_tokens, 1))
+                    objective = micro / max(label_tokens, 1)
+                    if self.aux_loss is not None:
+                        aux = self.aux_loss(batch) / len(batches)
+                        objective = objective + aux
+                        aux_sum += aux.detach()
+                    accelerator.backward(objective)
                 loss_sum += micro.detach()
             loss = accelerator.reduce(loss_sum / max(label_tokens, 1), reduction="mean").item()
             if not math.isfinite(loss) or loss > cfg.max_loss:
@@ -184,10 +208,11 @@ class ExpertTrainer:
             real_tokens = sum(b["real_tokens"] for b in batches) * world
             totals.update(seconds=elapsed, real_tokens=real_tokens, label_tokens=label_tokens * world)
             last_loss = loss
+            extra = {} if self.aux_loss is None else {"aux_loss": round(accelerator.reduce(aux_sum, reduction="mean").item(), 6)}
             log.write(
                 step=step + 1, epoch=epoch, loss=round(loss, 6), lr=scheduler.get_last_lr()[0],
                 real_tokens=real_tokens, label_tokens=label_tokens * world, step_seconds=round(elapsed, 4),
-                tokens_per_second=round(totals["real_tokens"] / max(totals["seconds"], 1e-9), 2),
+                tokens_per_second=round(totals["real_tokens"] / max(totals["seconds"], 1e-9), 2), **extra,
             )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{totals['real_tokens'] / max(totals['seconds'], 1e-9):.0f}")
@@ -204,8 +229,11 @@ class ExpertTrainer:
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            with atomic_dir(self.run.adapter_dir(self.axis)) as tmp:
-                accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+            if self.save is not None:
+                self.save(accelerator.unwrap_model(model))
+            else:
+                with atomic_dir(self.run.adapter_dir(self.axis)) as tmp:
+                    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
             atomic_write_json(self.run.summary_path(self.axis), asdict(summary))
             shutil.rmtree(self.run.checkpoints_dir(self.axis), ignore_errors=True)
         accelerator.wait_for_everyone()

@@ -44,7 +44,8 @@ def is_calibration_prompt(prompt: str, fraction: float) -> bool:
 
 
 def load_banks(run: RunDir, config: AlignXConfig):
-    """Feature banks of all axes, checked against the data split they were built from, with their prompts."""
+    """Feature banks of all axes, checked against the data split they were built from: per axis
+    (router features, calibrator features, prompts, the split's examples)."""
     from alignx.data.splits import training_examples
     from alignx.stage1.pipeline import bank_prompts
 
@@ -64,7 +65,7 @@ def load_banks(run: RunDir, config: AlignXConfig):
         if layers is not None and these != layers:
             raise AlignXError(f"feature banks of {run.root} were built at different layers ({layers} vs {these})")
         layers = these
-        banks[axis] = (tensors["router"], tensors["calibrator"], prompts)
+        banks[axis] = (tensors["router"], tensors["calibrator"], prompts, split.examples)
     return banks, layers
 
 
@@ -178,15 +179,18 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
             log(f"[stage2] routers already trained with these settings in {out}; skipping (--force to retrain)")
             return out
         banks, layers = load_banks(run, config)
-        router_rows, calibrator_rows, label_rows, held_out = [], [], [], []
+        from alignx.stage2.crossfit import bank_folds
+
+        router_rows, calibrator_rows, label_rows, held_out, fold_rows = [], [], [], [], []
         for a, axis in enumerate(AXES):
-            router, calibrator, prompts = banks[axis]
+            router, calibrator, prompts, examples = banks[axis]
             held_out.append(torch.tensor([is_calibration_prompt(p, config.stage2.calibration_fraction) for p in prompts]))
             router_rows.append(router)
             calibrator_rows.append(calibrator)
             label_rows.append(torch.full((len(prompts),), a))
+            fold_rows.append(bank_folds(axis, examples, prompts, router, config.data, config.stage2.seed))
         router_all, calibrator_all, labels_all = torch.cat(router_rows), torch.cat(calibrator_rows), torch.cat(label_rows)
-        calibration_mask = torch.cat(held_out)
+        calibration_mask, folds_all = torch.cat(held_out), torch.cat(fold_rows)
         for a, axis in enumerate(AXES):
             fit_count = int(((labels_all == a) & ~calibration_mask).sum())
             if fit_count < 8 or int(((labels_all == a) & calibration_mask).sum()) < 1:
@@ -208,6 +212,9 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
             model, train_data = build_model(variant, router_all[fit], calibrator_all[fit], labels_all[fit], layers)
             calibration = routing_data(model, router_all[calibration_mask], calibrator_all[calibration_mask], labels_all[calibration_mask])
             history = train_mocae(model, train_data, calibration, variant, log=log)
+            if variant.output_calibration:
+                _calibrate_output(model, variant, calibration, router_all[fit], calibrator_all[fit], labels_all[fit],
+                                  folds_all[fit], layers, calibration_mask, router_all, calibrator_all, labels_all, log)
             target = out / variant.name
             target.mkdir(parents=True, exist_ok=True)
             model.save(target)
@@ -220,6 +227,29 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
         _plot_reliability(report, out / "reliability.png")
         log(f"[stage2] done: routers in {out}, report {out / 'report.json'}, diagrams {out / 'reliability.png'}")
     return out
+
+
+def _calibrate_output(model, variant, calibration, router, calibrator, labels, folds, layers,
+                      calibration_mask, router_all, calibrator_all, labels_all, log) -> None:
+    """Fit T_out: on out-of-fold predictions over source groups (``cross-fit``), or on the hash split."""
+    from alignx.stage2.crossfit import out_of_fold_logits
+    from alignx.stage2.train import fit_output_temperature
+
+    logits = None
+    if variant.calibration == "cross-fit":
+        def calibration_for(fold_model):
+            return routing_data(fold_model, router_all[calibration_mask], calibrator_all[calibration_mask], labels_all[calibration_mask])
+
+        logits = out_of_fold_logits(variant, router, calibrator, labels, folds, calibration_for, layers, log)
+        if logits is None:
+            log(f"[stage2] {variant.name}: banks too small for source-group cross-fitting; T_out from the hash split")
+        target = labels
+    if logits is None:
+        with torch.no_grad():
+            logits = model(calibration.h, calibration.log_fractal, calibrated=False)
+        target = calibration.labels
+    temperature = fit_output_temperature(model, logits, target)
+    log(f"[stage2] {variant.name}: output temperature T_out = {temperature:.3f} ({variant.calibration})")
 
 
 def _write_trinityx(model: MoCaE, calibration: RoutingData, path: Path, log) -> None:

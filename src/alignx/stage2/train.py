@@ -3,7 +3,8 @@
 AdamW, batch 64 and weight decay 0.01 [paper]; class-balanced weights (the helpful bank is ~13× the
 honest one); early stopping on the calibration split's NLL. The experts stay frozen: training touches
 only the router and the natural calibrator, on precomputed features, so an epoch over 25,000 prompts
-takes about a second on a CPU. Output calibration then fits T_out on the same calibration split.
+takes about a second on a CPU. Output calibration (T_out) is fitted afterwards, by
+:func:`fit_output_temperature`, on the predictions the pipeline chooses (see :mod:`.crossfit`).
 """
 
 from __future__ import annotations
@@ -70,21 +71,16 @@ def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, conf
                 break
     model.load_state_dict(best[1])
     log(f"[stage2] {config.name}: best calibration NLL {best[0]:.4f} at epoch {best[2]} of {history[-1]['epoch']}")
-    if config.output_calibration:
-        temperature = fit_output_temperature(model, calibration)
-        log(f"[stage2] {config.name}: output temperature T_out = {temperature:.3f}")
     return history
 
 
-def fit_output_temperature(model: MoCaE, data: RoutingData) -> float:
-    """Set T_out to the temperature that minimises the calibration split's NLL (bounded 1-D search)."""
+def fit_output_temperature(model: MoCaE, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Set T_out to the temperature minimising the NLL of ``logits`` (log w at T_out = 1) against ``labels``
+    (a bounded 1-D search); returns it."""
     from scipy.optimize import minimize_scalar
 
-    with torch.no_grad():
-        logits = model(data.h, data.log_fractal, calibrated=False)  # log w at T_out = 1
-
     def nll(log_t: float) -> float:
-        return float(F.cross_entropy(logits / math.exp(log_t), data.labels))
+        return float(F.cross_entropy(logits / math.exp(log_t), labels))
 
     result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
     model.log_t_out.fill_(float(result.x))
