@@ -92,7 +92,7 @@ class AlignX:
 
             dense = load_dense_moe(run, loaded.model)
         dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
-        if dtype is not None:  # the frozen projections and the expert factors then live in the compute dtype
+        if dtype is not None:  # frozen projections in the compute dtype (the expert factors stay fp32: see mixing)
             store_frozen_linears_in(loaded.model, dtype)
         mixture = None
         if dense is None:
@@ -101,7 +101,7 @@ class AlignX:
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
         return cls(run, loaded, mixture, method, config.model, router, mode, floor, fixed, dense)
 
-    # ---- weights ------------------------------------------------------------------------------------
+    # ---- routing ------------------------------------------------------------------------------------
     def route(self, prompts: list[str]):
         """MoCaE's routing of each prompt (features from one partial prefill of the base model)."""
         from alignx.models import autocast_dtype
