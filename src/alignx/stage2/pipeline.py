@@ -50,12 +50,15 @@ def load_banks(run: RunDir, config: AlignXConfig):
     from alignx.stage1.pipeline import bank_prompts
 
     banks, layers = {}, None
+    base_sha256 = run.read_manifest().get("base_model", {}).get("weights_sha256")
     for axis in AXES:
         path = run.features_path(axis)
         if not path.is_file():
             raise AlignXError(f"no feature bank for axis {axis} in {run.root}; run `alignx stage1 --run {run.root}` first")
         tensors, meta = load_safetensors(path)
         split = training_examples(axis, config.data)
+        if base_sha256 and meta.get("base_weights_sha256") != base_sha256:
+            raise AlignXError(f"{path} was built from another base model than this run's; rerun `alignx stage1` for this run")
         if meta.get("split_sha256") != split.sha256:
             raise AlignXError(f"{path} was built from a different {axis} data split; rerun `alignx stage1` for this run")
         prompts = bank_prompts(split.examples)
