@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from alignx.errors import AlignXError
 from alignx.generate import AlignX

@@ -186,9 +186,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from alignx.stage2.pipeline import run_stage2
 
         run = RunDir(args.run)
-        if args.config is None and not run.config_path.is_file():
-            raise AlignXError(f"{run.root} has no config.yaml: run `alignx stage1 --run {run.root}` first")
-        config = load_config(args.config or run.config_path, [*args.overrides, f"run_dir={run.root}"])
+        overrides = [*args.overrides, f"run_dir={run.root}"]
+        config = load_config(args.config, overrides) if args.config else run.load_config(overrides)
         run_stage2(config, force=args.force)
         return 0
     if args.command == "baseline":
@@ -200,13 +199,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from alignx.run import RunDir
 
         run = RunDir(args.run)
-        if not run.config_path.is_file():
-            raise AlignXError(f"{run.root} has no config.yaml: run `alignx stage1 --run {run.root}` first")
+        config = run.load_config()
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
         unknown = [m for m in methods if m not in TRAINED_METHODS]
         if unknown or not methods:
             raise AlignXError(f"unknown baseline {', '.join(unknown) or '(none)'}; valid: {', '.join(TRAINED_METHODS)}")
-        config = load_config(run.config_path)
         with run.lock():
             for method in methods:
                 if method == "sft-mix":

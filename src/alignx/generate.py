@@ -59,15 +59,13 @@ class AlignX:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1) -> "AlignX":
-        from alignx.config import load_config
         from alignx.mixing import MODES, MixtureOfExperts
         from alignx.models import autocast_dtype, load_base_model, store_frozen_linears_in
         from alignx.stage2.mocae import MoCaE
         from alignx.stage2.pipeline import stage2_dir
 
         run = RunDir(run_dir)
-        if not run.config_path.is_file():
-            raise AlignXError(f"{run.root} is not an AlignX run (no config.yaml): run `alignx stage1 --run {run.root}` first")
+        config = run.load_config()
         if mode not in MODES:
             raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
         from alignx.baselines import TRAINED_METHODS, is_trained, method_adapters
@@ -84,7 +82,6 @@ class AlignX:
         if missing:
             raise AlignXError(f"{run.root} has no trained {', '.join(missing)} expert: finish `alignx stage1` first")
         fixed = _fixed_weights(run, method)
-        config = load_config(run.config_path)
         loaded = load_base_model(config.model)
         dense = None
         if method == "moe-dense":  # built before the bf16 storage below, so the experts are merged in fp32

@@ -67,6 +67,14 @@ class RunDir:
     def features_path(self, axis: str) -> Path:
         return self.root / "features" / f"{axis}.safetensors"
 
+    def load_config(self, overrides: list[str] | tuple[str, ...] = ()):
+        """The run's own config.yaml (plus overrides); a clear error when this is not a run directory."""
+        from alignx.config import load_config
+
+        if not self.config_path.is_file():
+            raise AlignXError(f"{self.root} is not an AlignX run (no config.yaml): run `alignx stage1 --run {self.root}` first")
+        return load_config(self.config_path, overrides)
+
     def has_adapter(self, axis: str) -> bool:
         return (self.adapter_dir(axis) / "adapter_config.json").is_file()
 

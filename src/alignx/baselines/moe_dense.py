@@ -50,7 +50,6 @@ marks a finished training), beside the trainer's ``train_log.jsonl`` and ``summa
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -286,25 +285,18 @@ def load_dense_moe(run: RunDir, model: nn.Module) -> DenseMoE:
 def train_moe_dense(run: RunDir, config: AlignXConfig, *, resume: bool = False, attention: str = "mean", log=print) -> Path:
     """Train the token routers of ``moe-dense`` (everything else frozen) with the experts' total budget;
     writes ``experts/moe-dense/routers.safetensors`` and ``moe_dense.json``. Skipped when already trained."""
+    from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
     from alignx.data.formatting import ChatFormatter
-    from alignx.data.splits import training_examples
     from alignx.models import load_base_model
-    from alignx.stage1.train import ExpertTrainer, encode_examples
+    from alignx.stage1.train import ExpertTrainer
 
     if is_trained(run):
         log(f"[baseline] moe-dense already trained in {run.expert_dir(METHOD)}; skipping")
         return routers_path(run)
-    summaries = [run.summary_path(axis) for axis in AXES]
-    if not all(path.is_file() for path in summaries):
-        raise AlignXError(f"moe-dense matches the budget of the three experts: run `alignx stage1 --run {run.root}` first")
-    steps = sum(int(read_json(path)["steps"]) for path in summaries)
+    steps = expert_steps(run, METHOD)
     loaded = load_base_model(config.model, for_training=True)
     moe = build_dense_moe(run, loaded.model, attention=attention, seed=config.train.seed)
-    formatter = ChatFormatter(loaded.tokenizer)
-    encoded = []
-    for axis in AXES:
-        rows, _ = encode_examples(formatter, training_examples(axis, config.data).examples, config.injections[axis], config.train.max_length)
-        encoded += rows
+    encoded = encoded_rows(ChatFormatter(loaded.tokenizer), config)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else loaded.tokenizer.eos_token_id
 
     def aux_loss(batch: dict) -> torch.Tensor:
@@ -314,7 +306,7 @@ def train_moe_dense(run: RunDir, config: AlignXConfig, *, resume: bool = False, 
         atomic_save_safetensors(moe.router_state(), routers_path(run), {"method": METHOD})
         atomic_write_json(config_path(run), {**moe.info, "steps": steps, "examples": len(encoded)})  # last: marks done
 
-    budget = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=steps))
+    budget = with_steps(config, steps)
     log(f"[baseline] moe-dense: {len(moe.layers)} layers x {len(AXES)} dense expert FFNs "
         f"({moe.expert_parameter_count():,} expert parameters, MLP modules {', '.join(moe.info['mlp_modules']) or 'none'}); "
         f"training the routers on {len(encoded)} rows of all axes for {steps} steps (the experts' total)")

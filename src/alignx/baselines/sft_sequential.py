@@ -8,12 +8,9 @@ Stored as ``experts/sft-sequential-<axis>/adapter``; generation attaches the thr
 
 from __future__ import annotations
 
-import dataclasses
-
 from alignx.axes import AXES
 from alignx.config import AlignXConfig
-from alignx.errors import AlignXError
-from alignx.run import RunDir, read_json
+from alignx.run import RunDir
 
 STAGES = tuple(f"sft-sequential-{axis}" for axis in AXES)
 
@@ -21,27 +18,21 @@ STAGES = tuple(f"sft-sequential-{axis}" for axis in AXES)
 def train_sft_sequential(run: RunDir, config: AlignXConfig, *, resume: bool = False, log=print) -> list[str]:
     from peft import PeftModel
 
+    from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
     from alignx.data.formatting import ChatFormatter
-    from alignx.data.splits import training_examples
     from alignx.models import load_base_model
-    from alignx.stage1.train import ExpertTrainer, encode_examples
+    from alignx.stage1.train import ExpertTrainer
 
     for axis, stage in zip(AXES, STAGES):
         if run.has_adapter(stage):
             log(f"[baseline] {stage} already trained; skipping")
             continue
-        if not run.summary_path(axis).is_file():
-            raise AlignXError(f"sft-sequential matches each expert's budget: run `alignx stage1 --run {run.root}` first")
+        steps = expert_steps(run, stage, (axis,))
         loaded = load_base_model(config.model, for_training=True)
         model = loaded.model
         for previous in STAGES[: STAGES.index(stage)]:  # fold the earlier stages into the base, in order
             model = PeftModel.from_pretrained(model, run.adapter_dir(previous)).merge_and_unload()
-        rows, _ = encode_examples(
-            ChatFormatter(loaded.tokenizer), training_examples(axis, config.data).examples,
-            config.injections[axis], config.train.max_length,
-        )
-        steps = int(read_json(run.summary_path(axis))["steps"])
-        budget = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=steps))
-        summary = ExpertTrainer(budget, run, stage, model, loaded.tokenizer, rows).train(resume=resume)
+        rows = encoded_rows(ChatFormatter(loaded.tokenizer), config, (axis,))
+        summary = ExpertTrainer(with_steps(config, steps), run, stage, model, loaded.tokenizer, rows).train(resume=resume)
         log(f"[baseline] {stage}: {steps} steps on top of {STAGES.index(stage)} earlier stage(s), final loss {summary.final_loss:.4f}")
     return list(STAGES)
