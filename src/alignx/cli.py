@@ -8,6 +8,7 @@ anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from alignx import __version__
@@ -24,6 +25,11 @@ examples:
   alignx stage2 --run runs/mine
   alignx stage2 --run runs/mine stage2.name=no-fractal stage2.use_fractal=false
 """
+
+
+# Verbs whose arguments and code live in their own package: each module has ``register(verbs)`` and
+# ``run(args) -> int`` and imports nothing heavy at module level, so `alignx --help` stays instant.
+_PACKAGE_VERBS = {"judge": "alignx.eval.judges.cli", "eval": "alignx.eval.cli", "serve": "alignx.serving.cli"}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vector.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
     vector.add_argument("--axis", required=True, help="helpful, harmless or honest (comma-separated for several)")
+    for module in _PACKAGE_VERBS.values():
+        importlib.import_module(module).register(verbs)
     return parser
 
 
@@ -217,6 +225,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command in _PACKAGE_VERBS:
+        return importlib.import_module(_PACKAGE_VERBS[args.command]).run(args)
     if args.command == "task-vector":
         from alignx.axes import parse_axes
         from alignx.run import RunDir, atomic_save_safetensors
