@@ -118,7 +118,6 @@ class AlignX:
         self, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 8, do_sample: bool = False,
         temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
     ) -> list[Generation]:
-        from alignx.mixing import apply_mode
         from alignx.models import autocast
 
         if any(not isinstance(p, str) or not p.strip() for p in prompts):
@@ -126,21 +125,37 @@ class AlignX:
         results: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            explanation: list[dict] = [{} for _ in batch]
-            if self.router is not None:
-                routing = self.route(batch)
-                weights = apply_mode(routing.weights, self.mode, self.floor)
-                explanation = _explanations(routing)
-            else:
-                weights = None if self.fixed is None else self.fixed.expand(len(batch), -1)
+            weights, explanation = self.weights_for(batch)
             with autocast(self.precision, next(self.loaded.model.parameters()).device):
                 texts = self._generate_batch(batch, weights, max_new_tokens, do_sample, temperature, top_p, seed + start)
             for i, (prompt, text) in enumerate(zip(batch, texts)):
-                row_weights = None if weights is None else {
-                    name: round(float(w), 6) for name, w in zip(self.mixture.experts, weights[i])
-                }
-                results.append(Generation(prompt, text, self.method, row_weights, explanation[i]))
+                results.append(Generation(prompt, text, self.method, self.named_weights(weights, i), explanation[i]))
         return results
+
+    def weights_for(self, prompts: list[str]) -> tuple[torch.Tensor | None, list[dict]]:
+        """Each prompt's expert weights (None: experts off) and, for routed methods, its explanation."""
+        from alignx.mixing import apply_mode
+
+        if self.router is not None:
+            routing = self.route(prompts)
+            return apply_mode(routing.weights, self.mode, self.floor), _explanations(routing)
+        weights = None if self.fixed is None else self.fixed.expand(len(prompts), -1)
+        return weights, [{} for _ in prompts]
+
+    def named_weights(self, weights: torch.Tensor | None, row: int) -> dict[str, float] | None:
+        if weights is None:
+            return None
+        return {name: round(float(w), 6) for name, w in zip(self.mixture.experts, weights[row])}
+
+    def experts(self, weights: torch.Tensor | None):
+        """Context in which the model runs with these per-example expert weights (a shared vector is merged)."""
+        if self.mixture is None:  # moe-dense: the token routers inside the model do all the mixing
+            return contextlib.nullcontext()
+        if weights is None:
+            return self.mixture.using(None)
+        if bool((weights == weights[0]).all()):
+            return self.mixture.merged(weights[0])  # one weight vector: decode at base speed
+        return self.mixture.using(weights)
 
     def _generate_batch(self, prompts, weights, max_new_tokens, do_sample, temperature, top_p, seed) -> list[str]:
         tokenizer = self.loaded.tokenizer
@@ -154,16 +169,7 @@ class AlignX:
         if do_sample:
             torch.manual_seed(seed)
             options.update(temperature=temperature, top_p=top_p)
-        shared = weights is None or bool((weights == weights[0]).all())
-        if self.mixture is None:  # moe-dense: the token routers inside the model do all the mixing
-            context = contextlib.nullcontext()
-        elif weights is None:
-            context = self.mixture.using(None)
-        elif shared:
-            context = self.mixture.merged(weights[0])  # one weight vector: decode at base speed
-        else:
-            context = self.mixture.using(weights)
-        with context:
+        with self.experts(weights):
             output = self.loaded.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
