@@ -118,16 +118,14 @@ class AlignX:
         self, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 8, do_sample: bool = False,
         temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
     ) -> list[Generation]:
-        from alignx.models import autocast
-
         if any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise AlignXError("every prompt must be a non-empty string")
         results: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
             weights, explanation = self.weights_for(batch)
-            with autocast(self.precision, next(self.loaded.model.parameters()).device):
-                texts = self._generate_batch(batch, weights, max_new_tokens, do_sample, temperature, top_p, seed + start)
+            texts = self.generate_with(batch, weights, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                       temperature=temperature, top_p=top_p, seed=seed + start)
             for i, (prompt, text) in enumerate(zip(batch, texts)):
                 results.append(Generation(prompt, text, self.method, self.named_weights(weights, i), explanation[i]))
         return results
@@ -157,7 +155,18 @@ class AlignX:
             return self.mixture.merged(weights[0])  # one weight vector: decode at base speed
         return self.mixture.using(weights)
 
-    def _generate_batch(self, prompts, weights, max_new_tokens, do_sample, temperature, top_p, seed) -> list[str]:
+    @torch.inference_mode()
+    def generate_with(
+        self, prompts: list[str], weights: torch.Tensor | None, *, max_new_tokens: int, do_sample: bool = False,
+        temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, streamer=None, stopping_criteria=None,
+    ) -> list[str]:
+        """Decode one batch with the per-example weights of :meth:`weights_for`.
+
+        ``streamer`` and ``stopping_criteria`` go to ``model.generate`` as they are: a server streams a whole
+        batch's tokens through one ``BaseStreamer`` and stops the batch once every request in it is done.
+        """
+        from alignx.models import autocast
+
         tokenizer = self.loaded.tokenizer
         texts = [self.formatter.prompt_text(p) for p in prompts]
         tokenizer.padding_side = "left"
@@ -165,11 +174,12 @@ class AlignX:
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         finally:
             tokenizer.padding_side = "right"
-        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+                       streamer=streamer, stopping_criteria=stopping_criteria)
         if do_sample:
             torch.manual_seed(seed)
             options.update(temperature=temperature, top_p=top_p)
-        with self.experts(weights):
+        with autocast(self.precision, next(self.loaded.model.parameters()).device), self.experts(weights):
             output = self.loaded.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
