@@ -1,0 +1,268 @@
+"""The OpenAI-compatible FastAPI app: ``/v1/chat/completions``, ``/v1/completions`` (both with SSE streaming),
+``/v1/models``, ``/health`` and ``/metrics``.
+
+The app validates, counts and limits; a backend (the batching worker of :mod:`alignx.serving.batcher`, or
+:mod:`alignx.serving.vllm_backend`) routes and decodes. Every response of a completion carries the routing
+in an ``alignx`` extension field: ``{"method", "weights", "explanation"}`` (in a stream: on the first chunk,
+since routing comes before the first token). Errors use OpenAI's shape; a request never takes the server
+down: a failure while decoding becomes a 500 for the requests of that batch only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from alignx.errors import AlignXError
+from alignx.serving.metrics import Metrics
+from alignx.serving.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, chunk_body, parse, response_body, usage,
+)
+from alignx.serving.requests import Delta, Failed, Finished, GenerationRequest, QueueFull, Routed, Sampling
+
+log = logging.getLogger("alignx.serving")
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+_ENDPOINTS = (*COMPLETION_PATHS, "/v1/models", "/health", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str
+    api_key: str | None = None  # None: no authentication
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512  # the most a request may ask for, and what it gets when it does not ask
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        if not self.model_name.strip():
+            raise AlignXError("--model-name must not be empty")
+        for name in ("max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise AlignXError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise AlignXError("the API key is empty: pass a non-empty --api-key / ALIGNX_API_KEY, or none")
+
+
+def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
+    """``engine``: ``start()``, ``close()`` (drains), ``submit(GenerationRequest)`` (raises ``QueueFull``),
+    ``count_prompt_tokens(prompt)`` and ``method``."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:  # uvicorn has let in-flight requests finish; the engine drains whatever is left
+            await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="AlignX", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_RecordRequests, metrics=metrics)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    started = int(time.time())
+
+    def authorise(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorise)])
+
+    @v1.get("/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": started,
+                                            "owned_by": "alignx"}]}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes))
+        return await complete(body, body.prompt(), chat=True)
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        body = parse(CompletionRequest, await _read_json(request, settings.max_body_bytes))
+        return await complete(body, body.prompt_text(), chat=False)
+
+    async def complete(body, prompt: str, chat: bool):
+        if body.model != settings.model_name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
+                           param="model", code="model_not_found")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported: send concurrent requests instead", param="n")
+        if not prompt.strip():
+            raise APIError(400, "the prompt is empty", param="messages" if chat else "prompt")
+        stop = body.stop_strings()
+        max_tokens = body.requested_max_tokens() or settings.max_new_tokens
+        if max_tokens > settings.max_new_tokens:
+            raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_new_tokens}",
+                           param="max_tokens")
+        prompt_tokens = engine.count_prompt_tokens(prompt)
+        if prompt_tokens > settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens, over this server's limit of "
+                           f"{settings.max_prompt_tokens}", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        channel = _Channel()
+        request = GenerationRequest(prompt, prompt_tokens, max_tokens, Sampling(body.temperature, body.top_p, body.seed),
+                                    stop, channel.send)
+        try:
+            engine.submit(request)
+        except QueueFull:
+            raise APIError(503, "the server is at capacity: retry shortly", type="server_overloaded") from None
+        metrics.prompt_tokens.inc(prompt_tokens)
+        reply = _Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
+                       settings.model_name, prompt_tokens)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(reply.stream(request, channel, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await reply.collect(request, channel))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": settings.model_name, "method": engine.method,
+                "queue_depth": int(metrics.queue_depth.value)}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(v1)
+    return app
+
+
+class _Channel:
+    """Events from the backend's thread to the handler on the event loop."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def send(self, event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class _Reply:
+    chat: bool
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+
+    async def collect(self, request: GenerationRequest, channel: _Channel) -> dict:
+        pieces, alignx = [], None
+        try:
+            while True:
+                event = await channel.queue.get()
+                if isinstance(event, Routed):
+                    alignx = _alignx_field(event)
+                elif isinstance(event, Delta):
+                    pieces.append(event.text)
+                elif isinstance(event, Finished):
+                    return response_body(self.chat, self.id, self.created, self.model, "".join(pieces),
+                                         event.finish_reason, usage(self.prompt_tokens, event.completion_tokens), alignx)
+                elif isinstance(event, Failed):
+                    raise APIError(event.status, event.message)
+        finally:
+            request.cancelled = True  # if the client went away before its batch started, skip it
+
+    async def stream(self, request: GenerationRequest, channel: _Channel, include_usage: bool) -> AsyncIterator[str]:
+        fields = (self.chat, self.id, self.created, self.model)
+        try:
+            while True:
+                event = await channel.queue.get()
+                if isinstance(event, Routed):
+                    yield _sse(chunk_body(*fields, first=True, alignx=_alignx_field(event)))
+                elif isinstance(event, Delta):
+                    yield _sse(chunk_body(*fields, text=event.text))
+                elif isinstance(event, Finished):
+                    yield _sse(chunk_body(*fields, finish_reason=event.finish_reason))
+                    if include_usage:
+                        yield _sse(chunk_body(*fields, usage=usage(self.prompt_tokens, event.completion_tokens)))
+                    break
+                elif isinstance(event, Failed):
+                    yield _sse(APIError(event.status, event.message).body())
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            request.cancelled = True
+
+
+def _alignx_field(event: Routed) -> dict:
+    return {"method": event.method, "weights": event.weights, "explanation": event.explanation}
+
+
+def _sse(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _read_json(request: Request, limit: int) -> object:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over {limit} bytes")
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise APIError(400, f"the request body is not valid JSON ({reason})") from None
+
+
+async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    return await _api_error(_request, APIError(exc.status_code, str(exc.detail)))
+
+
+async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error", exc_info=exc)
+    return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+
+
+class _RecordRequests:
+    """ASGI middleware: counts every response by endpoint and status, and times completions to their last byte."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            path = scope["path"]
+            self.metrics.requests.inc(endpoint=path if path in _ENDPOINTS else "other", status=str(status))
+            if path in COMPLETION_PATHS and status == 200:
+                self.metrics.latency.observe(time.perf_counter() - start)
