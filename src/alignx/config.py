@@ -180,6 +180,33 @@ class Stage2Config:
 
 
 @dataclass
+class EvalConfig:
+    """``alignx eval`` (METHOD.md section 5): which prompts, how to generate, which judges."""
+
+    suite: str = "quick"  # quick: a seeded subset of every benchmark | full: the whole evaluation splits
+    quick_items: int = 40  # prompts per benchmark in the quick suite
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    do_sample: bool = False  # greedy by default; seeded sampling as an option
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0  # the quick subsets, sampling, and the bootstrap
+    bootstrap: int = 1000  # resamples for the 95 % confidence intervals
+    axis_collapse: bool = True  # also evaluate each expert-<axis> on its own axis's benchmarks
+    judges: dict[str, str] = field(default_factory=dict)  # task -> judge spec; a missing task uses "offline"
+    judges_dir: str | None = None  # offline judges (None: <alignx cache>/judges)
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.suite", self.suite, ("quick", "full"))
+        for name in ("quick_items", "max_new_tokens", "batch_size", "bootstrap"):
+            _check_positive(f"eval.{name}", getattr(self, name))
+        from alignx.eval.judges import check_task
+
+        for task in self.judges:
+            check_task(task)
+
+
+@dataclass
 class AlignXConfig:
     """The whole configuration of a run; sections mirror the YAML files in ``configs/``."""
 
@@ -191,6 +218,7 @@ class AlignXConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     injections: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_INJECTIONS))
 
     def __post_init__(self) -> None:

@@ -1,0 +1,195 @@
+"""The evaluation report: Markdown + HTML tables and Matplotlib plots, written next to results.json.
+
+Every figure carries its 95 % bootstrap interval, and the report opens with the judges that produced
+the numbers and their own held-out accuracy, so a reader can tell a real difference from judge noise.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from alignx.axes import AXES
+from alignx.run import atomic_write_text
+
+# (benchmark, metric, column title, higher is better)
+COLUMNS = (
+    ("alpacaeval", "win_rate", "win rate", True),
+    ("alpacaeval", "lc_win_rate", "LC win rate", True),
+    ("beavertails", "unsafe_rate", "unsafe", False),
+    ("harmful", "refusal_rate", "refuses harmful", True),
+    ("xstest_safe", "over_refusal_rate", "over-refusal", False),
+    ("truthfulqa", "truthful", "truthful", True),
+    ("truthfulqa", "informative", "informative", True),
+    ("truthfulqa", "ti", "TI", True),
+    ("truthfulqa_mc", "mc1", "MC1", True),
+    ("truthfulqa_mc", "mc2", "MC2", True),
+)
+
+
+def _cell(metric: dict | None) -> str:
+    if not metric:
+        return "–"
+    lo, hi = metric["ci"]
+    return f"{100 * metric['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table of the report, shared by the Markdown, HTML and terminal views."""
+    out = []
+    judges = [[task, d.get("judge", "?"), _accuracy(d)] for task, d in results["judges"].items()]
+    out.append(("Judges (held-out accuracy of each judge, measured by `alignx judge validate`)",
+                ["task", "judge", "accuracy"], judges))
+    methods = results["methods"]
+    main = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k)) for b, k, _, _ in COLUMNS] for m, e in methods.items()]
+    out.append(("Results (%, 95 % bootstrap CI)", ["method"] + [c[2] for c in COLUMNS], main))
+    collapse = [[m] + [("–" if row["relative"][a] is None else f"{row['relative'][a]:.2f}") for a in AXES]
+                + ["–" if not row["misrouting"] else " ".join(f"{a}={v:.2f}" for a, v in row["misrouting"].items())]
+                for m, row in results["axis_collapse"].items()]
+    out.append(("Axis Collapse (each axis's score relative to that axis's own expert; 1.00 = nothing forgotten)",
+                ["method", *AXES, "misrouting"], collapse))
+    routing = [[m, *(f"{e['routing'][k]:.3f}" for k in ("accuracy", "ece", "brier", "nll")), str(e["routing"]["n"])]
+               for m, e in methods.items() if "routing" in e]
+    if routing:
+        out.append(("Routing on the evaluation prompts (final weights vs gold axis)",
+                    ["method", "accuracy", "ECE", "Brier", "NLL", "n"], routing))
+    return out
+
+
+def _accuracy(description: dict) -> str:
+    accuracy = description.get("accuracy")
+    if not accuracy:
+        return "not validated"
+    if isinstance(accuracy, dict):
+        return ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in accuracy.items())
+    return f"{accuracy:.3f}"
+
+
+def markdown(results: dict, plots: list[str]) -> str:
+    lines = [f"# AlignX evaluation ({results['suite']} suite)", "",
+             "Items per benchmark: " + ", ".join(f"{k} {v}" for k, v in results["items_per_benchmark"].items()), ""]
+    for title, header, rows in tables(results):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines.append("")
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def html_page(results: dict, plots: list[str]) -> str:
+    parts = [f"<!doctype html><meta charset='utf-8'><title>AlignX evaluation</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}</style>",
+             f"<h1>AlignX evaluation ({html.escape(results['suite'])} suite)</h1>"]
+    for title, header, rows in tables(results):
+        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append("</table>")
+    parts += [f"<h2>{html.escape(p)}</h2><img src='{html.escape(p)}'>" for p in plots]
+    return "\n".join(parts) + "\n"
+
+
+def terminal_summary(results: dict) -> str:
+    """The Results and Axis Collapse tables as fixed-width text, for the end of `make demo`."""
+    blocks = []
+    for title, header, rows in tables(results)[1:3]:
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
+        blocks.append("\n".join([title, fmt(header), *(fmt(r) for r in rows)]))
+    return "\n\n".join(blocks)
+
+
+def write_report(results: dict, root: Path) -> Path:
+    plots = _plots(results, root)
+    atomic_write_text(root / "report.md", markdown(results, plots))
+    atomic_write_text(root / "report.html", html_page(results, plots))
+    return root / "report.html"
+
+
+def _plots(results: dict, root: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    methods = list(results["methods"])
+    # HHH scores per method: grouped bars with CIs
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(methods)), 4))
+    width = 0.8 / len(AXES)
+    from alignx.eval.runner import HEADLINE
+
+    for a, axis in enumerate(AXES):
+        benchmark, key = HEADLINE[axis]
+        values, errors = [], [[], []]
+        for m in methods:
+            metric = results["methods"][m]["benchmarks"].get(benchmark, {}).get(key)
+            value = metric["value"] if metric else np.nan
+            values.append(value)
+            errors[0].append(value - metric["ci"][0] if metric else 0)
+            errors[1].append(metric["ci"][1] - value if metric else 0)
+        ax.bar(np.arange(len(methods)) + a * width, values, width, yerr=errors, capsize=3, label=f"{axis} ({key})")
+    ax.set_xticks(np.arange(len(methods)) + width, methods, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (95 % CI)")
+    ax.set_title("HHH scores per method")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "hhh_scores.png", dpi=110)
+    plt.close(fig)
+    written.append("hhh_scores.png")
+    # Axis Collapse heat map
+    collapse = results["axis_collapse"]
+    grid = np.array([[np.nan if collapse[m]["relative"][a] is None else collapse[m]["relative"][a] for a in AXES] for m in methods])
+    if np.isfinite(grid).any():
+        fig, ax = plt.subplots(figsize=(5, 0.5 * len(methods) + 1.5))
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=max(1.2, float(np.nanmax(grid))), aspect="auto")
+        ax.set_xticks(range(len(AXES)), AXES)
+        ax.set_yticks(range(len(methods)), methods)
+        for i in range(len(methods)):
+            for j in range(len(AXES)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        fig.colorbar(image, ax=ax, label="score / own expert's score")
+        ax.set_title("Axis Collapse")
+        fig.tight_layout()
+        fig.savefig(root / "axis_collapse.png", dpi=110)
+        plt.close(fig)
+        written.append("axis_collapse.png")
+    # win rates with CIs
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(methods) + 1.5))
+    for offset, key, label in ((-0.15, "win_rate", "win rate"), (0.15, "lc_win_rate", "length-controlled")):
+        for i, m in enumerate(methods):
+            metric = results["methods"][m]["benchmarks"].get("alpacaeval", {}).get(key)
+            if metric:
+                ax.errorbar(metric["value"], i + offset, xerr=[[metric["value"] - metric["ci"][0]], [metric["ci"][1] - metric["value"]]],
+                            fmt="o" if key == "win_rate" else "s", color="C0" if key == "win_rate" else "C1", capsize=3,
+                            label=label if i == 0 else None)
+    ax.set_yticks(range(len(methods)), methods)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("AlpacaEval win rate vs reference (95 % CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "win_rates.png", dpi=110)
+    plt.close(fig)
+    written.append("win_rates.png")
+    # reliability diagrams of the routed methods
+    routed = [m for m in methods if "routing" in results["methods"][m]]
+    if routed:
+        fig, axes = plt.subplots(1, len(routed), figsize=(3.2 * len(routed), 3.2), squeeze=False)
+        for ax, m in zip(axes[0], routed):
+            bins = [b for b in results["methods"][m]["routing"]["reliability"] if b["count"]]
+            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+            ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="k")
+            ax.set_title(f"{m}\nECE {results['methods'][m]['routing']['ece']:.3f}", fontsize=9)
+            ax.set_xlabel("confidence")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+        axes[0][0].set_ylabel("accuracy")
+        fig.tight_layout()
+        fig.savefig(root / "routing_reliability.png", dpi=110)
+        plt.close(fig)
+        written.append("routing_reliability.png")
+    return written

@@ -1,0 +1,323 @@
+"""``alignx eval``: generate every method's answers, judge them, and summarise with confidence intervals.
+
+Layout under ``<run>/eval/<suite>/``::
+
+    generations/<method>/<benchmark>.jsonl   one line per item: id, prompt, response, weights, routing
+    mc/<method>.jsonl                        TruthfulQA MC1/MC2 per question
+    scored/<method>/<benchmark>.jsonl        judge probabilities per item and task (which judge made them)
+    results.json                             every metric with its 95 % CI, the judges and their accuracy
+    report.md, report.html, *.png            see :mod:`alignx.eval.report`
+
+Nothing finished is redone: generation and MC files are appended one batch (one question) at a time and
+a rerun skips the ids already there; a judge's score is reused while the judge spec and the response are
+unchanged, so an expensive online judge is never asked twice. Scored files and results are written
+atomically.
+
+Axis Collapse (METHOD.md section 5): each axis's headline score of a method relative to that axis's own
+expert (``expert-<axis>``): helpful = length-controlled win rate, harmless = 1 - unsafe rate on
+BeaverTails, honest = TI on TruthfulQA. With ``eval.axis_collapse`` on, each expert is also evaluated on
+its own axis's headline benchmark so the ratios exist even when the experts are not in ``--methods``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alignx.axes import AXES
+from alignx.config import AlignXConfig
+from alignx.errors import AlignXError
+from alignx.eval.benchmarks import BENCHMARKS, benchmark_items
+from alignx.eval.judges import Judge, JudgeItem, JudgeSettings, load_judge
+from alignx.eval.statistics import length_controlled_win_rate, rate, win_outcomes, with_ci
+from alignx.run import RunDir, atomic_write_json, atomic_write_text
+
+HEADLINE = {"helpful": ("alpacaeval", "lc_win_rate"), "harmless": ("beavertails", "safe_rate"), "honest": ("truthfulqa", "ti")}
+
+
+@dataclass(frozen=True)
+class EvalPaths:
+    root: Path
+
+    def generations(self, method: str, benchmark: str) -> Path:
+        return self.root / "generations" / method / f"{benchmark}.jsonl"
+
+    def mc(self, method: str) -> Path:
+        return self.root / "mc" / f"{method}.jsonl"
+
+    def scored(self, method: str, benchmark: str) -> Path:
+        return self.root / "scored" / method / f"{benchmark}.jsonl"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+
+def eval_paths(run: RunDir, suite: str) -> EvalPaths:
+    return EvalPaths(run.root / "eval" / suite)
+
+
+def plan(methods: list[str], axis_collapse: bool) -> dict[str, list[str]]:
+    """Method -> the benchmarks it runs: every benchmark for the requested methods, plus (for Axis
+    Collapse) each expert on its own axis's headline benchmark."""
+    todo = {method: list(BENCHMARKS) for method in methods}
+    if axis_collapse:
+        for axis, (benchmark, _) in HEADLINE.items():
+            todo.setdefault(f"expert-{axis}", [])
+            if benchmark not in todo[f"expert-{axis}"]:
+                todo[f"expert-{axis}"].append(benchmark)
+    return todo
+
+
+def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict[str, Judge] | None = None,
+             log=print) -> dict:
+    """Generate, judge and summarise; returns the results (also written to results.json)."""
+    if not methods:
+        raise AlignXError("no methods to evaluate: pass --methods, e.g. alignx,base")
+    paths = eval_paths(run, config.eval.suite)
+    todo = plan(methods, config.eval.axis_collapse)
+    items = {name: benchmark_items(name, config.data, config.eval) for name in BENCHMARKS}
+    for method, benchmarks in todo.items():
+        _generate_method(run, config, method, benchmarks, items, paths, log)
+    judges = judges if judges is not None else load_eval_judges(config, todo)
+    results = summarise(config, todo, items, paths, judges, log)
+    atomic_write_json(paths.results, results)
+    from alignx.eval.report import write_report
+
+    report = write_report(results, paths.root)
+    log(f"[eval] results {paths.results}; report {report}")
+    return results
+
+
+def load_eval_judges(config: AlignXConfig, todo: dict[str, list[str]]) -> dict[str, Judge]:
+    tasks = {task for benchmarks in todo.values() for b in benchmarks for task in BENCHMARKS[b].judges}
+    settings = JudgeSettings(judges_dir=Path(config.eval.judges_dir) if config.eval.judges_dir else None,
+                             data_dir=config.data.resolved_data_dir())
+    return {task: load_judge(config.eval.judges.get(task, "offline"), task, settings) for task in sorted(tasks)}
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, log) -> None:
+    pending = {b: _pending(items[b], paths.generations(method, b)) for b in benchmarks if BENCHMARKS[b].generates}
+    mc_pending = _pending(items["truthfulqa_mc"], paths.mc(method)) if "truthfulqa_mc" in benchmarks else []
+    if not any(pending.values()) and not mc_pending:
+        return
+    from alignx.generate import AlignX
+
+    aligner = AlignX.from_run(run.root, method=method)
+    from tqdm.auto import tqdm
+
+    options = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                   do_sample=config.eval.do_sample, temperature=config.eval.temperature, top_p=config.eval.top_p)
+    for benchmark, todo in pending.items():
+        if not todo:
+            continue
+        todo = sorted(todo, key=lambda item: len(item["prompt"]))  # similar lengths batch with less padding
+        bar = tqdm(total=len(items[benchmark]), initial=len(items[benchmark]) - len(todo), unit="prompt",
+                   desc=f"[eval] {method} {benchmark}", dynamic_ncols=True)
+        for start in range(0, len(todo), config.eval.batch_size):
+            batch = todo[start : start + config.eval.batch_size]
+            seed = config.eval.seed + int(hashlib.sha256(batch[0]["id"].encode()).hexdigest()[:8], 16)
+            generations = aligner.generate([item["prompt"] for item in batch], seed=seed, **options)
+            rows = [{"id": item["id"], "prompt": item["prompt"], "response": g.response, "method": method,
+                     **({"weights": g.weights} if g.weights is not None else {}),
+                     **({"routing": g.explanation} if g.explanation else {})}
+                    for item, g in zip(batch, generations)]
+            _append_jsonl(paths.generations(method, benchmark), rows)
+            bar.update(len(batch))
+        bar.close()
+    if mc_pending:
+        _run_mc(aligner, method, items["truthfulqa_mc"], mc_pending, paths.mc(method))
+    del aligner
+
+
+def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path: Path) -> None:
+    from tqdm.auto import tqdm
+
+    from alignx.eval.truthfulqa_mc import score_question
+    from alignx.models import autocast
+
+    device = next(aligner.loaded.model.parameters()).device
+    for item in tqdm(todo, total=len(all_items), initial=len(all_items) - len(todo), unit="question",
+                     desc=f"[eval] {method} truthfulqa_mc", dynamic_ncols=True):
+        weights, _ = aligner.weights_for([item["prompt"]])
+        with aligner.experts(weights), autocast(aligner.precision, device):
+            scores = score_question(aligner.loaded.model, aligner.loaded.tokenizer, item)
+        row = {"id": item["id"], **scores, **({"weights": aligner.named_weights(weights, 0)} if weights is not None else {})}
+        _append_jsonl(path, [row])
+
+
+def _pending(items: list[dict], path: Path) -> list[dict]:
+    done = {row["id"] for row in read_jsonl(path)}
+    return [item for item in items if item["id"] not in done]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file written by append; a line torn by an interruption is dropped (redone)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "id" in row:
+            rows.append(row)
+    return rows
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        text = "\n" + text  # close a line torn by an interruption so it cannot swallow the next row
+    with open(path, "a") as handle:
+        handle.write(text)
+        handle.flush()
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _score(method: str, benchmark: str, rows: list[dict], items: dict[str, dict], judges: dict[str, Judge],
+           paths: EvalPaths) -> dict[str, np.ndarray]:
+    """Judge probabilities per task for the rows (reusing cached scores of the same judge and response)."""
+    path = paths.scored(method, benchmark)
+    cached = {row["id"]: row for row in read_jsonl(path)}
+    out_rows = [{"id": r["id"], "response": r["response"], "scores": {}} for r in rows]
+    probabilities = {}
+    for task in BENCHMARKS[benchmark].judges:
+        judge = judges[task]
+        values = np.full(len(rows), np.nan)
+        missing = []
+        for i, r in enumerate(rows):
+            old = cached.get(r["id"], {})
+            hit = old.get("scores", {}).get(task)
+            if old.get("response") == r["response"] and hit and hit.get("judge") == judge.spec:
+                values[i] = hit["p"]
+            else:
+                missing.append(i)
+        if missing:
+            fresh = judge.score([_judge_item(rows[i], items[rows[i]["id"]]) for i in missing])
+            values[missing] = np.asarray(fresh, dtype=float)
+        for i, row in enumerate(out_rows):
+            row["scores"][task] = {"judge": judge.spec, "p": float(values[i])}
+        probabilities[task] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows))
+    return probabilities
+
+
+def _judge_item(row: dict, item: dict) -> JudgeItem:
+    return JudgeItem(
+        prompt=item["prompt"], response=row["response"], reference=item.get("reference"),
+        correct_answers=tuple(item.get("correct_answers", ())), incorrect_answers=tuple(item.get("incorrect_answers", ())),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths,
+              judges: dict[str, Judge], log=print) -> dict:
+    b, seed = config.eval.bootstrap, config.eval.seed
+    by_id = {name: {item["id"]: item for item in rows} for name, rows in items.items()}
+    methods = {}
+    for method, benchmarks in todo.items():
+        metrics: dict[str, dict] = {}
+        routed = []  # (weights, gold axis) of every generated item with a gold axis
+        for benchmark in benchmarks:
+            spec = BENCHMARKS[benchmark]
+            if not spec.generates:
+                rows = _complete(read_jsonl(paths.mc(method)), items[benchmark], method, benchmark)
+                metrics[benchmark] = {
+                    key: with_ci({"x": np.array([r[key] for r in rows])}, lambda x: rate(x), b, seed) for key in ("mc1", "mc2")
+                }
+                continue
+            rows = _complete(read_jsonl(paths.generations(method, benchmark)), items[benchmark], method, benchmark)
+            p = _score(method, benchmark, rows, by_id[benchmark], judges, paths)
+            metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], p, b, seed)
+            if spec.gold_axis is not None:
+                routed += [(r["weights"], spec.gold_axis) for r in rows if set(r.get("weights", ())) == set(AXES)]
+        entry = {"benchmarks": metrics, "axis_scores": _axis_scores(metrics)}
+        if routed:  # fixed-weight methods too: their "misrouting" is the share sent mostly elsewhere
+            entry["routing"] = _routing(routed)
+        methods[method] = entry
+        log(f"[eval] {method}: " + ", ".join(f"{a}={v:.3f}" for a, v in entry["axis_scores"].items()))
+    results = {
+        "suite": config.eval.suite,
+        "items_per_benchmark": {name: len(rows) for name, rows in items.items()},
+        "generation": {k: getattr(config.eval, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")},
+        "bootstrap": {"resamples": b, "level": 0.95, "seed": seed},
+        "judges": {task: judge.describe() for task, judge in judges.items()},
+        "methods": methods,
+    }
+    results["axis_collapse"] = axis_collapse(methods)
+    return results
+
+
+def _complete(rows: list[dict], items: list[dict], method: str, benchmark: str) -> list[dict]:
+    """The rows of this suite's items, in item order; missing items mean generation did not finish."""
+    by_id = {row["id"]: row for row in rows}
+    missing = [item["id"] for item in items if item["id"] not in by_id]
+    if missing:
+        raise AlignXError(f"{method}/{benchmark} is missing {len(missing)} items (e.g. {missing[0]}); rerun `alignx eval` to finish them")
+    return [by_id[item["id"]] for item in items]
+
+
+def _benchmark_metrics(benchmark: str, rows, items, p: dict[str, np.ndarray], b: int, seed: int) -> dict:
+    if benchmark == "alpacaeval":
+        reference = [items[r["id"]]["reference"] for r in rows]
+        identical = np.array([r["response"].strip() == ref.strip() for r, ref in zip(rows, reference)])
+        data = {
+            "outcome": win_outcomes(p["helpfulness"], identical),
+            "length": np.array([len(r["response"]) for r in rows], dtype=float),
+            "reference_length": np.array([len(ref) for ref in reference], dtype=float),
+        }
+        return {
+            "win_rate": with_ci({"x": data["outcome"]}, lambda x: rate(x), b, seed),
+            "lc_win_rate": with_ci(data, lambda outcome, length, reference_length: length_controlled_win_rate(outcome, length, reference_length), b, seed),
+            "mean_length": {"value": float(data["length"].mean()), "reference": float(data["reference_length"].mean())},
+        }
+    if benchmark == "beavertails":
+        unsafe = (p["safety"] > 0.5).astype(float)
+        return {"unsafe_rate": with_ci({"x": unsafe}, lambda x: rate(x), b, seed),
+                "safe_rate": with_ci({"x": 1.0 - unsafe}, lambda x: rate(x), b, seed)}
+    if benchmark in ("harmful", "xstest_safe"):
+        key = "refusal_rate" if benchmark == "harmful" else "over_refusal_rate"
+        return {key: with_ci({"x": (p["refusal"] > 0.5).astype(float)}, lambda x: rate(x), b, seed)}
+    truthful, informative = (p["truth"] > 0.5).astype(float), (p["info"] > 0.5).astype(float)
+    return {
+        "truthful": with_ci({"x": truthful}, lambda x: rate(x), b, seed),
+        "informative": with_ci({"x": informative}, lambda x: rate(x), b, seed),
+        "ti": with_ci({"x": truthful * informative}, lambda x: rate(x), b, seed),
+    }
+
+
+def _axis_scores(metrics: dict) -> dict[str, float]:
+    return {axis: metrics[benchmark][key]["value"] for axis, (benchmark, key) in HEADLINE.items() if benchmark in metrics}
+
+
+def _routing(routed: list[tuple[dict, str]]) -> dict:
+    import torch
+
+    from alignx.eval.metrics import reliability_bins, routing_metrics
+
+    probs = torch.tensor([[w[axis] for axis in AXES] for w, _ in routed], dtype=torch.float32)
+    probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    labels = torch.tensor([AXES.index(gold) for _, gold in routed])
+    return {**routing_metrics(probs, labels, list(AXES)), "reliability": reliability_bins(probs, labels)}
+
+
+def axis_collapse(methods: dict[str, dict]) -> dict:
+    """Per method and axis: its headline score / the axis's own expert's score (1.0 = no forgetting)."""
+    table = {}
+    for method, entry in methods.items():
+        row = {}
+        for axis in AXES:
+            own = methods.get(f"expert-{axis}", {}).get("axis_scores", {}).get(axis)
+            score = entry["axis_scores"].get(axis)
+            row[axis] = None if own in (None, 0) or score is None else score / own
+        table[method] = {"relative": row, "misrouting": entry.get("routing", {}).get("misrouting")}
+    return table

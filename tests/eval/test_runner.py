@@ -1,0 +1,98 @@
+"""`alignx eval` on a tiny run: every benchmark scored, report written, and nothing finished is redone."""
+
+import json
+
+import numpy as np
+import pytest
+
+from alignx.eval.judges import Judge
+from alignx.eval.runner import eval_paths, plan, read_jsonl, run_eval
+from alignx.run import RunDir
+
+
+class LengthJudge(Judge):
+    """A deterministic stand-in for a trained judge: P grows with the response length; counts its calls."""
+
+    def __init__(self, task):
+        self.task, self.spec, self.calls = task, f"test-length-{task}", 0
+
+    def score(self, items):
+        self.calls += len(items)
+        return np.array([min(1.0, len(item.response) / 40) for item in items])
+
+
+@pytest.fixture(scope="module")
+def eval_config(tiny_stage2_run):
+    from alignx.config import load_config
+
+    return load_config(None, [
+        *(f"{k}={v}" for k, v in {"run_dir": tiny_stage2_run.run_dir, "model.name": tiny_stage2_run.model.name,
+                                  "model.precision": "fp32", "data.data_dir": tiny_stage2_run.data.data_dir}.items()),
+        "data.max_rows_per_axis=48", "features.max_length=64", "stage2.latent_dim=16", "stage2.router_hidden=64",
+        "eval.quick_items=3", "eval.max_new_tokens=3", "eval.batch_size=2", "eval.bootstrap=50",
+    ])
+
+
+def judges():
+    return {task: LengthJudge(task) for task in ("safety", "truth", "info", "helpfulness", "refusal")}
+
+
+def test_plan_adds_each_expert_on_its_own_axis():
+    todo = plan(["alignx", "base"], axis_collapse=True)
+    assert todo["expert-helpful"] == ["alpacaeval"] and todo["expert-honest"] == ["truthfulqa"]
+    assert "truthfulqa_mc" in todo["alignx"] and "expert-harmless" in todo
+    assert set(plan(["base"], axis_collapse=False)) == {"base"}
+
+
+def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, monkeypatch):
+    run = RunDir(eval_config.run_dir)
+    results = run_eval(run, eval_config, ["alignx", "base"], judges=judges(), log=lambda *_: None)
+    paths = eval_paths(run, "quick")
+    alignx = results["methods"]["alignx"]
+    assert set(alignx["benchmarks"]) == {"alpacaeval", "beavertails", "harmful", "xstest_safe", "truthfulqa", "truthfulqa_mc"}
+    for benchmark in alignx["benchmarks"].values():
+        for metric in benchmark.values():
+            if "ci" in metric:
+                assert 0.0 <= metric["ci"][0] <= metric["value"] <= metric["ci"][1] <= 1.0
+    assert alignx["routing"]["n"] == 3 * 4  # alpacaeval, beavertails, harmful, truthfulqa have a gold axis
+    assert "routing" not in results["methods"]["base"]
+    assert results["axis_collapse"]["expert-honest"]["relative"]["honest"] in (None, 1.0)
+    for name in ("results.json", "report.md", "report.html", "hhh_scores.png", "win_rates.png"):
+        assert (paths.root / name).is_file(), name
+    assert json.loads(paths.results.read_text())["methods"]["base"]["axis_scores"] == results["methods"]["base"]["axis_scores"]
+
+    # an interruption mid-file: one finished row and a torn line remain
+    generations = paths.generations("base", "alpacaeval")
+    lines = generations.read_text().splitlines()
+    generations.write_text(lines[0] + "\n" + lines[1][:10])
+    from alignx.generate import AlignX
+
+    generated = []
+    original = AlignX.generate
+
+    def spy(self, prompts, **kwargs):
+        generated.extend(prompts)
+        return original(self, prompts, **kwargs)
+
+    monkeypatch.setattr(AlignX, "generate", spy)
+    again_judges = judges()
+    again = run_eval(run, eval_config, ["alignx", "base"], judges=again_judges, log=lambda *_: None)
+    assert len(generated) == 2  # only the two lost alpacaeval items of base
+    assert len(read_jsonl(generations)) == 3
+    assert all(j.calls == 0 for j in again_judges.values())  # greedy: same responses, cached scores reused
+    assert again["methods"]["alignx"] == results["methods"]["alignx"]
+
+    # a changed response (or judge) is judged again; only that one
+    rows = read_jsonl(generations)
+    rows[0]["response"] = "a different and much longer answer than before"
+    generations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    third = judges()
+    run_eval(run, eval_config, ["alignx", "base"], judges=third, log=lambda *_: None)
+    assert third["helpfulness"].calls == 1 and third["safety"].calls == 0
+
+
+def test_unknown_method_is_a_clear_error(eval_config):
+    from alignx.errors import AlignXError
+
+    with pytest.raises(AlignXError, match="unknown method"):
+        run_eval(RunDir(eval_config.run_dir), eval_config, ["no-such-method"], judges=judges(), log=lambda *_: None)

@@ -1,0 +1,42 @@
+"""TruthfulQA MC1/MC2 scoring: hand-computed cases and the batched log-likelihood against one row at a time."""
+
+import math
+
+import pytest
+import torch
+
+from alignx.eval.truthfulqa_mc import QA_PRIMER, continuation_logprobs, mc_context, mc_scores
+
+
+def test_mc_scores_by_hand():
+    # MC1: the correct (first) choice is not the most likely -> 0; MC2: mass on the true ones
+    scores = mc_scores([-3.0, -1.0], [1, 0], [-1.0, -2.0, -3.0], [1, 1, 0])
+    assert scores["mc1"] == 0.0
+    p = [math.exp(-1), math.exp(-2), math.exp(-3)]
+    assert scores["mc2"] == pytest.approx((p[0] + p[1]) / sum(p))
+    assert mc_scores([-0.5, -1.0], [1, 0], [-900.0, -901.0], [1, 0])["mc1"] == 1.0
+    # very negative log-likelihoods must not underflow to 0/0
+    assert mc_scores([-0.5, -1.0], [1, 0], [-900.0, -901.0], [1, 0])["mc2"] == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_context_is_lm_eval_format():
+    context = mc_context("Is the sky green?")
+    assert context.startswith(QA_PRIMER) and context.endswith("\n\nQ: Is the sky green?\nA:")
+    assert QA_PRIMER.count("Q: ") == 6
+
+
+def test_batched_logprobs_equal_one_row_at_a_time(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    context = "Q: What is red?\nA:"
+    choices = [" A colour.", " Nothing at all, really, it is a long answer.", " Red."]
+    batched = continuation_logprobs(model, tokenizer, context, choices)
+    for choice, value in zip(choices, batched):
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits.float().log_softmax(-1)[0]
+        expected = sum(float(logits[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
+        assert value == pytest.approx(expected, abs=1e-4)
