@@ -34,7 +34,9 @@ def _import_openai() -> Any:
     try:
         import openai
     except ImportError:
-        raise AlignXError("OpenAI-compatible judges need the openai package: pip install 'alignx[online-judges]'") from None
+        raise AlignXError(
+            "OpenAI-compatible judges need the openai package: pip install 'alignx[online-judges]'"
+        ) from None
     return openai
 
 
