@@ -69,6 +69,7 @@ def test_binary_classifier_is_label_1_deterministic_and_batching_invariant(class
     batched = judge.score(ITEMS)
     assert batched.dtype == np.float64 and ((batched >= 0) & (batched <= 1)).all()
     np.testing.assert_array_equal(batched, judge.score(ITEMS))
+    assert judge.score([]).shape == (0,)
     singles = np.concatenate([hf(classifier_dirs["binary"], "safety", batch_size=1).score([item]) for item in ITEMS])
     np.testing.assert_allclose(batched, singles, atol=1e-5)
     expected = torch.softmax(classifier_logits(classifier_dirs["binary"], tiny_tokenizer, ITEMS[0].prompt,
@@ -126,6 +127,7 @@ def test_causal_truth_judge_is_softmax_of_yes_and_no(tiny_model_dir, tiny_tokeni
             logits = model(**ids).logits[0, -1]
         assert score == pytest.approx(float(torch.softmax(logits[[yes, no]], 0)[0]), abs=1e-5)
     assert judge.describe()["prompt"] == "truthfulqa-gpt-judge"
+    assert judge.score([]).shape == (0,)
 
 
 def test_causal_pairwise_judge_is_order_symmetric(tiny_model_dir):

@@ -91,6 +91,7 @@ def test_request_and_logprob_probability():
     assert body["messages"][0]["role"] == "system" and "truth" in body["messages"][0]["content"]
     yes, no = math.exp(-0.1), math.exp(-2.3)  # "maybe" is no answer word: left out
     assert scores.dtype == np.float64 and scores == pytest.approx([yes / (yes + no)], abs=1e-12)
+    assert judge(server.url, "truth").score([]).shape == (0,)
 
 
 def test_refusal_counts_full_and_partial_refusals():

@@ -109,6 +109,8 @@ class HFJudge(Judge):
     # ----------------------------------------------------------------------------------------- scoring
 
     def score(self, items: Sequence[JudgeItem]) -> np.ndarray:
+        if not items:
+            return np.empty(0, dtype=np.float64)
         if self.kind == "causal-lm":
             return score_items(self.prompt, items, self._score_queries)
         if self.task == "helpfulness":

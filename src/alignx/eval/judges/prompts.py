@@ -70,6 +70,8 @@ def score_items(
     prompt: JudgePrompt, items: Sequence[JudgeItem], score_queries: Callable[[list[JudgeQuery]], np.ndarray]
 ) -> np.ndarray:
     """P(positive) per item: the mean of ``score_queries`` over the item's queries."""
+    if not items:
+        return np.empty(0, dtype=np.float64)
     per_item = [prompt.build(item) for item in items]
     queries = [query for item_queries in per_item for query in item_queries]
     owners = np.repeat(np.arange(len(items)), [len(q) for q in per_item])
