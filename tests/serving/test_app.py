@@ -1,0 +1,166 @@
+"""The server over real HTTP on loopback, through the ``openai`` client where a client would use it."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tests.serving.conftest import API_KEY, MODEL
+
+PROMPT = "Give three tips for staying healthy."
+
+
+def post(url: str, body: bytes | str, key: str | None = API_KEY) -> tuple[int, dict]:
+    """A raw POST (the openai client would refuse to send a malformed body)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    data = body.encode() if isinstance(body, str) else body
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def metric(server, name: str) -> float:
+    text = urllib.request.urlopen(f"{server.url}/metrics", timeout=10).read().decode()
+    return sum(float(value) for value in re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M))
+
+
+def chat(client, prompt=PROMPT, **options):
+    options = {"max_tokens": 8, "temperature": 0, **options}
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], **options)
+
+
+def test_chat_round_trip_reports_routing(client):
+    response = chat(client)
+    assert response.object == "chat.completion" and response.model == MODEL
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].finish_reason in {"stop", "length"}
+    assert 0 < response.usage.completion_tokens <= 8 and response.usage.prompt_tokens > 0
+    routing = response.model_extra["alignx"]
+    assert routing["method"] == "alignx" and set(routing["weights"]) == {"helpful", "harmless", "honest"}
+    assert sum(routing["weights"].values()) == pytest.approx(1, abs=1e-4)
+    assert {"router", "final", "ood"} <= set(routing["explanation"])
+
+
+def test_completions_endpoint(client):
+    response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
+    assert response.object == "text_completion" and isinstance(response.choices[0].text, str)
+    assert response.usage.completion_tokens <= 5
+    assert set(response.model_extra["alignx"]["weights"]) == {"helpful", "harmless", "honest"}
+
+
+def test_stream_reassembles_to_the_greedy_answer(client):
+    whole = chat(client, max_tokens=12).choices[0].message.content
+    chunks = list(chat(client, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    assert "alignx" in chunks[0].model_extra and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in {"stop", "length"}
+    assert chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
+    pieces = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12,
+                                                                    temperature=0, stream=True)]
+    assert "".join(pieces) == client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+
+
+def test_stop_string_cuts_the_answer(client):
+    whole = chat(client, max_tokens=16).choices[0].message.content
+    if len(whole) < 4:
+        pytest.skip("the tiny model answered too briefly to cut")
+    stop = whole[2:4]
+    response = chat(client, max_tokens=16, stop=[stop])
+    assert response.choices[0].message.content == whole[: whole.find(stop)]
+    assert response.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, max_tokens=16, stop=stop, stream=True))
+    assert streamed == whole[: whole.find(stop)]
+
+
+def test_models_and_health(client, live_server):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    health = json.loads(urllib.request.urlopen(f"{live_server.url}/health", timeout=10).read())
+    assert health["status"] == "ok" and health["method"] == "alignx"
+
+
+def test_wrong_or_missing_key_is_401(live_server):
+    for key in ("wrong-key", "not-even-close-to-the-right-length"):
+        bad = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            chat(bad)
+    status, body = post(f"{live_server.url}/v1/chat/completions", "{}", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, _ = post(f"{live_server.url}/v1/models", "", key=None)
+    assert status in {401, 405}
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ('{"model": "tiny", "messages": [', 400, None),
+    ("[1, 2]", 400, None),
+    ('{"model": "tiny"}', 400, "messages"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}', 400, "max_tokens"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}', 400, "temperature"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 17}', 400, "max_tokens"),
+    ('{"model": "tiny", "messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]}',
+     400, "messages"),
+    ('{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+])
+def test_bad_requests_get_openai_shaped_errors(live_server, body, status, param):
+    got, payload = post(f"{live_server.url}/v1/chat/completions", body)
+    assert got == status and payload["error"]["param"] == param and payload["error"]["message"]
+
+
+def test_over_long_prompt_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="over this server's limit") as caught:
+        chat(client, prompt="tips " * 200)
+    assert caught.value.body["code"] == "context_length_exceeded"
+
+
+def test_unknown_model_through_the_client(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_metrics_move(client, live_server):
+    before = metric(live_server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="200"}')
+    tokens = metric(live_server, "alignx_generated_tokens_total")
+    chat(client, max_tokens=4)
+    after = metric(live_server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="200"}')
+    assert after == before + 1 and metric(live_server, "alignx_generated_tokens_total") > tokens
+    assert metric(live_server, "alignx_request_latency_seconds_count") >= 1
+
+
+def test_concurrent_load_is_batched(client, live_server):
+    batches_before = metric(live_server, "alignx_batch_size_count")
+    singles_before = metric(live_server, 'alignx_batch_size_bucket{le="1"}')
+    prompts = [f"{PROMPT} ({i})" for i in range(32)]
+
+    def ask(prompt):
+        response = chat(client, prompt=prompt, max_tokens=6, temperature=0 if len(prompt) % 2 else 0.8, seed=1)
+        return prompt, response.choices[0].message.content, response.model_extra["alignx"]["weights"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert [a[0] for a in answers] == prompts and all(isinstance(a[1], str) and a[2] for a in answers)
+    batches = metric(live_server, "alignx_batch_size_count") - batches_before
+    singles = metric(live_server, 'alignx_batch_size_bucket{le="1"}') - singles_before
+    assert batches < 32 and batches - singles >= 1  # at least one batch held several requests
+    assert metric(live_server, "alignx_queue_depth") == 0
+
+
+def test_a_failing_batch_is_a_500_and_the_server_goes_on(client, live_server, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated decoding failure")
+
+    monkeypatch.setattr(live_server.aligner, "generate_with", broken)
+    with pytest.raises(openai.InternalServerError):
+        chat(client)
+    chunks = chat(client, stream=True)
+    with pytest.raises(openai.APIError, match="generation failed"):
+        list(chunks)
+    monkeypatch.undo()
+    assert chat(client).choices[0].message.content is not None
