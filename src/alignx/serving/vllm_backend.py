@@ -1,0 +1,245 @@
+"""The vLLM hand-off (``alignx serve --backend vllm``): MoCaE routes, vLLM's multi-LoRA engine decodes.
+
+vLLM applies one LoRA adapter per request, not a weighted mixture, so each request's expert weights become
+one adapter:
+
+* a one-hot weight vector (``--mode top1``, ``expert-<axis>``, a baseline's single adapter) is the expert's
+  own PEFT adapter directory (``RunDir.adapter_dir``);
+* any other vector is rounded to a grid of ``1/grid`` (largest remainder, so the steps sum exactly to 1) and
+  served by a merged adapter: the experts' factors concatenated along the rank, each B scaled by its weight
+  and LoRA scale, which is exactly Σ w_a·scale_a·B_a·A_a (the "cat" merge; no SVD approximation). Merged
+  adapters are written once per quantised vector into a private folder and kept in a small LRU cache.
+
+Every adapter has a stable int id derived from its quantised vector, so vLLM's own adapter cache recognises
+a vector it has seen. The pure parts (quantisation, ids, the merge, vLLM's arguments) need no vLLM and are
+tested without it; :class:`VLLMEngine` imports vLLM lazily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import shutil
+import tempfile
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignx.errors import AlignXError
+from alignx.serving.metrics import Metrics
+from alignx.serving.requests import Delta, Failed, Finished, GenerationRequest, QueueFull, Routed
+
+log = logging.getLogger("alignx.serving")
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def quantise(weights: Sequence[float], grid: int = 10) -> tuple[int, ...]:
+    """Weights -> non-negative integer steps of ``1/grid`` that sum to ``grid`` (largest remainder)."""
+    values = [max(0.0, float(w)) for w in weights]
+    total = sum(values)
+    if not values or total <= 0 or grid < 1:
+        raise AlignXError(f"cannot quantise expert weights {list(weights)} to a grid of {grid}")
+    exact = [v / total * grid for v in values]
+    steps = [int(e) for e in exact]
+    by_remainder = sorted(range(len(values)), key=lambda i: (-(exact[i] - steps[i]), i))
+    for i in by_remainder[: grid - sum(steps)]:
+        steps[i] += 1
+    return tuple(steps)
+
+
+def adapter_id(steps: Sequence[int], grid: int = 10) -> int:
+    """A stable positive id per quantised vector (vLLM's ``lora_int_id`` must be > 0)."""
+    return 1 + sum(step * (grid + 1) ** i for i, step in enumerate(steps))
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """What a request's ``LoRARequest(name, int_id, path)`` points at."""
+
+    name: str
+    int_id: int
+    path: Path
+
+
+def merge_adapters(adapter_dirs: Sequence[Path], weights: Sequence[float], out: Path) -> None:
+    """Write the PEFT LoRA adapter whose delta is Σ w_a·scale_a·B_a·A_a, by concatenating the factors.
+
+    The merged adapter has rank Σ r_a (experts with weight 0 left out) and ``lora_alpha = r`` (scale 1), so
+    each expert's own scale and weight are folded into its B block.
+    """
+    from alignx.run import atomic_dir, atomic_save_safetensors, atomic_write_json
+    from alignx.stage1.task_vector import adapter_config, lora_factors
+
+    kept = [(Path(d), float(w)) for d, w in zip(adapter_dirs, weights) if w > 0]
+    if not kept:
+        raise AlignXError("a merged adapter needs at least one expert with a positive weight")
+    factors = [lora_factors(d) for d, _ in kept]
+    modules = sorted(factors[0])
+    if any(sorted(f) != modules for f in factors):
+        raise AlignXError("the experts adapt different modules; they cannot be merged into one adapter")
+    tensors = {}
+    for module in modules:
+        parts = [(f[module], w) for f, (_, w) in zip(factors, kept)]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.cat([p.A.float() for p, _ in parts], dim=0)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.cat([w * p.scale * p.B.float() for p, w in parts], dim=1)
+    rank = sum(f[modules[0]].A.shape[0] for f in factors)
+    config = {**adapter_config(kept[0][0]), "r": rank, "lora_alpha": rank, "use_rslora": False}
+    with atomic_dir(out) as tmp:
+        atomic_save_safetensors(tensors, tmp / "adapter_model.safetensors")
+        atomic_write_json(tmp / "adapter_config.json", config)
+
+
+class AdapterCache:
+    """Chooses each weight vector's adapter; merged ones live in ``root``, at most ``capacity`` of them (LRU)."""
+
+    def __init__(self, adapter_dirs: Mapping[str, Path], root: Path, capacity: int = 16, grid: int = 10):
+        if capacity < 1:
+            raise AlignXError(f"the merged-adapter cache needs room for at least 1 adapter, got {capacity}")
+        self.adapter_dirs, self.root, self.capacity, self.grid = dict(adapter_dirs), Path(root), capacity, grid
+        self._merged: OrderedDict[tuple[int, ...], Path] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def choose(self, weights: Sequence[float]) -> AdapterChoice:
+        steps = quantise(weights, self.grid)
+        names = list(self.adapter_dirs)
+        if max(steps) == self.grid:  # one expert alone: its own adapter
+            name = names[steps.index(self.grid)]
+            return AdapterChoice(name, adapter_id(steps, self.grid), self.adapter_dirs[name])
+        label = "-".join(f"{n}{s}" for n, s in zip(names, steps))
+        with self._lock:
+            path = self._merged.pop(steps, None) or self.root / label
+            if not path.is_dir():
+                merge_adapters(list(self.adapter_dirs.values()), [s / self.grid for s in steps], path)
+            self._merged[steps] = path
+            while len(self._merged) > self.capacity:
+                _, evicted = self._merged.popitem(last=False)
+                shutil.rmtree(evicted, ignore_errors=True)
+        return AdapterChoice(label, adapter_id(steps, self.grid), path)
+
+
+def max_lora_rank(adapter_dirs: Sequence[Path]) -> int:
+    """The smallest rank vLLM accepts that holds a merge of all the experts."""
+    from alignx.stage1.task_vector import adapter_config
+
+    total = sum(int(adapter_config(d)["r"]) for d in adapter_dirs)
+    for rank in VLLM_LORA_RANKS:
+        if rank >= total:
+            return rank
+    raise AlignXError(f"the experts' ranks sum to {total}, over vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}")
+
+
+def engine_arguments(model: str, adapter_dirs: Sequence[Path], cached_adapters: int) -> dict:
+    """``AsyncEngineArgs`` for the base model with multi-LoRA on."""
+    return dict(model=model, enable_lora=True, max_lora_rank=max_lora_rank(adapter_dirs),
+                max_loras=min(8, cached_adapters + len(adapter_dirs)),
+                max_cpu_loras=cached_adapters + len(adapter_dirs))
+
+
+def sampling_arguments(request: GenerationRequest) -> dict:
+    """``SamplingParams`` of a request (vLLM treats temperature 0 as greedy)."""
+    return dict(max_tokens=request.max_tokens, temperature=request.sampling.temperature, top_p=request.sampling.top_p,
+                seed=request.sampling.seed, stop=list(request.stop) or None)
+
+
+def model_location(model_name: str) -> str:
+    """What vLLM loads for a run's base model: a directory or hub id (GGUF files via their converted cache)."""
+    from alignx.models import gguf_cache, resolve_model_source
+
+    source = resolve_model_source(model_name)
+    return str(gguf_cache(source.path)) if source.kind in ("gguf", "embedded") else source.location
+
+
+def import_vllm():
+    try:
+        import vllm
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise AlignXError("--backend vllm needs vLLM (a CUDA machine): pip install 'alignx[vllm]'") from None
+    return vllm, LoRARequest
+
+
+class VLLMEngine:
+    """The serving backend that hands decoding to vLLM; routing still runs on this process's copy of the base
+    model (one partial prefill per request, in a worker thread)."""
+
+    def __init__(self, aligner, metrics: Metrics, *, max_queue: int = 256, merged_adapters: int = 16):
+        from alignx.data.formatting import ChatFormatter
+
+        self._vllm, self._lora_request = import_vllm()
+        if aligner.mixture is None:
+            raise AlignXError(f"method {aligner.method} mixes inside the model (no LoRA experts): use --backend hf")
+        self.aligner, self.metrics, self.method, self.max_queue = aligner, metrics, aligner.method, max_queue
+        adapter_dirs = {name: aligner.run.adapter_dir(name) for name in aligner.mixture.experts}
+        self._workdir = Path(tempfile.mkdtemp(prefix="alignx-vllm-adapters-"))
+        self.adapters = AdapterCache(adapter_dirs, self._workdir, merged_adapters)
+        arguments = engine_arguments(model_location(aligner.run.load_config().model.name), list(adapter_dirs.values()),
+                                     merged_adapters)
+        self.engine = self._vllm.AsyncLLMEngine.from_engine_args(self._vllm.AsyncEngineArgs(**arguments))
+        self._encoder = ChatFormatter(copy.deepcopy(aligner.loaded.tokenizer))  # the event loop's own tokenizer
+        self._route_lock = threading.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    def count_prompt_tokens(self, prompt: str) -> int:
+        return len(self._prompt_ids(prompt))
+
+    def submit(self, request: GenerationRequest) -> None:
+        if len(self._tasks) >= self.max_queue:
+            raise QueueFull
+        task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._tasks.add(task)
+        self.metrics.queue_depth.add(1)
+        task.add_done_callback(self._done)
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.metrics.queue_depth.add(-1)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        text = self._encoder.prompt_text(prompt)
+        return self._encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _route(self, prompt: str):
+        with self._route_lock:  # one partial prefill at a time on the routing model
+            weights, explanations = self.aligner.weights_for([prompt])
+        choice = None if weights is None else self.adapters.choose(weights[0].tolist())
+        explanation = explanations[0] if choice is None else {**explanations[0], "adapter": choice.name}
+        return self.aligner.named_weights(weights, 0), explanation, choice
+
+    async def _serve(self, request: GenerationRequest) -> None:
+        try:
+            if request.cancelled:
+                return
+            named, explanation, choice = await asyncio.to_thread(self._route, request.prompt)
+            request.send(Routed(named, self.method, explanation))
+            lora = None if choice is None else self._lora_request(choice.name, choice.int_id, str(choice.path))
+            params = self._vllm.SamplingParams(**sampling_arguments(request))
+            sent = ""
+            outputs = self.engine.generate({"prompt_token_ids": self._prompt_ids(request.prompt)}, params,
+                                           request_id=uuid.uuid4().hex, lora_request=lora)
+            async for output in outputs:
+                completion = output.outputs[0]
+                if completion.text.startswith(sent) and len(completion.text) > len(sent):
+                    request.send(Delta(completion.text[len(sent) :]))
+                    sent = completion.text
+                if output.finished:
+                    tokens = len(completion.token_ids)
+                    self.metrics.generated_tokens.inc(tokens)
+                    request.send(Finished("length" if completion.finish_reason == "length" else "stop", tokens))
+        except Exception:
+            log.exception("vLLM generation failed")
+            request.send(Failed(500, "generation failed: the server logged the error"))

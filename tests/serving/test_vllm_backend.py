@@ -1,0 +1,141 @@
+"""The vLLM hand-off without vLLM: routing -> adapters, the exact merge on disk, and the engine glue against a
+fake ``vllm`` module."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+
+import openai
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alignx.axes import AXES
+from alignx.errors import AlignXError
+from alignx.serving import vllm_backend
+from alignx.serving.vllm_backend import AdapterCache, adapter_id, merge_adapters, quantise
+from alignx.stage1.task_vector import lora_factors
+from tests.serving.conftest import serving
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=5).filter(lambda w: sum(w) > 1e-6))
+def test_quantised_weights_are_grid_steps_that_sum_to_one(weights):
+    steps = quantise(weights, grid=10)
+    assert sum(steps) == 10 and all(s >= 0 for s in steps)
+    exact = [w / sum(weights) * 10 for w in weights]
+    assert all(abs(s - e) < 1 for s, e in zip(steps, exact))
+
+
+def test_adapter_ids_are_stable_positive_and_unique():
+    vectors = [v for v in itertools.product(range(11), repeat=3) if sum(v) == 10]
+    ids = [adapter_id(v) for v in vectors]
+    assert min(ids) > 0 and len(set(ids)) == len(ids) and adapter_id((2, 3, 5)) == adapter_id((2, 3, 5))
+    with pytest.raises(AlignXError):
+        quantise([0, 0, 0])
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_stage2_run):
+    from alignx.run import RunDir
+
+    run = RunDir(tiny_stage2_run.run_dir)
+    return {axis: run.adapter_dir(axis) for axis in AXES}
+
+
+def test_merged_adapter_is_the_exact_weighted_sum(adapter_dirs, tmp_path, tiny_model_dir):
+    weights = [0.5, 0.3, 0.2]
+    merge_adapters(list(adapter_dirs.values()), weights, tmp_path / "merged")
+    merged = lora_factors(tmp_path / "merged")
+    experts = [lora_factors(d) for d in adapter_dirs.values()]
+    for module, factors in merged.items():
+        expected = sum(w * e[module].delta() for w, e in zip(weights, experts))
+        torch.testing.assert_close(factors.delta(), expected, rtol=1e-5, atol=1e-6)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "merged")
+
+
+def test_adapter_cache_picks_experts_merges_once_and_evicts(adapter_dirs, tmp_path):
+    cache = AdapterCache(adapter_dirs, tmp_path, capacity=2)
+    alone = cache.choose([0.02, 0.97, 0.01])
+    assert alone.path == adapter_dirs["harmless"] and alone.name == "harmless"
+    first = cache.choose([0.6, 0.3, 0.1])
+    assert first.path.is_dir() and first.int_id == adapter_id((6, 3, 1))
+    assert cache.choose([0.61, 0.29, 0.1]) == first  # same grid point: the same adapter, not merged again
+    cache.choose([0.2, 0.3, 0.5])
+    cache.choose([0.1, 0.1, 0.8])
+    assert not first.path.exists()  # least recently used, evicted
+    assert cache.choose([0.6, 0.3, 0.1]).path.is_dir()  # and merged again on demand
+
+
+def test_engine_arguments_fit_every_merge(adapter_dirs):
+    arguments = vllm_backend.engine_arguments("some/model", list(adapter_dirs.values()), cached_adapters=4)
+    ranks = sum(lora_factors(d)[next(iter(lora_factors(d)))].A.shape[0] for d in adapter_dirs.values())
+    assert arguments["enable_lora"] and arguments["max_lora_rank"] >= ranks
+    assert arguments["max_lora_rank"] in vllm_backend.VLLM_LORA_RANKS and arguments["max_cpu_loras"] == 7
+
+
+def test_missing_vllm_is_explained(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(AlignXError, match=r"pip install 'alignx\[vllm\]'"):
+        vllm_backend.import_vllm()
+
+
+class _FakeEngine:
+    calls: list = []
+
+    @classmethod
+    def from_engine_args(cls, args):
+        cls.args = args
+        return cls()
+
+    async def generate(self, prompt, params, request_id, lora_request=None):
+        _FakeEngine.calls.append((prompt, params, lora_request))
+        for text, finished in (("Hel", False), ("Hello", True)):
+            completion = types.SimpleNamespace(text=text, token_ids=list(range(len(text))), finish_reason="length")
+            yield types.SimpleNamespace(outputs=[completion], finished=finished)
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.AsyncEngineArgs = lambda **kw: types.SimpleNamespace(**kw)
+    vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    vllm.AsyncLLMEngine = _FakeEngine
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = lambda name, int_id, path: types.SimpleNamespace(name=name, int_id=int_id, path=path)
+    for name, module in (("vllm", vllm), ("vllm.lora", types.ModuleType("vllm.lora")), ("vllm.lora.request", request)):
+        monkeypatch.setitem(sys.modules, name, module)
+    _FakeEngine.calls = []
+    return _FakeEngine
+
+
+def test_requests_reach_vllm_with_their_adapter(fake_vllm, aligner):
+    from pathlib import Path
+
+    from alignx.serving.app import ServeSettings, create_app
+    from alignx.serving.metrics import Metrics
+
+    metrics = Metrics()
+    engine = vllm_backend.VLLMEngine(aligner, metrics, merged_adapters=2)
+    assert fake_vllm.args.enable_lora and fake_vllm.args.model
+    with serving(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stop=["!"])
+        streamed = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True)
+        pieces = [c.choices[0].delta.content or "" for c in streamed]
+        prompt, params, lora = fake_vllm.calls[0]
+        assert lora.int_id > 0 and (Path(lora.path) / "adapter_config.json").is_file()
+    assert response.choices[0].message.content == "Hello" == "".join(pieces)
+    assert response.choices[0].finish_reason == "length" and response.usage.completion_tokens == 5
+    routing = response.model_extra["alignx"]
+    assert sum(routing["weights"].values()) == pytest.approx(1, abs=1e-4) and routing["explanation"]["adapter"]
+    assert prompt["prompt_token_ids"] and params.max_tokens == 5 and params.temperature == 0 and params.stop == ["!"]
+    assert not engine._workdir.exists()  # the merged adapters go with the server
