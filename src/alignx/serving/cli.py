@@ -70,6 +70,10 @@ def build_engine(args: argparse.Namespace, metrics):
     """The backend that decodes: this process's batching worker, or vLLM."""
     from alignx.generate import AlignX
 
+    if args.backend == "vllm":  # fail before the model loads when vLLM is not installed
+        from alignx.serving.vllm_backend import import_vllm
+
+        import_vllm()
     aligner = AlignX.from_run(args.run, method=args.method, mode=args.mode, floor=args.threshold)
     if args.backend == "vllm":
         from alignx.serving.vllm_backend import VLLMEngine
