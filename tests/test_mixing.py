@@ -135,7 +135,7 @@ def test_experts_of_different_ranks(tiny_model_dir, adapters, peft_logits, batch
     order = ["helpful", "wide", "honest"]
     mixture = MixtureOfExperts.attach(_base(tiny_model_dir), {a: adapters[a] for a in order}, order)
     assert mixture.ranks == (4, 8, 4)
-    assert next(iter(mixture.layers.values())).A_cat.shape[0] == 16  # concatenated, no padding
+    assert next(iter(mixture.layers.values())).A_t.shape[1] == 16  # concatenated, no padding
     with mixture.using(torch.tensor([0.0, 1.0, 0.0])):
         torch.testing.assert_close(_logits(mixture.model, batch), peft_logits["wide"], rtol=0, atol=ATOL)
     weights = [0.3, 0.45, 0.25]
@@ -282,7 +282,7 @@ def test_layer_dtype_follows_the_base_weight_and_autocast():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.1)
     half, _ = _layer(torch.bfloat16)
-    assert half.A_cat.dtype == half.B_cat.dtype == torch.float32  # the low-rank path is always fp32
+    assert half.A_t.dtype == half.B_t.dtype == torch.float32  # the low-rank path is always fp32
     half.holder.set([0.4, 0.6])
     assert half(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model takes bf16 inputs, base and experts alike
 

@@ -3,8 +3,13 @@ different weight vector w for each example of one batch (METHOD.md §3.6).
 
 Layout. The experts' factors of one layer are stacked once, at attach time:
 
-* ``A_cat`` [R, in]: the experts' A concatenated along the rank dimension, R = r_1 + ... + r_E;
-* ``B_cat`` [out, R]: the experts' B concatenated the same way, each with its scale (α/r or α/√r) folded in.
+* ``A_t`` [in, R]: the experts' A concatenated along the rank dimension (R = r_1 + ... + r_E), transposed;
+* ``B_t`` [R, out]: the experts' B concatenated the same way, each with its scale (α/r or α/√r) folded in,
+  transposed.
+
+Both are stored contiguous in the layout ``torch.mm`` reads directly: on CPU a matmul against a
+pre-transposed contiguous factor costs about 60 % of ``F.linear`` against the ``[out, in]`` layout at decode
+shapes, where these products are too small for the arithmetic to matter and layout and dispatch dominate.
 
 Experts of different ranks are concatenated with per-expert offsets, not zero-padded to the largest rank:
 padding would spend FLOPs and memory on zeros. Mixing is then one per-example scaling of the rank columns:
@@ -12,15 +17,15 @@ the ``[B, E]`` weights are expanded once per ``set_weights`` to ``[B, R]`` colum
 to expert ``expert_of_column[j]``), so the hot path is two matmuls and one broadcast multiply, with no
 Python loop over experts or examples::
 
-    y = base(x) + ((x @ A_cat^T) * column_weights[b]) @ B_cat^T
+    y = base(x) + ((x @ A_t) * column_weights[b]) @ B_t
 
 All wrapped layers of a model read one shared :class:`ExpertWeights` holder; weights ``None`` switches the
 experts off (pure base model: what the router's partial prefill needs).
 
 Precision. The factors are stored in the dtype of the base weight (fp32 in AlignX: bf16 comes from
 autocast), so whatever input the base layer accepts, the low-rank path accepts too; under autocast the two
-matmuls follow autocast exactly like the base layer's. The folded B_cat = scale·B is computed in fp32 before
-the cast. Merged deltas are computed in fp32 and cast once to the weight's dtype.
+matmuls run in fp32 even under bf16 autocast (see ``forward``). The folded scale·B is computed in fp32.
+Merged deltas are computed in fp32 and cast once to the weight's dtype.
 
 Merging. When a whole batch shares one weight vector (a single request), :meth:`MixtureOfExperts.merge`
 folds Σ_a w_a·scale_a·B_a·A_a into the base weights once (computed in fp32) and switches the low-rank path
@@ -163,10 +168,10 @@ class MixedLoRALinear(nn.Module):
         self.base = base.requires_grad_(False)
         self.holder = holder
         weight = base.weight
-        A_cat = torch.cat([f.A.float() for f in factors], dim=0)
-        B_cat = torch.cat([f.scale * f.B.float() for f in factors], dim=1)
-        self.register_buffer("A_cat", A_cat.to(device=weight.device), persistent=False)  # fp32: see forward
-        self.register_buffer("B_cat", B_cat.to(device=weight.device), persistent=False)
+        A_t = torch.cat([f.A.float() for f in factors], dim=0).T.contiguous()
+        B_t = torch.cat([f.scale * f.B.float() for f in factors], dim=1).T.contiguous()
+        self.register_buffer("A_t", A_t.to(device=weight.device), persistent=False)  # fp32: see forward
+        self.register_buffer("B_t", B_t.to(device=weight.device), persistent=False)
         self._original_weight: nn.Parameter | None = None  # set while merged
 
     @property
@@ -177,23 +182,29 @@ class MixedLoRALinear(nn.Module):
         out = self.base(x)
         if self._original_weight is not None or self.holder.weights is None:
             return out
-        cols = self.holder.columns(x.shape[0] if x.dim() > 1 else 1, x.device, torch.float32)  # [B or 1, R]
-        if x.dim() > 2:
-            cols = cols.view(cols.shape[0], *([1] * (x.dim() - 2)), cols.shape[1])
-        elif x.dim() == 1:
-            cols = cols[0]
-        # The low-rank path runs in fp32 even under bf16 autocast: its products are tiny ([B, in]×[in, R]
+        batch = x.shape[0] if x.dim() > 1 else 1
+        cols = self.holder.columns(batch, x.device, torch.float32)  # [B or 1, R]
+        # The low-rank path runs in fp32 even under bf16 autocast: its products are tiny ([B, in]x[in, R]
         # while decoding) and CPU fp32 GEMMs of that size cost a third of bf16 ones (fixed oneDNN overhead);
-        # it also keeps the mixing exact. The result is added into the base output in its own dtype.
-        with torch.autocast(x.device.type, enabled=False):
-            h = F.linear(x.float(), self.A_cat)  # [..., R]
-            delta = F.linear(h.mul_(cols), self.B_cat)
-        return out.add_(delta)
+        # it also keeps the mixing exact. Autocast is switched off with the flag itself, not a
+        # ``torch.autocast`` context: entering one costs more than the two products on a decode step.
+        device = x.device.type
+        autocasting = torch.is_autocast_enabled(device)
+        if autocasting:
+            torch.set_autocast_enabled(device, False)
+        try:
+            h = torch.mm(x.reshape(-1, x.shape[-1]).float(), self.A_t)  # [B*T, R]
+            h.view(batch, -1, h.shape[-1]).mul_(cols.unsqueeze(1))
+            delta = torch.mm(h, self.B_t)  # [B*T, out]
+        finally:
+            if autocasting:
+                torch.set_autocast_enabled(device, True)
+        return out.add_(delta.view(out.shape))
 
     def delta(self, column_weights: torch.Tensor) -> torch.Tensor:
         """Σ_a w_a·scale_a·B_a·A_a in fp32, laid out like the base weight; ``column_weights``: ``[R]``."""
-        delta = (self.B_cat.float() * column_weights.to(self.B_cat.device, torch.float32)) @ self.A_cat.float()
-        return delta.T if self._transposed else delta
+        delta = (self.A_t * column_weights.to(self.A_t.device, torch.float32)) @ self.B_t  # [in, out]
+        return delta if self._transposed else delta.T
 
     def merge(self, column_weights: torch.Tensor) -> None:
         """Replace the base weight by W0 + delta (a new tensor); the original Parameter is kept aside."""

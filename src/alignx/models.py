@@ -149,6 +149,17 @@ class LoadedModel:
     dtype: torch.dtype  # of the weights (always fp32: bf16 comes from autocast)
 
 
+def model_directory(config: ModelConfig) -> str:
+    """What ``from_pretrained`` takes for this model: the safetensors cache of a GGUF, a directory, or a hub id.
+
+    For tools that load the model themselves (lm-evaluation-harness, vLLM) and must see the same weights.
+    """
+    source = resolve_model_source(config.name)
+    if source.kind in ("embedded", "gguf"):
+        return str(gguf_cache(Path(source.location)))
+    return source.location
+
+
 def load_base_model(config: ModelConfig, *, for_training: bool = False) -> LoadedModel:
     """Load the base causal LM and its tokenizer on CPU in fp32.
 
@@ -164,7 +175,7 @@ def load_base_model(config: ModelConfig, *, for_training: bool = False) -> Loade
         model, tokenizer = _from_pretrained(source.location, source, config.trust_remote_code)
         weights_sha256 = _directory_weights_sha256(Path(source.location))
     else:
-        offline = _hub_offline()
+        offline = hub_offline()
         model, tokenizer = _from_pretrained(
             source.location, source, config.trust_remote_code, local_files_only=offline
         )
@@ -222,7 +233,7 @@ def _load_error_message(source: ModelSource, exc: BaseException, offline: bool) 
     return f"could not load model from {source.location}: {detail}"
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set *now* or the hub endpoint is unreachable.
 
     huggingface_hub reads HF_HUB_OFFLINE once at import; we read it at call time. Without it and without

@@ -56,6 +56,7 @@ class JudgeSettings:
     openai_base_url: str | None = field(default_factory=lambda: os.environ.get("ALIGNX_JUDGE_BASE_URL") or os.environ.get("OPENAI_BASE_URL"))
     openai_api_key: str | None = field(default_factory=lambda: os.environ.get("ALIGNX_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     batch_size: int = 32
+    trust_remote_code: bool = False  # hf: judges run the model's own code only when the user asks
 
     def resolved_judges_dir(self) -> Path:
         if self.judges_dir is not None:
@@ -101,5 +102,5 @@ def load_judge(spec: str, task: str, settings: JudgeSettings | None = None) -> J
     if spec.startswith("hf:") and len(spec) > len("hf:"):
         from alignx.eval.judges.hf_judge import HFJudge
 
-        return HFJudge(spec.removeprefix("hf:"), task, settings)
+        return HFJudge(spec.removeprefix("hf:"), task, settings, trust_remote_code=settings.trust_remote_code)
     raise AlignXError(f"unknown judge {spec!r}; use offline, openai:<model> or hf:<path-or-hub-id>")

@@ -29,7 +29,7 @@ from alignx.errors import AlignXError
 from alignx.eval.judges import POSITIVE, Judge, JudgeItem, JudgeSettings, check_task
 from alignx.eval.judges.openai_judge import ACCURACY_NOTE
 from alignx.eval.judges.prompts import PROMPTS, JudgeQuery, reference_of, score_items
-from alignx.models import _hub_offline, autocast, resolve_model_source, resolve_precision
+from alignx.models import hub_offline, autocast, resolve_model_source, resolve_precision
 
 PKU_CONVERSATION = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT: {response}"
 # Classifier label names that mean the task's positive class (compared lower-cased).
@@ -231,7 +231,7 @@ def _load(spec: str, path_or_id: str, trust_remote_code: bool) -> tuple[str, Any
     source = resolve_model_source(path_or_id)
     if source.kind not in ("directory", "hub"):
         raise AlignXError(f"judge {spec}: a judge is a Hugging Face model directory or hub id, not a GGUF file")
-    offline = source.kind == "hub" and _hub_offline()
+    offline = source.kind == "hub" and hub_offline()
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": offline}
     try:
         architectures = AutoConfig.from_pretrained(source.location, **kwargs).architectures or []
