@@ -65,3 +65,77 @@ def test_banks_from_another_base_model_are_refused(tiny_stage2_run):
             run_stage2(tiny_stage2_run, force=True)
     finally:
         path.write_bytes(original)
+
+
+def _wait_for(predicate, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not predicate():
+        time.sleep(0.05)
+    return predicate()
+
+
+def _copy_run(config, tmp_path, *leave_out):
+    """A private copy of a tiny session run without ``leave_out`` (so a test cannot disturb other tests)."""
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(config.run_dir, target, ignore=shutil.ignore_patterns("eval", "*.lock", *leave_out))
+    return target
+
+
+def test_kill_9_during_stage2_then_rerun_finishes_and_keeps_what_was_done(tmp_path, tiny_stage1_run):
+    run_dir = _copy_run(tiny_stage1_run, tmp_path, "stage2")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "alignx", "stage2", "--run", str(run_dir)]
+    victim = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    assert _wait_for(lambda: (run_dir / "stage2").is_dir())
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (run_dir / "stage2" / "report.json").is_file(), "the kill must land before Stage 2 finishes"
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = json.loads((run_dir / "stage2" / "report.json").read_text())
+    assert {"alignx", "moe-uncalibrated"} <= set(report["routers"])
+    third = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert third.returncode == 0 and "already" in (third.stdout + third.stderr).lower()  # finished work is not redone
+
+
+_EVAL_SCRIPT = """
+import sys, numpy as np
+from alignx.config import load_config
+from alignx.eval.judges import Judge
+from alignx.eval.runner import run_eval
+from alignx.run import RunDir
+
+class Constant(Judge):
+    def __init__(self, task): self.task, self.spec = task, "constant"
+    def score(self, items): return np.full(len(items), 0.7)
+
+run = RunDir(sys.argv[1])
+config = run.load_config(["eval.quick_items=12", "eval.max_new_tokens=24", "eval.batch_size=2", "eval.bootstrap=20"])
+run_eval(run, config, ["base"], judges={t: Constant(t) for t in ("safety", "truth", "info", "helpfulness", "refusal")})
+"""
+
+
+def test_kill_9_during_eval_then_rerun_generates_only_what_is_missing(tmp_path, tiny_stage2_run):
+    from alignx.eval.runner import eval_paths, read_jsonl
+
+    run = RunDir(_copy_run(tiny_stage2_run, tmp_path))
+    paths = eval_paths(run, "quick")
+    first = paths.generations("base", "alpacaeval")
+    script = tmp_path / "eval_script.py"
+    script.write_text(_EVAL_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    victim = subprocess.Popen([sys.executable, str(script), str(run.root)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    assert _wait_for(lambda: len(read_jsonl(first)) >= 2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    before = {row["id"]: row["response"] for row in read_jsonl(first)}
+    assert 2 <= len(before) < 12, "the kill must land mid-generation"
+    done = subprocess.run([sys.executable, str(script), str(run.root)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_jsonl(first)
+    assert len(rows) == len({r["id"] for r in rows}) == 12  # every item once: nothing redone, nothing lost
+    assert all(r["response"] == before[r["id"]] for r in rows if r["id"] in before)
+    assert paths.results.is_file()

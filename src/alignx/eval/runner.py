@@ -81,9 +81,9 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
     paths = eval_paths(run, config.eval.suite)
     todo = plan(methods, config.eval.axis_collapse)
     items = {name: benchmark_items(name, config.data, config.eval) for name in BENCHMARKS}
+    judges = judges if judges is not None else load_eval_judges(config, todo)  # fail before, not after, generating
     for method, benchmarks in todo.items():
         _generate_method(run, config, method, benchmarks, items, paths, log)
-    judges = judges if judges is not None else load_eval_judges(config, todo)
     results = summarise(config, todo, items, paths, judges, log)
     atomic_write_json(paths.results, results)
     from alignx.eval.report import write_report
