@@ -1,0 +1,133 @@
+"""What the benchmarks share: their prompts, random stand-ins for trained parts, and how they time decoding.
+
+Random experts and routers stand in for trained ones because their values do not change what they cost: a
+rank-16 product costs the same whatever its factors hold, and a nearest-neighbour query against 20,000
+points costs the same wherever the points lie.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from alignx.axes import AXES
+
+PROMPTS = [
+    "Give three tips for staying healthy.",
+    "How can I get back at a coworker who embarrassed me?",
+    "What happens if you swallow chewing gum?",
+    "Write a short poem about the sea.",
+    "Is it safe to mix bleach and ammonia for cleaning?",
+    "Why is the sky blue?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is the capital of Australia?",
+]
+
+
+def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20), latent: int = 256):
+    """A MoCaE with banks of ``bank_size`` random points per axis, reading hidden states at ``layers``; the latent
+    space has ``latent`` dimensions (fewer on a model narrower than that)."""
+    from alignx.config import Stage2Config
+    from alignx.stage2.feature_space import FeatureSpace, Projection, Standardiser
+    from alignx.stage2.fractal import AxisCloud, FractalCalibrator, exact_log_correlation_integral, kth_neighbour_distances
+    from alignx.stage2.mocae import MoCaE
+    from alignx.stage2.natural import NaturalCalibrator
+    from alignx.stage2.router import Router
+
+    latent = min(latent, dim)
+    generator = torch.Generator().manual_seed(0)
+    clouds = []
+    for _ in range(3):
+        points = torch.randn(bank_size, latent, generator=generator, dtype=torch.float64)
+        sample = points[:2000]
+        radius = float(kth_neighbour_distances(sample, max(3, math.ceil(0.01 * bank_size)), exclude_self=True)[:, -1].median())
+        loo = exact_log_correlation_integral(sample, sample, radius, 0.05, exclude_self=True).sort().values
+        clouds.append(AxisCloud(points, radius, 0.05, loo, float(latent)))
+    space = FeatureSpace(
+        Standardiser(torch.zeros(dim), torch.ones(dim)), Standardiser(torch.zeros(dim), torch.ones(dim)),
+        Projection(torch.zeros(dim), torch.linalg.qr(torch.randn(dim, latent, generator=generator))[0].T.contiguous()),
+    )
+    config = Stage2Config()
+    return MoCaE(config, list(AXES), space, Router(dim, 3), NaturalCalibrator(torch.randn(3, dim)),
+                 FractalCalibrator(clouds), layers).eval()
+
+
+def distinct_weight_rows(rows: int = len(PROMPTS)) -> torch.Tensor:
+    """Fixed random expert weights ``[rows, 3]``, a different soft mix for every prompt (rows sum to 1)."""
+    return torch.softmax(torch.randn(rows, len(AXES), generator=torch.Generator().manual_seed(1)), dim=1)
+
+
+def random_experts(model, directory: Path, targets: str = "attention-mlp", rank: int = 16) -> dict[str, Path]:
+    """One random LoRA adapter per axis on ``targets`` (a :func:`alignx.models.target_modules` spec), saved in
+    PEFT format under ``directory``; the model is left as it was."""
+    from peft import LoraConfig, get_peft_model
+
+    from alignx.models import target_modules
+
+    dirs = {}
+    for i, axis in enumerate(AXES):
+        torch.manual_seed(i)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target_modules(model, targets))
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.01)
+        dirs[axis] = directory / axis
+        peft_model.save_pretrained(dirs[axis])
+        model = peft_model.unload()
+    return dirs
+
+
+def prompt_inputs(tokenizer, formatter, prompts: Sequence[str], device: str | torch.device = "cpu") -> dict:
+    """The prompts as ``generate`` takes them: chat-formatted, left-padded so every row ends where decoding starts."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        inputs = tokenizer([formatter.prompt_text(p) for p in prompts], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+def generate_exactly(model, inputs: dict, tokens: int, pad_token_id: int) -> None:
+    """Greedy decoding of exactly ``tokens`` new tokens: no early stop at EOS, so every method decodes as many."""
+    model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_token_id)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def fastest_per_token(runs: Mapping[str, tuple[Callable[[], float], Callable[[], float]]], repeats: int,
+                      new_tokens: int) -> dict[str, tuple[float, float]]:
+    """``{name: (seconds per decoded token, seconds of the one-token run)}``, fastest of ``repeats``.
+
+    Each run is a pair of callables that generate ``new_tokens`` and 1 token and return the seconds taken.
+    Decode time per token is their difference over ``new_tokens`` − 1: the one-token run holds the prompt's
+    prefill (and whatever else happens once per generation), which it is therefore the measure of. The
+    runs alternate so that drift in the machine's speed hits all alike, and each takes its fastest repeat:
+    on a shared machine interference only ever adds time, so the minimum is the least disturbed measurement.
+    """
+    for long_run, short_run in runs.values():
+        long_run(), short_run()  # warm-up
+    decode: dict[str, list[float]] = {name: [] for name in runs}
+    prefill: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (long_run, short_run) in runs.items():
+            long_time, short_time = long_run(), short_run()
+            decode[name].append((long_time - short_time) / (new_tokens - 1))
+            prefill[name].append(short_time)
+    return {name: (min(decode[name]), min(prefill[name])) for name in runs}

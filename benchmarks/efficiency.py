@@ -1,0 +1,428 @@
+"""Efficiency of AlignX against the dense token-level MoE (METHOD.md §6): latency and memory, one run.
+
+Methods, on the same prompts, batch sizes 1 and 8, and dtype (bf16 where the device supports it):
+
+* ``base``: the base model alone, the floor;
+* ``alignx-soft`` / ``alignx-top1``: base + three r=16 LoRA experts on all seven projections, with per-prompt
+  weights (MoCaE's routing of each prompt with ``--run``, else fixed distinct random rows). A batch of one
+  shares one weight vector, so it is merged into the base weights once and decodes at base speed; a batch
+  of 8 prompts with different weights runs the unmerged low-rank path;
+* ``merge-linear``: the three task vectors averaged and merged (one vector for every prompt);
+* ``moe-dense``: every decoder MLP replaced by three dense expert FFNs with a top-2 token router.
+
+Per method and batch: prefill latency (a one-token generation), decode time per token (greedy, a fixed
+number of new tokens with EOS disabled, excluding the prefill), peak memory, and the one-off costs per
+batch: the router (partial prefill + MoCaE, alignx only) and setting the batch's expert weights (a merge
+where they are shared). Experts, dense FFNs and routers are the trained ones of ``--run``, else random of
+the same shapes: what they cost does not depend on their values.
+
+How it measures
+---------------
+* Each group of methods runs in its own worker process (this script with ``--worker``), and only one worker
+  computes at a time. Methods that hold the same weights while decoding share a worker: base; the merged
+  ones (alignx at batch 1, merge-linear); alignx at batch 8 (per-example weights); moe-dense.
+* Peak memory is per run, reset before each: on a GPU ``torch.cuda.max_memory_allocated``; on CPU the
+  process's resident-set high-water mark (reset through ``/proc/self/clear_refs``) less its resident set
+  before any model was built, i.e. without the interpreter and libraries that every method loads alike,
+  as the GPU figure is. Weights count in full: moe-dense holds three FFNs per layer, a merged alignx
+  holds the merged weights beside the originals while decoding, and each run's KV cache counts.
+* Latency: runs alternate over all methods, and each takes its fastest repeat (interference on a shared
+  machine only ever adds time).
+
+Last line (the batch-8 figures, where the prompts' weights differ): ``latency_vs_dense=<alignx/moe-dense
+decode time> memory_vs_dense=<alignx/moe-dense peak memory> latency_vs_base=<alignx/base decode time>``.
+JSON and PNG go to ``--out``.
+
+    python benchmarks/efficiency.py --quick                                  # SmolLM2-135M on CPU
+    python benchmarks/efficiency.py --shape llama2-7b --random-weights       # LLaMA-2-7B shape, on a GPU
+    python benchmarks/efficiency.py --run runs/demo                          # a trained run's experts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from common import (PROMPTS, distinct_weight_rows, fastest_per_token, generate_exactly, prompt_inputs, random_experts,
+                    synthetic_router, timed)
+
+METHODS = ("base", "alignx-soft", "alignx-top1", "merge-linear", "moe-dense")
+BATCHES = (1, 8)
+HEADLINE_BATCH = 8
+WORKERS = {  # worker -> its (method, batch) runs: those that hold the same weights while decoding
+    "base": (("base", 1), ("base", 8)),
+    "merged": (("alignx-soft", 1), ("alignx-top1", 1), ("merge-linear", 1), ("merge-linear", 8)),
+    "per-example": (("alignx-soft", 8), ("alignx-top1", 8)),
+    "moe-dense": (("moe-dense", 1), ("moe-dense", 8)),
+}
+SHAPES = {  # LlamaConfig fields of the --shape models (built with random weights)
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512),
+}
+MiB = 2**20
+
+
+# ------------------------------------------------------------------------------------------- the worker
+
+
+def random_model(shape: str, device: str):
+    """A LLaMA of ``shape`` with random bf16 weights, built directly on ``device``, with a word-level tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from alignx.models import LoadedModel
+
+    config = LlamaConfig(**SHAPES[shape])
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, word_tokenizer(config.vocab_size), f"random:{shape}", "", config.num_hidden_layers,
+                       torch.bfloat16)
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over this benchmark's own words, for a random model that comes without one: the
+    prompts then take the library's usual path (chat formatting, padding, content masks), ~1 token per word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from alignx.data.formatting import ALPACA_PROMPT
+
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", ALPACA_PROMPT.format(system="", user=" ".join(PROMPTS)))))
+    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "</s>", *words])}
+    if len(vocab) > vocab_size:
+        raise ValueError(f"the word tokenizer needs {len(vocab)} ids, the model has {vocab_size}")
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def build(kind: str, args: argparse.Namespace):
+    """This worker's model as ``alignx generate`` holds it (an :class:`AlignX`), with the run's trained parts or
+    random ones of the same shapes."""
+    from alignx.axes import AXES
+    from alignx.config import ModelConfig
+    from alignx.generate import AlignX
+    from alignx.mixing import MixtureOfExperts
+    from alignx.models import autocast_dtype, load_base_model, store_frozen_linears_in
+    from alignx.run import RunDir
+    from alignx.stage2.mocae import MoCaE
+    from alignx.stage2.pipeline import stage2_dir
+
+    run = RunDir(args.run) if args.run else None
+    config = run.load_config().model if run else ModelConfig()
+    loaded = random_model(args.shape, args.device) if args.shape else load_base_model(config)
+    mixture = dense = router = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "moe-dense":  # built before the bf16 storage, as `alignx generate` does
+            dense = dense_moe(run, loaded.model, Path(tmp))
+        dtype = autocast_dtype(config, args.device)
+        if dtype is not None:
+            store_frozen_linears_in(loaded.model, dtype)
+        if kind in ("merged", "per-example"):
+            experts = {axis: run.adapter_dir(axis) for axis in AXES} if run else random_experts(loaded.model, Path(tmp))
+            mixture = MixtureOfExperts.attach(loaded.model, experts, AXES)
+    loaded.model.to(args.device)
+    if run is not None and mixture is not None:
+        router = MoCaE.load(stage2_dir(run) / "alignx")
+    elif kind == "per-example":
+        layers = loaded.num_layers
+        router = synthetic_router(loaded.model.config.hidden_size, args.bank_size, (layers // 2, 2 * layers // 3))
+    return AlignX(run, loaded, mixture, kind, config, router=router, dense=dense)
+
+
+def dense_moe(run, model, directory: Path):
+    """The run's trained dense MoE; with a run whose dense MoE is untrained, its experts with fresh routers;
+    without a run, random experts. Random ones touch the MLP only: moe-dense merges the attention deltas
+    into the shared weights, where they cost nothing, and every expert's full task vector is built in fp32
+    at once (for a 7B shape, 26 GB per expert on all projections)."""
+    from alignx.baselines.moe_dense import DenseMoE, build_dense_moe, is_trained, load_dense_moe
+    from alignx.models import target_modules
+
+    if run is not None:
+        return load_dense_moe(run, model) if is_trained(run) else build_dense_moe(run, model)
+    attention = set(target_modules(model, "attention"))
+    mlp = [name for name in target_modules(model, "attention-mlp") if name not in attention]
+    return DenseMoE.build(model, random_experts(model, directory, targets=",".join(mlp)))
+
+
+class PeakMemory:
+    """Peak memory of one run in this process: see the module docstring."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+        self.baseline = 0 if self.on_gpu else self._status_bytes("VmRSS")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.on_gpu else self._status_bytes("VmHWM") - self.baseline
+
+    @staticmethod
+    def _status_bytes(field: str) -> int:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(match.group(1)) * 1024
+
+
+def serve(kind: str, args: argparse.Namespace) -> None:
+    """Build this worker's model, then answer the parent's requests, one JSON line each, until ``report``."""
+    # Every worker imports all that any worker uses before its baseline memory is read, so that the
+    # libraries count alike for every method.
+    import peft  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import alignx.baselines.moe_dense  # noqa: F401
+    import alignx.generate  # noqa: F401
+    import alignx.stage1.features  # noqa: F401
+    import alignx.stage2.feature_space  # noqa: F401
+    import alignx.stage2.fractal  # noqa: F401
+    import alignx.stage2.mocae  # noqa: F401
+    import alignx.stage2.natural  # noqa: F401
+    import alignx.stage2.pipeline  # noqa: F401
+    import alignx.stage2.router  # noqa: F401
+    from alignx.axes import AXES
+    from alignx.mixing import apply_mode
+    from alignx.models import autocast, autocast_dtype
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # the libraries' prints go to stderr: stdout carries the replies alone
+    memory = PeakMemory(args.device)
+    aligner = build(kind, args)
+    model, tokenizer = aligner.loaded.model, aligner.loaded.tokenizer
+    rows = aligner.weights_for(PROMPTS)[0] if args.run and aligner.router is not None else distinct_weight_rows()
+    weights = {"base": None, "moe-dense": None, "merge-linear": torch.full((len(PROMPTS), len(AXES)), 1 / len(AXES)),
+               "alignx-soft": rows, "alignx-top1": apply_mode(rows, "top1")}
+    inputs = {batch: prompt_inputs(tokenizer, aligner.formatter, PROMPTS[:batch], args.device) for batch in BATCHES}
+    peaks: dict[str, int] = {}
+
+    def synchronize() -> None:
+        if memory.on_gpu:
+            torch.cuda.synchronize(memory.device)
+
+    def experts(method: str, batch: int):
+        rows = weights[method]
+        return aligner.experts(None if rows is None else rows[:batch])
+
+    def generate(method: str, batch: int, tokens: int) -> float:
+        memory.reset()
+        with torch.inference_mode(), autocast(aligner.precision, args.device), experts(method, batch):
+            synchronize()
+            began = time.perf_counter()
+            generate_exactly(model, inputs[batch], tokens, tokenizer.pad_token_id)
+            synchronize()
+            elapsed = time.perf_counter() - began
+        cell = f"{method}@{batch}"
+        peaks[cell] = max(peaks.get(cell, 0), memory.peak())
+        return elapsed
+
+    def setting_weights_ms(method: str, batch: int) -> float:
+        def cycle() -> None:
+            with torch.inference_mode(), experts(method, batch):
+                synchronize()
+
+        return timed(cycle, 5) * 1000
+
+    def send(message: dict) -> None:
+        replies.write(json.dumps(message) + "\n")
+
+    send({"ready": kind, "model": aligner.loaded.source_id, "device": args.device, "threads": torch.get_num_threads(),
+          "dtype": str(autocast_dtype(aligner.precision, args.device) or torch.float32), "parameters": sum(p.numel() for p in model.parameters())})
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "generate":
+            send({"seconds": generate(request["method"], request["batch"], request["tokens"])})
+            continue
+        one_off = {f"{m}@{b}": {"weights_ms": setting_weights_ms(m, b)} for m, b in WORKERS[kind]}
+        if kind == "per-example":  # the router's one-off cost per batch: partial prefill + MoCaE
+            for batch in BATCHES:
+                router_ms = timed(lambda: aligner.route(PROMPTS[:batch]), 5) * 1000
+                for method in ("alignx-soft", "alignx-top1"):
+                    one_off.setdefault(f"{method}@{batch}", {})["router_ms"] = router_ms
+        send({"peak_bytes": peaks, "one_off": one_off})
+        return
+
+
+# ------------------------------------------------------------------------------------------- the parent
+
+
+class Worker:
+    """A worker process and its request/reply pipe."""
+
+    def __init__(self, kind: str, argv: list[str]):
+        self.kind = kind
+        self.process = subprocess.Popen([sys.executable, __file__, *argv, "--worker", kind],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the {self.kind} worker exited with status {self.process.wait()} (its error is above)")
+        return json.loads(line)
+
+    def ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def generation(self, method: str, batch: int, tokens: int):
+        return lambda: self.ask(cmd="generate", method=method, batch=batch, tokens=tokens)["seconds"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict]]:
+    """Start the workers, time every (method, batch) interleaved, then collect their memory and one-off costs."""
+    workers = {kind: Worker(kind, argv) for kind in WORKERS}
+    try:
+        info = {kind: worker.receive() for kind, worker in workers.items()}
+        runs = {f"{m}@{b}": (worker.generation(m, b, args.tokens), worker.generation(m, b, 1))
+                for kind, worker in workers.items() for m, b in WORKERS[kind]}
+        fastest = fastest_per_token(runs, args.repeats, args.tokens)
+        reports = [worker.ask(cmd="report") for worker in workers.values()]
+    finally:
+        for worker in workers.values():
+            worker.close()
+    peaks = {cell: peak for report in reports for cell, peak in report["peak_bytes"].items()}
+    one_off: dict[str, dict] = {}
+    for report in reports:
+        for cell, costs in report["one_off"].items():
+            one_off.setdefault(cell, {}).update(costs)
+    rows = []
+    for method in METHODS:
+        for batch in BATCHES:
+            cell = f"{method}@{batch}"
+            decode, prefill = fastest[cell]
+            rows.append({
+                "method": method, "batch": batch, "prefill_ms": prefill * 1000, "decode_ms_per_token": decode * 1000,
+                "tokens_per_s": batch / decode, "peak_mib": peaks[cell] / MiB,
+                "router_ms": one_off[cell].get("router_ms", 0.0), "weights_ms": one_off[cell]["weights_ms"],
+            })
+    return info["base"], rows
+
+
+def ratios(rows: list[dict], batch: int) -> dict[str, float]:
+    cell = {(r["method"], r["batch"]): r for r in rows}
+    alignx, dense, base = cell["alignx-soft", batch], cell["moe-dense", batch], cell["base", batch]
+    return {
+        "latency_vs_dense": alignx["decode_ms_per_token"] / dense["decode_ms_per_token"],
+        "memory_vs_dense": alignx["peak_mib"] / dense["peak_mib"],
+        "latency_vs_base": alignx["decode_ms_per_token"] / base["decode_ms_per_token"],
+    }
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """Bars of decode time per token and peak memory per method, batch 1 beside batch 8."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(BATCHES)
+    for axis, key, label in ((axes[0], "decode_ms_per_token", "decode time per token (ms)"),
+                             (axes[1], "peak_mib", "peak memory (MiB)")):
+        for i, batch in enumerate(BATCHES):
+            values = [next(r[key] for r in rows if r["method"] == m and r["batch"] == batch) for m in METHODS]
+            positions = [j + (i - (len(BATCHES) - 1) / 2) * width for j in range(len(METHODS))]
+            axis.bar(positions, values, width, label=f"batch {batch}")
+        axis.set_xticks(range(len(METHODS)), METHODS, rotation=20)
+        axis.set_ylabel(label)
+        axis.legend()
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats: under 5 minutes on 2 cores")
+    parser.add_argument("--run", help="a run directory: its trained experts, MoCaE routing and dense MoE")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="a LLaMA of this shape instead of the run's or "
+                        "the default model (needs --random-weights; tiny: a CPU smoke test of that path)")
+    parser.add_argument("--random-weights", action="store_true", help="random weights (--shape): latency and memory "
+                        "do not depend on the values")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--tokens", type=int, default=None, help="new tokens per generation (default 64, quick 24)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 7, quick 5)")
+    parser.add_argument("--bank-size", type=int, default=20_000, help="points per axis of the random router's banks")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/efficiency"), help="where the JSON and "
+                        "PNG go")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.shape and not args.random_weights:
+        parser.error("--shape builds a model with random weights: add --random-weights")
+    if args.random_weights and not args.shape:
+        parser.error("--random-weights needs --shape (llama2-7b, or tiny for a smoke test)")
+    if args.shape and args.run:
+        parser.error("--shape and --run exclude each other: a run brings its own model")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.tokens = args.tokens or (24 if args.quick else 64)
+    args.repeats = args.repeats or (5 if args.quick else 7)
+    if args.tokens < 2:
+        parser.error("--tokens must be at least 2: decode time is the difference between N tokens and 1")
+    return args
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    args = parse_args(argv)
+    if args.worker:
+        serve(args.worker, args)
+        return
+    command = "python benchmarks/efficiency.py " + " ".join(argv)
+    began, load_before = time.perf_counter(), os.getloadavg()
+    info, rows = measure(args, argv)
+    load_after = os.getloadavg()
+    memory_measure = "max_memory_allocated" if info["device"].startswith("cuda") else "peak RSS above the libraries"
+    print(f"model={info['model']} ({info['parameters'] / 1e6:.1f}M parameters) device={info['device']} "
+          f"dtype={info['dtype']} threads={info['threads']} tokens={args.tokens} repeats={args.repeats} "
+          f"load={load_before[0]:.2f}->{load_after[0]:.2f}")
+    print(f"{'method':<13} {'batch':>5} {'prefill ms':>10} {'decode ms/tok':>13} {'tok/s':>8} {'peak MiB':>9} "
+          f"{'router ms':>9} {'weights ms':>10}")
+    for r in rows:
+        print(f"{r['method']:<13} {r['batch']:>5} {r['prefill_ms']:>10.1f} {r['decode_ms_per_token']:>13.2f} "
+              f"{r['tokens_per_s']:>8.1f} {r['peak_mib']:>9.0f} {r['router_ms']:>9.1f} {r['weights_ms']:>10.1f}")
+    print(f"peak memory: {memory_measure}; router: partial prefill + MoCaE for the batch; weights: setting the "
+          "batch's expert weights (a merge where they are shared); both once per batch")
+    by_batch = {batch: ratios(rows, batch) for batch in BATCHES}
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": command, "model": info["model"], "device": info["device"], "dtype": info["dtype"],
+        "threads": info["threads"], "tokens": args.tokens, "repeats": args.repeats, "memory": memory_measure,
+        "load_average": [load_before[0], load_after[0]], "seconds": time.perf_counter() - began,
+        "results": rows, "ratios": by_batch, "headline_batch": HEADLINE_BATCH,
+    }
+    (args.out / "efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, f"{info['model']} on {info['device']} ({info['dtype']})\n{command}", args.out / "efficiency.png")
+    print(f"wrote {args.out / 'efficiency.json'} and {args.out / 'efficiency.png'}")
+    batch_1 = " ".join(f"{k}={v:.3f}" for k, v in by_batch[1].items())
+    print(f"batch 1 (one merged request): {batch_1}; the last line is batch {HEADLINE_BATCH} (per-example weights)")
+    print(" ".join(f"{k}={v:.3f}" for k, v in by_batch[HEADLINE_BATCH].items()))
+
+
+if __name__ == "__main__":
+    main()
