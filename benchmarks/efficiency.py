@@ -24,8 +24,9 @@ How it measures
 * Peak memory is per run, reset before each: on a GPU ``torch.cuda.max_memory_allocated``; on CPU the
   process's resident-set high-water mark (reset through ``/proc/self/clear_refs``) less its resident set
   before any model was built, i.e. without the interpreter and libraries that every method loads alike,
-  as the GPU figure is. Weights count in full: moe-dense holds three FFNs per layer, a merged alignx
-  holds the merged weights beside the originals while decoding, and each run's KV cache counts.
+  as the GPU figure is, and once the garbage of building the model is handed back (:func:`settle`).
+  Weights count in full: moe-dense holds three FFNs per layer, a merged alignx holds the merged weights
+  beside the originals while decoding, and each run's KV cache counts.
 * Latency: runs alternate over all methods, and each takes its fastest repeat (interference on a shared
   machine only ever adds time).
 
@@ -41,6 +42,8 @@ JSON and PNG go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import re
@@ -157,6 +160,22 @@ def dense_moe(run, model, directory: Path):
     return DenseMoE.build(model, random_experts(model, directory, targets=",".join(mlp)))
 
 
+def settle(model) -> None:
+    """Make the CPU's resident set count what the model holds, before any peak is read: copy its tensors out of
+    the memory-mapped weights file (whose pages stay resident while any tensor maps it, although the
+    projections now live in bf16 copies), then hand the allocator's free memory (the garbage of building:
+    fp32 weights, task vectors) back to the system."""
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                param.data = param.data.clone()
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.clone()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory of one run in this process: see the module docstring."""
 
@@ -209,6 +228,10 @@ def serve(kind: str, args: argparse.Namespace) -> None:
     memory = PeakMemory(args.device)
     aligner = build(kind, args)
     model, tokenizer = aligner.loaded.model, aligner.loaded.tokenizer
+    if memory.on_gpu:
+        torch.cuda.empty_cache()  # the building's freed blocks go back to the device, for the other workers
+    else:
+        settle(model)
     rows = aligner.weights_for(PROMPTS)[0] if args.run and aligner.router is not None else distinct_weight_rows()
     weights = {"base": None, "moe-dense": None, "merge-linear": torch.full((len(PROMPTS), len(AXES)), 1 / len(AXES)),
                "alignx-soft": rows, "alignx-top1": apply_mode(rows, "top1")}
