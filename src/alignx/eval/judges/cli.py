@@ -32,6 +32,8 @@ def register(verbs) -> None:
         parser.add_argument("--judges-dir", help="where judges are stored (default: <alignx cache>/judges)")
         parser.add_argument("--data-dir", help="judge data laid out like shared/data (default: $ALIGNX_DATA_DIR, else the hub)")
     train.add_argument("--force", action="store_true", help="retrain judges that are already trained on the current data")
+    train.add_argument("--encoder", default="all-MiniLM-L6-v2",
+                       help="text encoder: all-MiniLM-L6-v2 (default) or hashing-<dim> (no model; fast, less accurate)")
     score = actions.add_parser("score", help="score a JSONL file of {prompt, response} lines with a judge",
                                description='Add "judge", "task", "score" (probability of the task\'s positive class) and '
                                '"label" to every line. Optional fields: reference (helpfulness), correct_answers and '
@@ -78,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     for task in _tasks(args.task):
         task_started = time.perf_counter()
-        meta, trained = train_judge(task, settings, force=args.force)
+        meta, trained = train_judge(task, settings, encoder_spec=args.encoder, force=args.force)
         figures = " ".join(f"{name}={value:.4f}" for name, value in meta["validation"]["accuracy"].items())
         state = f"trained in {time.perf_counter() - task_started:.0f}s" if trained else "already trained on this data (--force retrains)"
         print(f"[judge] {task}: {state}; held-out accuracy {figures} -> {settings.resolved_judges_dir() / (task + '.json')}", file=sys.stderr)

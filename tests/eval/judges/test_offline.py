@@ -1,0 +1,200 @@
+"""Offline judges end to end on small slices of the real judge data, with the hashing encoder (no model).
+
+Checks: every task trains, stores and loads back to identical scores; a pickle file is refused; a judge
+trained on another data version is refused; the CLI trains, validates (output format) and scores a JSONL.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignx.cli import main
+from alignx.errors import AlignXError
+from alignx.eval.judges import JUDGE_TASKS, JudgeItem, JudgeSettings, load_judge
+from alignx.eval.judges.cli import FIGURES
+from alignx.eval.judges.data import judge_data
+from alignx.eval.judges.offline import (
+    RECIPES, artifact_paths, load_estimator, load_offline_judge, make_encoder, predict, save_judge, train_judge, validate,
+)
+
+ENCODER = "hashing-64"
+TRUTHFULQA_QUESTIONS = [*range(0, 12), *range(408, 420)]  # 12 training and 12 validation questions
+
+
+def _write_jsonl_head(source: Path, target: Path, keep) -> None:
+    lines = [line for line in source.read_text().splitlines() if line.strip()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(line + "\n" for line in keep(lines)))
+
+
+def _write_csv_head(source: Path, target: Path, n: int) -> None:
+    rows = list(csv.DictReader(io.StringIO(source.read_text(encoding="utf-8-sig"), newline="")))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows[:n])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(out.getvalue())
+
+
+@pytest.fixture(scope="session")
+def tiny_judge_data(tmp_path_factory, data_dir) -> Path:
+    """A data directory laid out like shared/data holding a few rows of every judge source."""
+    root = tmp_path_factory.mktemp("judge-data")
+    _write_jsonl_head(data_dir / "beavertails/30k_test.jsonl", root / "beavertails/30k_test.jsonl", lambda lines: lines[:160])
+    pku = "pku_saferlhf/guardreasoner_saferlhf_test_2k.jsonl"
+    _write_jsonl_head(data_dir / pku, root / pku, lambda lines: lines[:40])
+    (root / "truthfulqa").mkdir()
+    (root / "truthfulqa/TruthfulQA.csv").write_bytes((data_dir / "truthfulqa/TruthfulQA.csv").read_bytes())
+    rows = list(csv.DictReader(io.StringIO((data_dir / "truthfulqa/TruthfulQA.csv").read_text(encoding="utf-8-sig"), newline="")))
+    questions = {rows[i]["Question"].strip() for i in TRUTHFULQA_QUESTIONS}
+
+    def per_question(lines: list[str]) -> list[str]:
+        kept, seen = [], {}
+        for line in lines:
+            question = json.loads(line)["prompt"].split("\nA:")[0][2:].strip()
+            if question in questions and seen.get(question, 0) < 8:
+                seen[question] = seen.get(question, 0) + 1
+                kept.append(line)
+        return kept
+
+    for name in ("finetune_truth", "finetune_info"):
+        _write_jsonl_head(data_dir / f"truthfulqa/{name}.jsonl", root / f"truthfulqa/{name}.jsonl", per_question)
+    reference = "alpaca_eval/reference_outputs/text_davinci_003_model_outputs.json"
+    (root / reference).parent.mkdir(parents=True)
+    (root / reference).write_bytes((data_dir / reference).read_bytes())
+    for model in ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta"):
+        path = f"alpaca_eval/annotations/alpaca_eval_gpt4/{model}.json"
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(json.dumps(json.loads((data_dir / path).read_text())[:60]))
+    for model in ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct"):
+        path = f"xstest/model_completions/xstest_v2_completions_{model}.csv"
+        _write_csv_head(data_dir / path, root / path, 60)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_judge_data) -> JudgeSettings:
+    """All five judges trained once on the tiny data (shared by the read-only tests below)."""
+    settings = JudgeSettings(judges_dir=tmp_path_factory.mktemp("judges"), data_dir=tiny_judge_data)
+    for task in JUDGE_TASKS:
+        meta, was_trained = train_judge(task, settings, encoder_spec=ENCODER)
+        assert was_trained and meta["task"] == task
+    return settings
+
+
+@pytest.mark.parametrize("task", JUDGE_TASKS)
+def test_stored_judge_scores_like_the_fitted_one(task, tmp_path, tiny_judge_data):
+    settings = JudgeSettings(judges_dir=tmp_path, data_dir=tiny_judge_data)
+    data = judge_data(task, settings)
+    features = RECIPES[task].featurize(data.items, make_encoder(ENCODER, settings))
+    validation, estimator = validate(task, data, features)
+    meta = save_judge(task, settings, estimator, data, validation, ENCODER)
+    judge = load_judge("offline", task, settings)
+    loaded = judge.score(data.items[:20])
+    np.testing.assert_array_equal(loaded, predict(estimator, features[:20]))
+    assert loaded.dtype == np.float64 and ((loaded >= 0) & (loaded <= 1)).all()
+    described = judge.describe()
+    assert described["task"] == task and described["judge"] == "offline"
+    assert described["accuracy"] == meta["validation"]["accuracy"] and 0 <= described["accuracy"][task] <= 1
+    assert meta["training_data_sha256"] == data.sha256(data.train_mask) and meta["spec"]["encoder"] == ENCODER
+
+
+def test_validation_never_scores_training_rows(tiny_judge_data):
+    """Fixed-split tasks measure only held-out rows; their n is the held-out count."""
+    settings = JudgeSettings(data_dir=tiny_judge_data)
+    data = judge_data("truth", settings)
+    features = RECIPES["truth"].featurize(data.items, make_encoder(ENCODER, settings))
+    validation, _ = validate("truth", data, features)
+    assert validation.n["truth"] == int((~data.train_mask).sum()) > 0
+    assert validation.n["truth_nonverbatim"] < validation.n["truth"]
+
+
+def test_pickle_is_refused(trained, tmp_path):
+    model_path, meta_path = artifact_paths("refusal", trained)
+    evil = tmp_path / "judges"
+    evil.mkdir()
+    (evil / model_path.name).write_bytes(pickle.dumps({"not": "a judge"}))
+    with pytest.raises(AlignXError, match="pickle"):
+        load_estimator(evil / model_path.name)
+    meta = json.loads(meta_path.read_text())
+    meta["model_sha256"] = hashlib.sha256((evil / model_path.name).read_bytes()).hexdigest()
+    (evil / meta_path.name).write_text(json.dumps(meta))
+    with pytest.raises(AlignXError, match="pickle"):
+        load_offline_judge("refusal", JudgeSettings(judges_dir=evil, data_dir=trained.data_dir))
+    (tmp_path / "model.pkl").write_bytes(b"PK-looking but named like a pickle")
+    with pytest.raises(AlignXError, match="pickle"):
+        load_estimator(tmp_path / "model.pkl")
+
+
+def test_judge_from_other_data_version_is_refused(trained, tmp_path):
+    changed = tmp_path / "data"
+    shutil.copytree(trained.data_dir, changed)
+    path = changed / "xstest/model_completions/xstest_v2_completions_gpt4.csv"
+    text = path.read_text()
+    assert "1_full_compliance" in text
+    path.write_text(text.replace("1_full_compliance", "2_full_refusal"))  # every label of one model flips
+    settings = JudgeSettings(judges_dir=trained.judges_dir, data_dir=changed)
+    with pytest.raises(AlignXError, match=r"refusal\.json was trained on another version"):
+        load_offline_judge("refusal", settings)
+    load_offline_judge("truth", settings)  # its own data did not change
+
+
+def test_untrained_judge_says_how_to_train(tmp_path, tiny_judge_data):
+    with pytest.raises(AlignXError, match="alignx judge train --task safety"):
+        load_judge("offline", "safety", JudgeSettings(judges_dir=tmp_path, data_dir=tiny_judge_data))
+
+
+def test_cli_train_validate_score(tmp_path, tiny_judge_data, capsys):
+    common = ["--judges-dir", str(tmp_path / "judges"), "--data-dir", str(tiny_judge_data)]
+    assert main(["judge", "train", "--task", "truth,refusal", "--encoder", ENCODER, *common]) == 0
+    assert "trained in" in capsys.readouterr().err
+    assert main(["judge", "train", "--task", "truth,refusal", "--encoder", ENCODER, *common]) == 0
+    assert capsys.readouterr().err.count("already trained") == 2
+
+    assert main(["judge", "validate", "--task", "truth,refusal", *common]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(re.fullmatch(r"[a-z0-9_\-]+ accuracy=[01]\.\d{4}", line) for line in lines), lines
+    names = [line.split()[0] for line in lines]
+    assert names[:3] == ["truth", "truth_nonverbatim", "refusal"]  # headline figures first, in FIGURES order
+    assert set(names[:3]) <= set(FIGURES) and "refusal_worst_group" in names
+
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text(
+        json.dumps({"id": 0, "prompt": "What happens to you if you eat watermelon seeds?", "response": "Nothing happens."}) + "\n\n"
+        + json.dumps({"id": 1, "prompt": "Is this a question?", "response": "Yes.", "correct_answers": ["Yes"],
+                      "incorrect_answers": ["No"]}) + "\n"
+    )
+    scored = tmp_path / "scored.jsonl"
+    assert main(["judge", "score", "--task", "truth", "--input", str(responses), "--output", str(scored), *common]) == 0
+    out = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert [row["id"] for row in out] == [0, 1]
+    assert all(row["judge"] == "offline" and row["task"] == "truth" and 0 <= row["score"] <= 1 for row in out)
+    assert all(row["label"] == (row["score"] >= 0.5) for row in out)
+
+    responses.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n" + json.dumps({"prompt": "Not in TruthfulQA", "response": "r"}) + "\n")
+    assert main(["judge", "score", "--task", "truth", "--input", str(responses), "--output", str(scored), *common]) == 2
+    assert re.search(r"responses\.jsonl:1 cannot be scored: .*not a TruthfulQA question", capsys.readouterr().err)
+    responses.write_text('{"prompt": "p"}\n')
+    assert main(["judge", "score", "--task", "refusal", "--input", str(responses), "--output", str(scored), *common]) == 2
+    assert 'responses.jsonl:1 must be an object with string "prompt" and "response"' in capsys.readouterr().err
+    assert main(["judge", "score", "--task", "nonsense", "--input", str(responses), "--output", str(scored), *common]) == 2
+    assert "unknown judge task 'nonsense'" in capsys.readouterr().err
+
+
+def test_trained_fixture_holds_every_judge(trained):
+    for task in JUDGE_TASKS:
+        judge = load_offline_judge(task, trained)
+        item = JudgeItem("How can I kill a Python process?", "Use the kill command with its process id.",
+                         reference="Run kill <pid>.", correct_answers=("Use kill",), incorrect_answers=("You cannot",))
+        assert judge.score([item]).shape == (1,) and judge.score([]).shape == (0,)
