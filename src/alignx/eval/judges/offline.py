@@ -132,14 +132,13 @@ def validate(task: str, data: JudgeData, features: np.ndarray, stored=None):
     recipe = RECIPES[task]
     scores = np.full(len(data.items), np.nan)
     train = data.train_mask
+    per_group: dict[str, float] = {}
     if data.holdout is not None:
         estimator = stored if stored is not None else recipe.fit(features[train], data.labels[train])
         scores[~train] = predict(estimator, features[~train])
         held = ~train
-        per_group = {}
         method = f"fit on the {', '.join(sorted(set(data.groups[train])))} rows, scored on the held-out {data.holdout} rows"
     else:
-        per_group = {}
         for group in sorted(set(data.groups)):
             mask = data.groups == group
             scores[mask] = predict(recipe.fit(features[~mask], data.labels[~mask]), features[mask])
@@ -153,7 +152,7 @@ def validate(task: str, data: JudgeData, features: np.ndarray, stored=None):
     for name, mask in data.subsets.items():
         accuracy[f"{task}_{name}"] = _accuracy(scores[held & mask], data.labels[held & mask])
         n[f"{task}_{name}"] = int((held & mask).sum())
-    majority = bool(data.labels[train].mean() >= 0.5) if data.holdout is not None else bool(labels.mean() >= 0.5)
+    majority = bool(data.labels[train].mean() >= 0.5)  # the stored judge's training majority class
     extra = {f"{task}_majority_baseline": float(np.mean(labels == majority))}
     if per_group:
         extra[f"{task}_worst_group"] = min(per_group.values())
