@@ -150,6 +150,7 @@ def _score(args: argparse.Namespace) -> int:
     from alignx.eval.judges import check_task, load_judge
     from alignx.eval.judges.data import data_dir
     from alignx.eval.judges.offline import THRESHOLD
+    from alignx.run import atomic_write_text
 
     task = check_task(args.task)
     settings = _settings(args)
@@ -158,8 +159,6 @@ def _score(args: argparse.Namespace) -> int:
     scores = judge.score(items)
     lines = [json.dumps({**row, "judge": judge.spec, "task": task, "score": float(s), "label": bool(s >= THRESHOLD)}, ensure_ascii=False)
              for row, s in zip(rows, scores)]
-    from alignx.run import atomic_write_text
-
     atomic_write_text(Path(args.output), "".join(line + "\n" for line in lines))
     positive = sum(float(s) >= THRESHOLD for s in scores)
     print(f"[judge] {task} by {judge.spec}: {positive}/{len(scores)} labelled positive -> {args.output}", file=sys.stderr)
