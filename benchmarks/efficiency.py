@@ -269,7 +269,8 @@ def serve(kind: str, args: argparse.Namespace) -> None:
         replies.write(json.dumps(message) + "\n")
 
     send({"ready": kind, "model": aligner.loaded.source_id, "device": args.device, "threads": torch.get_num_threads(),
-          "dtype": str(autocast_dtype(aligner.precision, args.device) or torch.float32), "parameters": sum(p.numel() for p in model.parameters())})
+          "dtype": str(autocast_dtype(aligner.precision, args.device) or torch.float32),
+          "parameters": sum(p.numel() for p in model.parameters())})
     for line in sys.stdin:
         request = json.loads(line)
         if request["cmd"] == "generate":
