@@ -241,7 +241,7 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
             if spec.gold_axis is not None:
                 routed += [(r["weights"], spec.gold_axis) for r in rows if set(r.get("weights", ())) == set(AXES)]
         entry = {"benchmarks": metrics, "axis_scores": _axis_scores(metrics)}
-        if routed:  # fixed-weight methods too: their "misrouting" is the share sent mostly elsewhere
+        if len({tuple(w.values()) for w, _ in routed}) > 1:  # routed per prompt (fixed weights route nothing)
             entry["routing"] = _routing(routed)
         methods[method] = entry
         log(f"[eval] {method}: " + ", ".join(f"{a}={v:.3f}" for a, v in entry["axis_scores"].items()))
