@@ -292,19 +292,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _read_prompts(path) -> list[dict]:
-    import json
+    from alignx.run import jsonl_objects
 
-    if not path.is_file():
-        raise AlignXError(f"input file not found: {path}")
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AlignXError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() or "id" not in row:
+    for number, row in jsonl_objects(path):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip() or "id" not in row:
             raise AlignXError(f'{path}:{number} must be an object with "id" and a non-empty string "prompt"')
         items.append(row)
     if not items:

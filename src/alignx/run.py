@@ -131,6 +131,24 @@ def read_json(path: Path) -> Any:
         raise AlignXError(f"{path} is not valid JSON ({exc}); it may be truncated or corrupted") from None
 
 
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a user's JSONL file; blank lines are skipped, anything else that is not a
+    JSON object is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise AlignXError(f"input file not found: {path}")
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AlignXError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise AlignXError(f"{path}:{number} must be a JSON object")
+        yield number, row
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -115,17 +115,11 @@ def read_items(path: Path, task: str, root: Path | None) -> tuple[list[dict], li
     from alignx.eval.judges.data import complete_item
     from alignx.eval.judges import JudgeItem
 
-    if not path.is_file():
-        raise AlignXError(f"input file not found: {path}")
+    from alignx.run import jsonl_objects
+
     rows, items = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AlignXError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+    for number, row in jsonl_objects(path):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise AlignXError(f'{path}:{number} must be an object with string "prompt" and "response" fields')
         answers = {}
         for key in ("correct_answers", "incorrect_answers"):
