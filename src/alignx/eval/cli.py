@@ -15,7 +15,7 @@ def register(verbs) -> None:
         description="Evaluate methods of a run on helpful (AlpacaEval win rate and length-controlled win rate), "
         "harmless (BeaverTails unsafe rate, refusals of clearly harmful requests), honest (TruthfulQA truthful / "
         "informative / TI, MC1 / MC2 by log-likelihood), over-refusal (XSTest safe prompts), routing, and Axis "
-        "Collapse (each axis relative to its own expert), with 95 %% bootstrap intervals. Generations are saved per "
+        "Collapse (each axis relative to its own expert), with 95 % bootstrap intervals. Generations are saved per "
         "item and resumed after an interruption; judge scores are reused while judge and response are unchanged. "
         "Writes <run>/eval/<suite>/results.json, report.md and report.html.",
         epilog="examples:\n  alignx eval --run runs/demo --methods alignx,base,sft-mix,moe-uncalibrated\n"
