@@ -107,6 +107,15 @@ def write_report(results: dict, root: Path) -> Path:
     return root / "report.html"
 
 
+def _save(fig, root: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(root / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _plots(results: dict, root: Path) -> list[str]:
     import matplotlib
 
@@ -136,10 +145,7 @@ def _plots(results: dict, root: Path) -> list[str]:
     ax.set_ylabel("score (95 % CI)")
     ax.set_title("HHH scores per method")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "hhh_scores.png", dpi=110)
-    plt.close(fig)
-    written.append("hhh_scores.png")
+    written.append(_save(fig, root, "hhh_scores.png"))
     # Axis Collapse heat map
     collapse = results["axis_collapse"]
     grid = np.array([[np.nan if collapse[m]["relative"][a] is None else collapse[m]["relative"][a] for a in AXES] for m in methods])
@@ -154,10 +160,7 @@ def _plots(results: dict, root: Path) -> list[str]:
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
         fig.colorbar(image, ax=ax, label="score / own expert's score")
         ax.set_title("Axis Collapse")
-        fig.tight_layout()
-        fig.savefig(root / "axis_collapse.png", dpi=110)
-        plt.close(fig)
-        written.append("axis_collapse.png")
+        written.append(_save(fig, root, "axis_collapse.png"))
     # win rates with CIs
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(methods) + 1.5))
     for offset, key, label in ((-0.15, "win_rate", "win rate"), (0.15, "lc_win_rate", "length-controlled")):
@@ -171,10 +174,7 @@ def _plots(results: dict, root: Path) -> list[str]:
     ax.set_xlim(0, 1)
     ax.set_xlabel("AlpacaEval win rate vs reference (95 % CI)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(root / "win_rates.png", dpi=110)
-    plt.close(fig)
-    written.append("win_rates.png")
+    written.append(_save(fig, root, "win_rates.png"))
     # reliability diagrams of the routed methods
     routed = [m for m in methods if "routing" in results["methods"][m]]
     if routed:
@@ -188,8 +188,5 @@ def _plots(results: dict, root: Path) -> list[str]:
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1)
         axes[0][0].set_ylabel("accuracy")
-        fig.tight_layout()
-        fig.savefig(root / "routing_reliability.png", dpi=110)
-        plt.close(fig)
-        written.append("routing_reliability.png")
+        written.append(_save(fig, root, "routing_reliability.png"))
     return written

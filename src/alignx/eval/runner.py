@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,10 +175,12 @@ def read_jsonl(path: Path) -> list[dict]:
 def _append_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        text = "\n" + text  # close a line torn by an interruption so it cannot swallow the next row
-    with open(path, "a") as handle:
-        handle.write(text)
+    with open(path, "a+b") as handle:
+        if handle.seek(0, os.SEEK_END):
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                text = "\n" + text  # close a line torn by an interruption so it cannot swallow the next row
+        handle.write(text.encode("utf-8"))
         handle.flush()
 
 

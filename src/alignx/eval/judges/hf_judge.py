@@ -248,7 +248,7 @@ def _load(spec: str, path_or_id: str, trust_remote_code: bool) -> tuple[str, Any
         model = auto_model.from_pretrained(source.location, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, HfHubHTTPError) as exc:
         if "trust_remote_code" in str(exc):
-            raise AlignXError(f"judge {spec} needs custom code: pass trust_remote_code=True if you trust it") from None
+            raise AlignXError(f"judge {spec} runs its own model code; set JudgeSettings.trust_remote_code only if you trust it") from None
         if offline:
             raise AlignXError(
                 f"judge {spec}: {path_or_id!r} is not a local directory and not in the local Hugging Face cache "
