@@ -47,7 +47,7 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
         sample = points[:2000]
         radius = float(kth_neighbour_distances(sample, max(3, math.ceil(0.01 * bank_size)), exclude_self=True)[:, -1].median())
         loo = exact_log_correlation_integral(sample, sample, radius, 0.05, exclude_self=True).sort().values
-        clouds.append(AxisCloud(points, radius, 0.05, loo, float(latent)))
+        clouds.append(AxisCloud.from_points(points, radius, 0.05, loo, float(latent), keep_exact=False))  # as loaded
     space = FeatureSpace(
         Standardiser(torch.zeros(dim), torch.ones(dim)), Standardiser(torch.zeros(dim), torch.ones(dim)),
         Projection(torch.zeros(dim), torch.linalg.qr(torch.randn(dim, latent, generator=generator))[0].T.contiguous()),

@@ -78,3 +78,26 @@ def test_dimension_mode_and_dimension_term_are_switchable():
     z = torch.cat(_clouds(seed=5, n=20))
     assert torch.all(with_term.typicality(z) <= plain.typicality(z) + 1e-6)  # the term only penalises
     assert not torch.allclose(with_term.typicality(z), plain.typicality(z))
+
+
+def test_a_saved_calibrator_keeps_the_query_form_only_and_scores_alike():
+    banks = _clouds()
+    fitted = FractalCalibrator.fit(banks)
+    state = fitted.state()
+    assert not any(t.dtype == torch.float64 and t.dim() == 2 for t in state.values())  # no float64 bank is saved
+    loaded = FractalCalibrator.from_state(state, 3)
+    assert all(c.exact is None for c in loaded.clouds)
+    queries = torch.cat(_clouds(seed=1, n=50))
+    assert torch.equal(loaded.typicality(queries), fitted.typicality(queries))
+    own = torch.arange(3).repeat_interleave(300)
+    with pytest.raises(ValueError, match="leave-one-out needs the exact bank"):
+        loaded.typicality(torch.cat(banks), own_axis=own)
+
+
+def test_files_that_stored_the_float64_banks_still_load():
+    banks = _clouds()
+    fitted = FractalCalibrator.fit(banks)
+    legacy = {k: v for k, v in fitted.state().items() if not k.endswith((".centred", ".centre"))}
+    legacy.update({f"fractal.{a}.points": bank.double() for a, bank in enumerate(banks)})
+    queries = torch.cat(_clouds(seed=1, n=50))
+    assert torch.equal(FractalCalibrator.from_state(legacy, 3).typicality(queries), fitted.typicality(queries))

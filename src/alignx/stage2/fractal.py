@@ -71,38 +71,61 @@ def levina_bickel_dimension(neighbour_distances: torch.Tensor) -> torch.Tensor:
 class AxisCloud:
     """What the calibrator keeps of one axis's latent bank.
 
-    Fitting (neighbour radii, leave-one-out scores) uses exact float64 distances once. Queries, which
-    must cost a few milliseconds against 20,000 points, use a float32 copy of the bank *centred on its
-    mean* with its squared norms precomputed: one [Q, k]×[k, N] product per axis, and centring keeps
-    the norms at the scale of the cloud's spread, so the ‖a‖² + ‖b‖² − 2a·b form loses nothing that
-    matters at these distances.
+    Queries, which must cost a few milliseconds against 20,000 points, use the bank in float32 *centred on
+    its mean*, with its squared norms precomputed: one [Q, k]×[k, N] product per axis, and centring keeps
+    the norms at the scale of the cloud's spread, so the ‖a‖² + ‖b‖² − 2a·b form loses nothing that matters
+    at these distances. That query form is all a saved calibrator holds.
+
+    Fitting (neighbour radii, leave-one-out scores) uses exact float64 distances once, and the fitted
+    calibrator keeps the float64 bank in ``exact`` for the one thing that needs it afterwards: scoring the
+    bank's own points leave-one-out (Stage 2 training). A loaded calibrator does without it: for 3 axes of
+    20,000 points × 256 it would hold 184 MB instead of 61 MB.
     """
 
-    points: torch.Tensor  # [N, k], float64 (see pairwise_distances)
+    centred: torch.Tensor  # [N, k] float32: the bank minus its mean
+    centre: torch.Tensor  # [k] float64: the bank's mean
     radius: float  # r_a
     epsilon: float  # ε_a
     loo_scores: torch.Tensor  # sorted leave-one-out log C_a of the bank's own points, [N]
     mean_dimension: float  # D̄_a
+    exact: torch.Tensor | None = None  # [N, k] float64 bank, kept after fitting (see pairwise_distances)
+
+    @classmethod
+    def from_points(cls, points: torch.Tensor, radius: float, epsilon: float, loo_scores: torch.Tensor,
+                    mean_dimension: float, *, keep_exact: bool = True) -> "AxisCloud":
+        points = points.double()
+        centre = points.mean(0)
+        return cls((points - centre).float(), centre, radius, epsilon, loo_scores, mean_dimension,
+                   points if keep_exact else None)
 
     def __post_init__(self) -> None:
-        self.points = self.points.double()
-        self._centre = self.points.mean(0)
-        self._centred = (self.points - self._centre).float()
-        self._sq_norms = (self._centred * self._centred).sum(1)
+        self.centred = self.centred.float().contiguous()
+        self.centre = self.centre.double()
+        self._sq_norms = (self.centred * self.centred).sum(1)
+
+    def __len__(self) -> int:
+        return len(self.centred)
 
     def query_distances(self, z: torch.Tensor) -> torch.Tensor:
         """Distances [Q, N] from queries to the bank (fast float32 path)."""
-        centred = (z.double() - self._centre).float()
-        squared = (centred * centred).sum(1, keepdim=True) + self._sq_norms - 2.0 * centred @ self._centred.T
+        centred = (z.double() - self.centre).float()
+        squared = (centred * centred).sum(1, keepdim=True) + self._sq_norms - 2.0 * centred @ self.centred.T
         return squared.clamp_min_(0.0).sqrt_()
 
     def log_correlation_integral(self, z: torch.Tensor) -> torch.Tensor:
         """log C_a(z) for queries that are not bank points."""
         out = [
-            soft_log_count(self.query_distances(z[s : s + _CHUNK]), self.radius, self.epsilon, len(self.points))
+            soft_log_count(self.query_distances(z[s : s + _CHUNK]), self.radius, self.epsilon, len(self))
             for s in range(0, len(z), _CHUNK)
         ]
         return torch.cat(out) if out else torch.empty(0)
+
+    def leave_one_out_log_correlation_integral(self, bank_points: torch.Tensor) -> torch.Tensor:
+        """log C_a of the bank's own points (in bank order), each without its own contribution, exactly."""
+        if self.exact is None:
+            raise ValueError("scoring a bank's own points leave-one-out needs the exact bank, which only a freshly "
+                             "fitted calibrator keeps (a loaded one holds the query form alone)")
+        return exact_log_correlation_integral(bank_points, self.exact, self.radius, self.epsilon, exclude_self=True)
 
 
 class FractalCalibrator:
@@ -145,7 +168,7 @@ class FractalCalibrator:
             mean_dimension = float(levina_bickel_dimension(neighbours[:, :m]).mean())
             eps = epsilon if epsilon_mode == "fixed" else min(max(1.0 / mean_dimension, 0.03), 0.10)
             loo = exact_log_correlation_integral(bank, bank, radius, eps, exclude_self=True)
-            clouds.append(AxisCloud(bank, radius, eps, loo.sort().values, mean_dimension))
+            clouds.append(AxisCloud.from_points(bank, radius, eps, loo.sort().values, mean_dimension))
         return cls(clouds, dimension_neighbours=dimension_neighbours, dimension_weight=dimension_weight)
 
     # ---- scoring ------------------------------------------------------------------------------------
@@ -160,7 +183,7 @@ class FractalCalibrator:
             mine = own_axis == a  # these queries are the bank, in order: use its leave-one-out values
             column = torch.empty(len(z))
             column[~mine] = cloud.log_correlation_integral(z[~mine])
-            column[mine] = exact_log_correlation_integral(z[mine], cloud.points, cloud.radius, cloud.epsilon, exclude_self=True)
+            column[mine] = cloud.leave_one_out_log_correlation_integral(z[mine])
             columns.append(column)
         return torch.stack(columns, dim=1)
 
@@ -180,7 +203,7 @@ class FractalCalibrator:
         """|D̂_a(z) − D̄_a| / D̄_a for every axis: [Q, A] (the optional local-dimension term)."""
         columns = []
         for cloud in self.clouds:
-            m = min(self.dimension_neighbours, len(cloud.points))
+            m = min(self.dimension_neighbours, len(cloud))
             distances = torch.cat([
                 cloud.query_distances(z[s : s + _CHUNK]).topk(m, dim=1, largest=False).values
                 for s in range(0, len(z), _CHUNK)
@@ -198,17 +221,25 @@ class FractalCalibrator:
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
         for a, cloud in enumerate(self.clouds):
-            out[f"fractal.{a}.points"] = cloud.points
+            out[f"fractal.{a}.centred"] = cloud.centred
+            out[f"fractal.{a}.centre"] = cloud.centre
             out[f"fractal.{a}.loo_scores"] = cloud.loo_scores
             out[f"fractal.{a}.scalars"] = torch.tensor([cloud.radius, cloud.epsilon, cloud.mean_dimension])
         return out
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], num_axes: int, **options) -> "FractalCalibrator":
+        """The calibrator in query form; files that stored the float64 banks (``points``) load too."""
         clouds = []
         for a in range(num_axes):
             radius, eps, dimension = tensors[f"fractal.{a}.scalars"].tolist()
-            clouds.append(AxisCloud(tensors[f"fractal.{a}.points"].double(), radius, eps, tensors[f"fractal.{a}.loo_scores"], dimension))
+            loo = tensors[f"fractal.{a}.loo_scores"]
+            if f"fractal.{a}.centred" in tensors:
+                clouds.append(AxisCloud(tensors[f"fractal.{a}.centred"], tensors[f"fractal.{a}.centre"], radius, eps,
+                                        loo, dimension))
+            else:
+                clouds.append(AxisCloud.from_points(tensors[f"fractal.{a}.points"], radius, eps, loo, dimension,
+                                                    keep_exact=False))
         return cls(clouds, **options)
 
 
