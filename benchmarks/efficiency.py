@@ -132,7 +132,7 @@ def build(kind: str, args: argparse.Namespace):
             dense = dense_moe(run, loaded.model, Path(tmp))
         dtype = autocast_dtype(config, args.device)
         if dtype is not None:
-            store_frozen_linears_in(loaded.model, dtype)
+            store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         if kind in ("merged", "per-example"):
             experts = {axis: run.adapter_dir(axis) for axis in AXES} if run else random_experts(loaded.model, Path(tmp))
             mixture = MixtureOfExperts.attach(loaded.model, experts, AXES)

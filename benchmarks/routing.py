@@ -59,7 +59,7 @@ def main() -> None:
     print(f"partial prefill (layers 1..20 of 30) per prompt, batch of {len(PROMPTS)}: {prefill / len(PROMPTS) * 1000:.1f} ms")
 
     if dtype is not None:  # as `alignx generate` does: frozen projections and expert factors in bf16
-        store_frozen_linears_in(loaded.model, dtype)
+        store_frozen_linears_in(loaded.model, dtype, output_projection=True)
     with tempfile.TemporaryDirectory() as tmp:
         mixture = MixtureOfExperts.attach(loaded.model, random_experts(loaded.model, Path(tmp)), ["helpful", "harmless", "honest"])
     soft = distinct_weight_rows()

@@ -26,6 +26,7 @@ from alignx.models import (
     load_base_model,
     resolve_model_source,
     resolve_precision,
+    store_frozen_linears_in,
     target_modules,
 )
 from conftest import ARCHITECTURES, build_tiny_model
@@ -321,6 +322,19 @@ def test_precision():
         assert (x @ x).dtype == torch.bfloat16
     with autocast(None, "cpu"):
         assert (x @ x).dtype == torch.float32
+
+
+def test_generation_stores_the_tied_lm_head_in_bf16_with_identical_logits():
+    model = build_tiny_model("llama", 97).eval().requires_grad_(False)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), autocast(torch.bfloat16, "cpu"):
+        before = model(ids).logits
+    embeddings = model.get_input_embeddings().weight
+    store_frozen_linears_in(model, torch.bfloat16, output_projection=True)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert model.get_input_embeddings().weight is embeddings and embeddings.dtype == torch.float32  # untied, kept
+    with torch.inference_mode(), autocast(torch.bfloat16, "cpu"):
+        assert torch.equal(model(ids).logits, before)  # the cast autocast did on every forward, done once
 
 
 # ---------------------------------------------------------------------------------------- LoRA targets

@@ -90,7 +90,7 @@ class AlignX:
             dense = load_dense_moe(run, loaded.model)
         dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
         if dtype is not None:  # frozen projections in the compute dtype (the expert factors stay fp32: see mixing)
-            store_frozen_linears_in(loaded.model, dtype)
+            store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         mixture = None
         if dense is None:
             experts = list(method_adapters(method)) if method in singles else list(AXES)

@@ -547,17 +547,25 @@ def autocast_dtype(config: ModelConfig, device: str | torch.device) -> torch.dty
     return resolve_precision(config.precision, device)
 
 
-def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> None:
-    """Keep the frozen decoder projections in the autocast dtype.
+def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype, *, output_projection: bool = False) -> None:
+    """Keep the frozen decoder projections (and, with ``output_projection``, the LM head) in the autocast dtype.
 
     Autocast only caches casts of weights that require grad, so frozen fp32 weights are re-cast to bf16
     in every forward (and backward): ~18% of a SmolLM2 training step on CPU, and a good share of every
     decoded token. Storing them in bf16 gives bit-identical matmuls under autocast; norms and embeddings
     stay fp32. Used by Stage 1 training and by generation.
+
+    The LM head is the biggest of these casts at decode time (SmolLM2: 49,152 × 576, re-cast on every
+    token: a third of a batch-8 decode step on CPU). Generation stores it in bf16 too; when it is tied to
+    the input embeddings it gets its own bf16 copy and the embeddings keep their fp32 weight, so the memory
+    it adds is the per-token cast it saves.
     """
     for module in decoder_layers(model).modules():
         if isinstance(module, nn.Linear):
             module.to(dtype)
+    head = model.get_output_embeddings() if output_projection else None
+    if isinstance(head, nn.Linear) and not head.weight.requires_grad and head.weight.dtype != dtype:
+        head.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
 
 
 @contextlib.contextmanager
