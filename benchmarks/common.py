@@ -40,6 +40,7 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
     from alignx.stage2.router import Router
 
     latent = min(latent, dim)
+    config = Stage2Config()
     generator = torch.Generator().manual_seed(0)
     clouds = []
     for _ in range(3):
@@ -47,12 +48,12 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
         sample = points[:2000]
         radius = float(kth_neighbour_distances(sample, max(3, math.ceil(0.01 * bank_size)), exclude_self=True)[:, -1].median())
         loo = exact_log_correlation_integral(sample, sample, radius, 0.05, exclude_self=True).sort().values
-        clouds.append(AxisCloud.from_points(points, radius, 0.05, loo, float(latent), keep_exact=False))  # as loaded
+        clouds.append(AxisCloud.from_points(points, radius, 0.05, loo, float(latent), keep_exact=False,
+                                            bank_dtype=config.bank_dtype))  # as loaded
     space = FeatureSpace(
         Standardiser(torch.zeros(dim), torch.ones(dim)), Standardiser(torch.zeros(dim), torch.ones(dim)),
         Projection(torch.zeros(dim), torch.linalg.qr(torch.randn(dim, latent, generator=generator))[0].T.contiguous()),
     )
-    config = Stage2Config()
     return MoCaE(config, list(AXES), space, Router(dim, 3), NaturalCalibrator(torch.randn(3, dim)),
                  FractalCalibrator(clouds), layers).eval()
 

@@ -140,9 +140,22 @@ def build(kind: str, args: argparse.Namespace):
     if run is not None and mixture is not None:
         router = MoCaE.load(stage2_dir(run) / "alignx")
     elif kind == "per-example":
-        layers = loaded.num_layers
-        router = synthetic_router(loaded.model.config.hidden_size, args.bank_size, (layers // 2, 2 * layers // 3))
+        router = MoCaE.load(args.router_dir)
     return AlignX(run, loaded, mixture, kind, config, router=router, dense=dense)
+
+
+def write_synthetic_router(args: argparse.Namespace, directory: Path) -> None:
+    """Save the random MoCaE that stands in for a trained one (no ``--run``). It is built here, in the parent,
+    and the worker loads it from the file as ``alignx generate`` loads a trained router: fitting the random
+    banks leaves ~35 MB of freed-but-resident heap that would otherwise count against alignx's memory."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from alignx.config import ModelConfig
+    from alignx.models import model_directory
+
+    config = LlamaConfig(**SHAPES[args.shape]) if args.shape else AutoConfig.from_pretrained(model_directory(ModelConfig()))
+    layers = config.num_hidden_layers
+    synthetic_router(config.hidden_size, args.bank_size, (layers // 2, 2 * layers // 3)).save(directory)
 
 
 def dense_moe(run, model, directory: Path):
@@ -396,6 +409,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/efficiency"), help="where the JSON and "
                         "PNG go")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--router-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.shape and not args.random_weights:
         parser.error("--shape builds a model with random weights: add --random-weights")
@@ -419,7 +433,12 @@ def main() -> None:
         return
     command = "python benchmarks/efficiency.py " + " ".join(argv)
     began, load_before = time.perf_counter(), os.getloadavg()
-    info, rows = measure(args, argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        worker_argv = argv
+        if not args.run:
+            write_synthetic_router(args, Path(tmp))
+            worker_argv = [*argv, "--router-dir", tmp]
+        info, rows = measure(args, worker_argv)
     load_after = os.getloadavg()
     memory_measure = "max_memory_allocated" if info["device"].startswith("cuda") else "peak RSS above the libraries"
     print(f"model={info['model']} ({info['parameters'] / 1e6:.1f}M parameters) device={info['device']} "

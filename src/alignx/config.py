@@ -150,6 +150,8 @@ class Stage2Config:
     min_neighbours: int = 3
     dimension_neighbours: int = 20  # m of the Levina-Bickel local dimension
     dimension_weight: float = 0.0  # weight of the local-dimension term (0 = off; measured to add little)
+    bank_dtype: str = "float16"  # float16 | float32: storage of the fractal banks (queries compute in float32);
+    # float16 halves the largest thing AlignX adds at inference, kept only where it moves log C by <= 0.01
     ood_alpha: float = 0.05  # the prompt fits no axis when max typicality < alpha
     ood_fallback: str = "uniform"  # uniform | base (experts off)
     natural_tau_init: float = 0.1
@@ -168,6 +170,7 @@ class Stage2Config:
         _check_choice("stage2.epsilon_mode", self.epsilon_mode, ("fixed", "dimension"))
         _check_choice("stage2.ood_fallback", self.ood_fallback, ("uniform", "base"))
         _check_choice("stage2.calibration", self.calibration, ("cross-fit", "hash"))
+        _check_choice("stage2.bank_dtype", self.bank_dtype, ("float16", "float32"))
         for name in ("latent_dim", "router_hidden", "min_neighbours", "dimension_neighbours", "batch_size",
                      "max_epochs", "patience"):
             _check_positive(f"stage2.{name}", getattr(self, name))

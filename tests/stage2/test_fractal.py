@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from alignx.stage2.fractal import FractalCalibrator, kth_neighbour_distances, levina_bickel_dimension
+from alignx.stage2.fractal import FLOAT16_TOLERANCE, FractalCalibrator, kth_neighbour_distances, levina_bickel_dimension
 
 
 def _embedded(points: torch.Tensor, ambient: int, seed: int) -> torch.Tensor:
@@ -101,3 +101,27 @@ def test_files_that_stored_the_float64_banks_still_load():
     legacy.update({f"fractal.{a}.points": bank.double() for a, bank in enumerate(banks)})
     queries = torch.cat(_clouds(seed=1, n=50))
     assert torch.equal(FractalCalibrator.from_state(legacy, 3).typicality(queries), fitted.typicality(queries))
+
+
+def test_float16_banks_are_kept_where_they_barely_move_the_scores():
+    generator = torch.Generator().manual_seed(4)
+    centres = torch.eye(3, 64) * 6.0  # 64-d clouds: neighbour radii of the order of the spread, as real features
+    banks = [centre + torch.randn(400, 64, generator=generator) for centre in centres]
+    exact, compact = FractalCalibrator.fit(banks), FractalCalibrator.fit(banks, bank_dtype="float16")
+    assert all(c.centred.dtype == torch.float16 for c in compact.clouds)
+    queries = torch.cat([centre + torch.randn(100, 64, generator=generator) for centre in centres])
+    own = torch.arange(3).repeat_interleave(100)
+    in_cloud = lambda calibrator: calibrator.log_correlation_integrals(queries)[torch.arange(300), own]  # noqa: E731
+    assert 0 < float((in_cloud(exact) - in_cloud(compact)).abs().max()) < FLOAT16_TOLERANCE
+    q_exact = FractalCalibrator.distribution(exact.typicality(queries))
+    q_compact = FractalCalibrator.distribution(compact.typicality(queries))
+    assert float((q_exact - q_compact).abs().max()) < 0.01
+    reloaded = FractalCalibrator.from_state(compact.state(), 3)
+    assert all(c.centred.dtype == torch.float16 for c in reloaded.clouds)
+    assert torch.equal(reloaded.typicality(queries), compact.typicality(queries))
+
+
+def test_float16_is_refused_where_it_would_move_the_scores():
+    # 4-d clouds with tight neighbour radii: rounding to float16 moves log C by ~0.02 there
+    compact = FractalCalibrator.fit(_clouds(), bank_dtype="float16")
+    assert all(c.centred.dtype == torch.float32 for c in compact.clouds)

@@ -19,12 +19,15 @@ query against a 20,000-point bank costs one [Q, N] product and no Python loop ov
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 _CHUNK = 1024  # query rows per distance block: bounds memory at CHUNK × N floats
+_BANK_BLOCK = 4096  # bank points cast to float32 at a time when the bank is stored in float16
+BANK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+FLOAT16_TOLERANCE = 1e-2  # largest change of log C on the bank's own points that float16 storage may cause
 
 
 def pairwise_distances(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -71,10 +74,18 @@ def levina_bickel_dimension(neighbour_distances: torch.Tensor) -> torch.Tensor:
 class AxisCloud:
     """What the calibrator keeps of one axis's latent bank.
 
-    Queries, which must cost a few milliseconds against 20,000 points, use the bank in float32 *centred on
-    its mean*, with its squared norms precomputed: one [Q, k]×[k, N] product per axis, and centring keeps
+    Queries, which must cost a few milliseconds against 20,000 points, use the bank *centred on its mean*,
+    with its squared norms precomputed: one [Q, k]×[k, N] product per axis in float32, and centring keeps
     the norms at the scale of the cloud's spread, so the ‖a‖² + ‖b‖² − 2a·b form loses nothing that matters
     at these distances. That query form is all a saved calibrator holds.
+
+    It can be stored in float16 (``stage2.bank_dtype``), cast back to float32 a block at a time when
+    queried. Rounding moves a point by up to 2⁻¹¹ of its norm, which matters only next to the soft count's
+    width ε·r_a: in 256-d feature clouds neighbour radii are of the order of the cloud's spread and it
+    does not (on the demo run's banks it moved log C by at most 7e-4 and the fractal distribution by at
+    most 1e-3, one conformal rank, never its argmax), but in a low-dimensional cloud with tight radii it
+    can. So float16 is a request: :meth:`from_points` measures log C on the bank's own points both ways
+    and keeps float32 when float16 would move it by more than ``FLOAT16_TOLERANCE``.
 
     Fitting (neighbour radii, leave-one-out scores) uses exact float64 distances once, and the fitted
     calibrator keeps the float64 bank in ``exact`` for the one thing that needs it afterwards: scoring the
@@ -92,16 +103,35 @@ class AxisCloud:
 
     @classmethod
     def from_points(cls, points: torch.Tensor, radius: float, epsilon: float, loo_scores: torch.Tensor,
-                    mean_dimension: float, *, keep_exact: bool = True) -> "AxisCloud":
+                    mean_dimension: float, *, keep_exact: bool = True, bank_dtype: str = "float32") -> "AxisCloud":
+        """The cloud of ``points``, stored in ``bank_dtype`` where that is exact enough (see the class docstring)."""
+        if bank_dtype not in BANK_DTYPES:
+            raise ValueError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {bank_dtype!r}")
         points = points.double()
         centre = points.mean(0)
-        return cls((points - centre).float(), centre, radius, epsilon, loo_scores, mean_dimension,
-                   points if keep_exact else None)
+        cloud = cls((points - centre).float(), centre, radius, epsilon, loo_scores, mean_dimension,
+                    points if keep_exact else None)
+        if bank_dtype == "float16":
+            compact = replace(cloud, centred=cloud.centred.half())
+            if float((cloud._probe() - compact._probe()).abs().max()) <= FLOAT16_TOLERANCE:
+                return compact
+        return cloud
+
+    def _probe(self) -> torch.Tensor:
+        """Leave-one-out log C of ~512 of the bank's own points through the query path (as stored)."""
+        index = torch.arange(0, len(self), max(1, len(self) // 512))
+        distances = self.query_distances(self.exact[index] if self.exact is not None else
+                                         self.centred[index].double() + self.centre)
+        distances[torch.arange(len(index)), index] = float("inf")  # leave each point itself out
+        return soft_log_count(distances, self.radius, self.epsilon, len(self) - 1)
 
     def __post_init__(self) -> None:
-        self.centred = self.centred.float().contiguous()
+        if self.centred.dtype not in BANK_DTYPES.values():
+            raise ValueError(f"a bank is stored in float16 or float32, not {self.centred.dtype}")
+        self.centred = self.centred.contiguous()
         self.centre = self.centre.double()
-        self._sq_norms = (self.centred * self.centred).sum(1)
+        stored = self.centred.float()  # the norms of the points as stored, so that distances are consistent
+        self._sq_norms = (stored * stored).sum(1)
 
     def __len__(self) -> int:
         return len(self.centred)
@@ -109,7 +139,11 @@ class AxisCloud:
     def query_distances(self, z: torch.Tensor) -> torch.Tensor:
         """Distances [Q, N] from queries to the bank (fast float32 path)."""
         centred = (z.double() - self.centre).float()
-        squared = (centred * centred).sum(1, keepdim=True) + self._sq_norms - 2.0 * centred @ self.centred.T
+        if self.centred.dtype == torch.float32:
+            products = centred @ self.centred.T
+        else:
+            products = torch.cat([centred @ block.float().T for block in self.centred.split(_BANK_BLOCK)], dim=1)
+        squared = (centred * centred).sum(1, keepdim=True) + self._sq_norms - 2.0 * products
         return squared.clamp_min_(0.0).sqrt_()
 
     def log_correlation_integral(self, z: torch.Tensor) -> torch.Tensor:
@@ -154,6 +188,7 @@ class FractalCalibrator:
         min_neighbours: int = 3,
         dimension_neighbours: int = 20,
         dimension_weight: float = 0.0,
+        bank_dtype: str = "float32",
     ) -> "FractalCalibrator":
         clouds = []
         for bank in banks:
@@ -168,7 +203,7 @@ class FractalCalibrator:
             mean_dimension = float(levina_bickel_dimension(neighbours[:, :m]).mean())
             eps = epsilon if epsilon_mode == "fixed" else min(max(1.0 / mean_dimension, 0.03), 0.10)
             loo = exact_log_correlation_integral(bank, bank, radius, eps, exclude_self=True)
-            clouds.append(AxisCloud.from_points(bank, radius, eps, loo.sort().values, mean_dimension))
+            clouds.append(AxisCloud.from_points(bank, radius, eps, loo.sort().values, mean_dimension, bank_dtype=bank_dtype))
         return cls(clouds, dimension_neighbours=dimension_neighbours, dimension_weight=dimension_weight)
 
     # ---- scoring ------------------------------------------------------------------------------------
@@ -229,7 +264,8 @@ class FractalCalibrator:
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], num_axes: int, **options) -> "FractalCalibrator":
-        """The calibrator in query form; files that stored the float64 banks (``points``) load too."""
+        """The calibrator in query form, each bank as it was stored; files that stored the float64 banks
+        (``points``) load too, in float32."""
         clouds = []
         for a in range(num_axes):
             radius, eps, dimension = tensors[f"fractal.{a}.scalars"].tolist()

@@ -90,7 +90,7 @@ def build_model(config: Stage2Config, train_router, train_calibrator, train_labe
             [z[train_labels == a] for a in range(len(AXES))],
             epsilon=config.epsilon, epsilon_mode=config.epsilon_mode, neighbour_fraction=config.neighbour_fraction,
             min_neighbours=config.min_neighbours, dimension_neighbours=config.dimension_neighbours,
-            dimension_weight=config.dimension_weight,
+            dimension_weight=config.dimension_weight, bank_dtype=config.bank_dtype,
         )
         # training points are bank points: score each against its own cloud leave-one-out (labels are sorted)
         log_fractal = FractalCalibrator.distribution(fractal.typicality(z, own_axis=train_labels)).log()
