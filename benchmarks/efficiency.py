@@ -14,7 +14,8 @@ Per method and batch: prefill latency (a one-token generation), decode time per 
 number of new tokens with EOS disabled, excluding the prefill), peak memory, and the one-off costs per
 batch: the router (partial prefill + MoCaE, alignx only) and setting the batch's expert weights (a merge
 where they are shared). Experts, dense FFNs and routers are the trained ones of ``--run``, else random of
-the same shapes: what they cost does not depend on their values.
+the same shapes (what they cost does not depend on their values), made once by the parent and loaded from
+files by the workers, as ``alignx generate`` loads trained ones.
 
 How it measures
 ---------------
@@ -112,9 +113,10 @@ def word_tokenizer(vocab_size: int):
 
 
 def build(kind: str, args: argparse.Namespace):
-    """This worker's model as ``alignx generate`` holds it (an :class:`AlignX`), with the run's trained parts or
-    random ones of the same shapes."""
+    """This worker's model as ``alignx generate`` holds it (an :class:`AlignX`): the run's trained parts, or the
+    random ones of the same shapes that the parent saved in ``--parts`` (see :func:`write_random_parts`)."""
     from alignx.axes import AXES
+    from alignx.baselines.moe_dense import DenseMoE, build_dense_moe, is_trained, load_dense_moe
     from alignx.config import ModelConfig
     from alignx.generate import AlignX
     from alignx.mixing import MixtureOfExperts
@@ -127,50 +129,44 @@ def build(kind: str, args: argparse.Namespace):
     config = run.load_config().model if run else ModelConfig()
     loaded = random_model(args.shape, args.device) if args.shape else load_base_model(config)
     mixture = dense = router = None
-    with tempfile.TemporaryDirectory() as tmp:
-        if kind == "moe-dense":  # built before the bf16 storage, as `alignx generate` does
-            dense = dense_moe(run, loaded.model, Path(tmp))
-        dtype = autocast_dtype(config, args.device)
-        if dtype is not None:
-            store_frozen_linears_in(loaded.model, dtype, output_projection=True)
-        if kind in ("merged", "per-example"):
-            experts = {axis: run.adapter_dir(axis) for axis in AXES} if run else random_experts(loaded.model, Path(tmp))
-            mixture = MixtureOfExperts.attach(loaded.model, experts, AXES)
+    if kind == "moe-dense":  # built before the bf16 storage, as `alignx generate` does
+        if run is None:
+            dense = DenseMoE.build(loaded.model, {axis: args.parts / "mlp-experts" / axis for axis in AXES})
+        else:
+            dense = load_dense_moe(run, loaded.model) if is_trained(run) else build_dense_moe(run, loaded.model)
+    dtype = autocast_dtype(config, args.device)
+    if dtype is not None:
+        store_frozen_linears_in(loaded.model, dtype, output_projection=True)
+    if kind in ("merged", "per-example"):
+        experts = {axis: run.adapter_dir(axis) if run else args.parts / "experts" / axis for axis in AXES}
+        mixture = MixtureOfExperts.attach(loaded.model, experts, AXES)
     loaded.model.to(args.device)
-    if run is not None and mixture is not None:
-        router = MoCaE.load(stage2_dir(run) / "alignx")
-    elif kind == "per-example":
-        router = MoCaE.load(args.router_dir)
+    if kind == "per-example":
+        router = MoCaE.load(stage2_dir(run) / "alignx" if run else args.parts / "router")
     return AlignX(run, loaded, mixture, kind, config, router=router, dense=dense)
 
 
-def write_synthetic_router(args: argparse.Namespace, directory: Path) -> None:
-    """Save the random MoCaE that stands in for a trained one (no ``--run``). It is built here, in the parent,
-    and the worker loads it from the file as ``alignx generate`` loads a trained router: fitting the random
-    banks leaves ~35 MB of freed-but-resident heap that would otherwise count against alignx's memory."""
-    from transformers import AutoConfig, LlamaConfig
-
+def write_random_parts(args: argparse.Namespace, directory: Path) -> None:
+    """Save the random stand-ins for trained parts (no ``--run``): three LoRA experts on all projections, three
+    on the MLP only for moe-dense (which merges the attention deltas into the shared weights, where they cost
+    nothing, and would build every expert's full task vector in fp32 at once: 26 GB each for a 7B shape), and
+    a MoCaE with random banks. They are made here, in the parent, and the workers load them from files as
+    ``alignx generate`` loads trained ones: making them (PEFT wrapping, fitting the banks) leaves tens of MB
+    of freed-but-resident heap that would otherwise count against whichever method's worker made them."""
     from alignx.config import ModelConfig
-    from alignx.models import model_directory
+    from alignx.models import load_base_model, target_modules
 
-    config = LlamaConfig(**SHAPES[args.shape]) if args.shape else AutoConfig.from_pretrained(model_directory(ModelConfig()))
-    layers = config.num_hidden_layers
-    synthetic_router(config.hidden_size, args.bank_size, (layers // 2, 2 * layers // 3)).save(directory)
-
-
-def dense_moe(run, model, directory: Path):
-    """The run's trained dense MoE; with a run whose dense MoE is untrained, its experts with fresh routers;
-    without a run, random experts. Random ones touch the MLP only: moe-dense merges the attention deltas
-    into the shared weights, where they cost nothing, and every expert's full task vector is built in fp32
-    at once (for a 7B shape, 26 GB per expert on all projections)."""
-    from alignx.baselines.moe_dense import DenseMoE, build_dense_moe, is_trained, load_dense_moe
-    from alignx.models import target_modules
-
-    if run is not None:
-        return load_dense_moe(run, model) if is_trained(run) else build_dense_moe(run, model)
+    loaded = random_model(args.shape, args.device) if args.shape else load_base_model(ModelConfig())
+    model = loaded.model
+    random_experts(model, directory / "experts")
     attention = set(target_modules(model, "attention"))
     mlp = [name for name in target_modules(model, "attention-mlp") if name not in attention]
-    return DenseMoE.build(model, random_experts(model, directory, targets=",".join(mlp)))
+    random_experts(model, directory / "mlp-experts", targets=",".join(mlp))
+    layers = loaded.num_layers
+    synthetic_router(model.config.hidden_size, args.bank_size, (layers // 2, 2 * layers // 3)).save(directory / "router")
+    del loaded, model
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()  # the device's memory is the workers' to measure
 
 
 def settle(model) -> None:
@@ -409,7 +405,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/efficiency"), help="where the JSON and "
                         "PNG go")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--router-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--parts", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.shape and not args.random_weights:
         parser.error("--shape builds a model with random weights: add --random-weights")
@@ -436,8 +432,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         worker_argv = argv
         if not args.run:
-            write_synthetic_router(args, Path(tmp))
-            worker_argv = [*argv, "--router-dir", tmp]
+            write_random_parts(args, Path(tmp))
+            worker_argv = [*argv, "--parts", tmp]
         info, rows = measure(args, worker_argv)
     load_after = os.getloadavg()
     memory_measure = "max_memory_allocated" if info["device"].startswith("cuda") else "peak RSS above the libraries"

@@ -130,8 +130,8 @@ class AxisCloud:
             raise ValueError(f"a bank is stored in float16 or float32, not {self.centred.dtype}")
         self.centred = self.centred.contiguous()
         self.centre = self.centre.double()
-        stored = self.centred.float()  # the norms of the points as stored, so that distances are consistent
-        self._sq_norms = (stored * stored).sum(1)
+        # the norms of the points as stored, so that distances are consistent; a block at a time, as queries
+        self._sq_norms = torch.cat([block.float().square().sum(1) for block in self.centred.split(_BANK_BLOCK)])
 
     def __len__(self) -> int:
         return len(self.centred)
