@@ -29,9 +29,11 @@ PROMPTS = [
 ]
 
 
-def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20), latent: int = 256):
+def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20), latent: int = 256,
+                     bank_dtype: str | None = None):
     """A MoCaE with banks of ``bank_size`` random points per axis, reading hidden states at ``layers``; the latent
-    space has ``latent`` dimensions (fewer on a model narrower than that)."""
+    space has ``latent`` dimensions (fewer on a model narrower than that); banks stored in ``bank_dtype``
+    (default: ``stage2.bank_dtype``'s)."""
     from alignx.config import Stage2Config
     from alignx.stage2.feature_space import FeatureSpace, Projection, Standardiser
     from alignx.stage2.fractal import AxisCloud, FractalCalibrator, exact_log_correlation_integral, kth_neighbour_distances
@@ -40,7 +42,7 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
     from alignx.stage2.router import Router
 
     latent = min(latent, dim)
-    config = Stage2Config()
+    config = Stage2Config(bank_dtype=bank_dtype or Stage2Config().bank_dtype)
     generator = torch.Generator().manual_seed(0)
     clouds = []
     for _ in range(3):

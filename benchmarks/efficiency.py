@@ -163,7 +163,8 @@ def write_random_parts(args: argparse.Namespace, directory: Path) -> None:
     mlp = [name for name in target_modules(model, "attention-mlp") if name not in attention]
     random_experts(model, directory / "mlp-experts", targets=",".join(mlp))
     layers = loaded.num_layers
-    synthetic_router(model.config.hidden_size, args.bank_size, (layers // 2, 2 * layers // 3)).save(directory / "router")
+    synthetic_router(model.config.hidden_size, args.bank_size, (layers // 2, 2 * layers // 3),
+                     bank_dtype=args.bank_dtype).save(directory / "router")
     del loaded, model
     if torch.device(args.device).type == "cuda":
         torch.cuda.empty_cache()  # the device's memory is the workers' to measure
@@ -402,6 +403,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="new tokens per generation (default 64, quick 24)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 7, quick 5)")
     parser.add_argument("--bank-size", type=int, default=20_000, help="points per axis of the random router's banks")
+    parser.add_argument("--bank-dtype", choices=("float32", "float16"), help="storage of the random router's banks "
+                        "(default: stage2.bank_dtype's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/efficiency"), help="where the JSON and "
                         "PNG go")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -413,9 +416,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--random-weights needs --shape (llama2-7b, or tiny for a smoke test)")
     if args.shape and args.run:
         parser.error("--shape and --run exclude each other: a run brings its own model")
+    if args.run and args.bank_dtype:
+        parser.error("--bank-dtype is for the random router: a run's router keeps the banks it was trained with")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.tokens = args.tokens or (24 if args.quick else 64)
     args.repeats = args.repeats or (5 if args.quick else 7)
+    if not args.run:
+        from alignx.config import Stage2Config
+
+        args.bank_dtype = args.bank_dtype or Stage2Config().bank_dtype
     if args.tokens < 2:
         parser.error("--tokens must be at least 2: decode time is the difference between N tokens and 1")
     return args
@@ -439,7 +448,8 @@ def main() -> None:
     memory_measure = "max_memory_allocated" if info["device"].startswith("cuda") else "peak RSS above the libraries"
     print(f"model={info['model']} ({info['parameters'] / 1e6:.1f}M parameters) device={info['device']} "
           f"dtype={info['dtype']} threads={info['threads']} tokens={args.tokens} repeats={args.repeats} "
-          f"load={load_before[0]:.2f}->{load_after[0]:.2f}")
+          f"load={load_before[0]:.2f}->{load_after[0]:.2f}"
+          + ("" if args.run else f" random banks={args.bank_size}/axis in {args.bank_dtype}"))
     print(f"{'method':<13} {'batch':>5} {'prefill ms':>10} {'decode ms/tok':>13} {'tok/s':>8} {'peak MiB':>9} "
           f"{'router ms':>9} {'weights ms':>10}")
     for r in rows:
@@ -452,6 +462,7 @@ def main() -> None:
     result = {
         "command": command, "model": info["model"], "device": info["device"], "dtype": info["dtype"],
         "threads": info["threads"], "tokens": args.tokens, "repeats": args.repeats, "memory": memory_measure,
+        "bank_size": None if args.run else args.bank_size, "bank_dtype": args.bank_dtype,
         "load_average": [load_before[0], load_after[0]], "seconds": time.perf_counter() - began,
         "results": rows, "ratios": by_batch, "headline_batch": HEADLINE_BATCH,
     }

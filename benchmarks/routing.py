@@ -32,6 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and tokens: under 5 minutes on 2 cores")
     parser.add_argument("--bank-size", type=int, default=20_000)
+    parser.add_argument("--bank-dtype", choices=("float32", "float16"), help="storage of the banks (default: "
+                        "stage2.bank_dtype's)")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     repeats = 7 if args.quick else 15
@@ -50,7 +52,7 @@ def main() -> None:
     dim = loaded.model.config.hidden_size
     print(f"model=smollm2-135m dtype={dtype or torch.float32} threads={torch.get_num_threads()} bank={args.bank_size}/axis")
 
-    router = synthetic_router(dim, args.bank_size)
+    router = synthetic_router(dim, args.bank_size, bank_dtype=args.bank_dtype)
     features = {15: torch.randn(1, dim), 20: torch.randn(1, dim)}
     router_ms = timed(lambda: router.route(features[15], features[20]), repeats * 5) * 1000
     print(f"router+calibrators per prompt: {router_ms:.2f} ms")

@@ -150,8 +150,9 @@ class Stage2Config:
     min_neighbours: int = 3
     dimension_neighbours: int = 20  # m of the Levina-Bickel local dimension
     dimension_weight: float = 0.0  # weight of the local-dimension term (0 = off; measured to add little)
-    bank_dtype: str = "float16"  # float16 | float32: storage of the fractal banks (queries compute in float32);
-    # float16 halves the largest thing AlignX adds at inference, kept only where it moves log C by <= 0.01
+    bank_dtype: str = "float32"  # float32 | float16: storage of the fractal banks (queries compute in float32).
+    # float16 halves them (~29 MB less for 3 x 20k x 256) for ~6 ms more per routed batch; kept only where it
+    # moves log C by <= 0.01 (see stage2/fractal.py)
     ood_alpha: float = 0.05  # the prompt fits no axis when max typicality < alpha
     ood_fallback: str = "uniform"  # uniform | base (experts off)
     natural_tau_init: float = 0.1

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 _CHUNK = 1024  # query rows per distance block: bounds memory at CHUNK × N floats
-_BANK_BLOCK = 4096  # bank points cast to float32 at a time when the bank is stored in float16
 BANK_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 FLOAT16_TOLERANCE = 1e-2  # largest change of log C on the bank's own points that float16 storage may cause
 
@@ -79,13 +78,15 @@ class AxisCloud:
     the norms at the scale of the cloud's spread, so the ‖a‖² + ‖b‖² − 2a·b form loses nothing that matters
     at these distances. That query form is all a saved calibrator holds.
 
-    It can be stored in float16 (``stage2.bank_dtype``), cast back to float32 a block at a time when
-    queried. Rounding moves a point by up to 2⁻¹¹ of its norm, which matters only next to the soft count's
-    width ε·r_a: in 256-d feature clouds neighbour radii are of the order of the cloud's spread and it
-    does not (on the demo run's banks it moved log C by at most 7e-4 and the fractal distribution by at
-    most 1e-3, one conformal rank, never its argmax), but in a low-dimensional cloud with tight radii it
-    can. So float16 is a request: :meth:`from_points` measures log C on the bank's own points both ways
-    and keeps float32 when float16 would move it by more than ``FLOAT16_TOLERANCE``.
+    It can be stored in float16 instead (``stage2.bank_dtype``), which halves the largest thing AlignX adds
+    at inference and costs a cast of the bank to float32 per query block (measured: 2.9 → 8.6 ms to route
+    one prompt against 3 × 20,000 points). Rounding moves a point by up to 2⁻¹¹ of its norm, which matters
+    only next to the soft count's width ε·r_a: in 256-d feature clouds neighbour radii are of the order of
+    the cloud's spread and it does not (on the demo run's banks it moved log C by at most 7e-4 and the
+    fractal distribution by at most 1e-3, one conformal rank, never its argmax), but in a low-dimensional
+    cloud with tight radii it can. So float16 is a request: :meth:`from_points` measures log C on the
+    bank's own points both ways and keeps float32 when float16 would move it by more than
+    ``FLOAT16_TOLERANCE``.
 
     Fitting (neighbour radii, leave-one-out scores) uses exact float64 distances once, and the fitted
     calibrator keeps the float64 bank in ``exact`` for the one thing that needs it afterwards: scoring the
@@ -93,7 +94,7 @@ class AxisCloud:
     20,000 points × 256 it would hold 184 MB instead of 61 MB.
     """
 
-    centred: torch.Tensor  # [N, k] float32: the bank minus its mean
+    centred: torch.Tensor  # [N, k] float32 or float16: the bank minus its mean
     centre: torch.Tensor  # [k] float64: the bank's mean
     radius: float  # r_a
     epsilon: float  # ε_a
@@ -130,8 +131,7 @@ class AxisCloud:
             raise ValueError(f"a bank is stored in float16 or float32, not {self.centred.dtype}")
         self.centred = self.centred.contiguous()
         self.centre = self.centre.double()
-        # the norms of the points as stored, so that distances are consistent; a block at a time, as queries
-        self._sq_norms = torch.cat([block.float().square().sum(1) for block in self.centred.split(_BANK_BLOCK)])
+        self._sq_norms = self.centred.float().square().sum(1)  # of the points as stored: consistent distances
 
     def __len__(self) -> int:
         return len(self.centred)
@@ -139,10 +139,7 @@ class AxisCloud:
     def query_distances(self, z: torch.Tensor) -> torch.Tensor:
         """Distances [Q, N] from queries to the bank (fast float32 path)."""
         centred = (z.double() - self.centre).float()
-        if self.centred.dtype == torch.float32:
-            products = centred @ self.centred.T
-        else:
-            products = torch.cat([centred @ block.float().T for block in self.centred.split(_BANK_BLOCK)], dim=1)
+        products = centred @ self.centred.float().T  # a float16 bank is cast for each query block
         squared = (centred * centred).sum(1, keepdim=True) + self._sq_norms - 2.0 * products
         return squared.clamp_min_(0.0).sqrt_()
 
