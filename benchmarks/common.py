@@ -42,7 +42,7 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
     from alignx.stage2.router import Router
 
     latent = min(latent, dim)
-    config = Stage2Config(bank_dtype=bank_dtype or Stage2Config().bank_dtype)
+    config = Stage2Config() if bank_dtype is None else Stage2Config(bank_dtype=bank_dtype)
     generator = torch.Generator().manual_seed(0)
     clouds = []
     for _ in range(3):

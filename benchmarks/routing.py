@@ -60,7 +60,7 @@ def main() -> None:
     prefill = timed(lambda: prompt_features(loaded.model, formatter, PROMPTS, (15, 20), autocast_dtype=dtype), repeats)
     print(f"partial prefill (layers 1..20 of 30) per prompt, batch of {len(PROMPTS)}: {prefill / len(PROMPTS) * 1000:.1f} ms")
 
-    if dtype is not None:  # as `alignx generate` does: frozen projections and expert factors in bf16
+    if dtype is not None:  # as `alignx generate` does: frozen projections and the LM head in bf16
         store_frozen_linears_in(loaded.model, dtype, output_projection=True)
     with tempfile.TemporaryDirectory() as tmp:
         mixture = MixtureOfExperts.attach(loaded.model, random_experts(loaded.model, Path(tmp)), ["helpful", "harmless", "honest"])

@@ -89,7 +89,7 @@ class AlignX:
 
             dense = load_dense_moe(run, loaded.model)
         dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
-        if dtype is not None:  # frozen projections in the compute dtype (the expert factors stay fp32: see mixing)
+        if dtype is not None:  # projections and LM head in the compute dtype (expert factors stay fp32: see mixing)
             store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         mixture = None
         if dense is None:
