@@ -34,7 +34,7 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
     """A MoCaE with banks of ``bank_size`` random points per axis, reading hidden states at ``layers``; the latent
     space has ``latent`` dimensions (fewer on a model narrower than that); banks stored in ``bank_dtype``
     (default: ``stage2.bank_dtype``'s)."""
-    from alignx.config import Stage2Config
+    from alignx.config import FeatureConfig, Stage2Config
     from alignx.stage2.feature_space import FeatureSpace, Projection, Standardiser
     from alignx.stage2.fractal import AxisCloud, FractalCalibrator, exact_log_correlation_integral, kth_neighbour_distances
     from alignx.stage2.mocae import MoCaE
@@ -57,7 +57,7 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
         Projection(torch.zeros(dim), torch.linalg.qr(torch.randn(dim, latent, generator=generator))[0].T.contiguous()),
     )
     return MoCaE(config, list(AXES), space, Router(dim, 3), NaturalCalibrator(torch.randn(3, dim)),
-                 FractalCalibrator(clouds), layers).eval()
+                 FractalCalibrator(clouds), layers, FeatureConfig().max_length).eval()
 
 
 def distinct_weight_rows(rows: int = len(PROMPTS)) -> torch.Tensor:

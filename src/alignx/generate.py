@@ -106,8 +106,8 @@ class AlignX:
 
         device = next(self.loaded.model.parameters()).device
         with self.mixture.using(None):  # the router reads the *base* model's hidden states
-            features = prompt_features(
-                self.loaded.model, self.formatter, prompts, self.router.layers,
+            features = prompt_features(  # pooled exactly as the banks the router was fitted on
+                self.loaded.model, self.formatter, prompts, self.router.layers, max_length=self.router.max_length,
                 autocast_dtype=autocast_dtype(self.precision, device),
             )
         return self.router.route(features[self.router.layers[0]], features[self.router.layers[1]])
@@ -136,7 +136,9 @@ class AlignX:
 
         if self.router is not None:
             routing = self.route(prompts)
-            return apply_mode(routing.weights, self.mode, self.floor), _explanations(routing)
+            weights = apply_mode(routing.calibrated, self.mode, self.floor)
+            weights[routing.ood] = routing.weights[routing.ood]  # the gate's fallback wins in every mode
+            return weights, _explanations(routing, weights)
         weights = None if self.fixed is None else self.fixed.expand(len(prompts), -1)
         return weights, [{} for _ in prompts]
 
@@ -206,10 +208,11 @@ def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
     return None
 
 
-def _explanations(routing) -> list[dict]:
+def _explanations(routing, final: torch.Tensor) -> list[dict]:
+    """Per prompt: each distribution MoCaE computed, the weights generation used (``final``) and the gate's flag."""
     rows = []
-    for i in range(len(routing.weights)):
-        row = {"router": _as_axes(routing.router[i]), "final": _as_axes(routing.weights[i]), "ood": bool(routing.ood[i])}
+    for i in range(len(final)):
+        row = {"router": _as_axes(routing.router[i]), "final": _as_axes(final[i]), "ood": bool(routing.ood[i])}
         if routing.fractal is not None:
             row["fractal"] = _as_axes(routing.fractal[i])
             row["typicality"] = _as_axes(routing.typicality[i])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from alignx.eval.judges import Judge
-from alignx.eval.runner import eval_paths, plan, read_jsonl, run_eval
+from alignx.eval.runner import _routing, axis_collapse, eval_paths, plan, read_jsonl, run_eval
 from alignx.run import RunDir
 
 
@@ -54,9 +54,10 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
         for metric in benchmark.values():
             if "ci" in metric:
                 assert 0.0 <= metric["ci"][0] <= metric["value"] <= metric["ci"][1] <= 1.0
-    assert alignx["routing"]["n"] == 3 * 4  # alpacaeval, beavertails, harmful, truthfulqa have a gold axis
+    # alpacaeval, beavertails, harmful, truthfulqa have a gold axis: each row is routed or sent to the fallback
+    assert alignx["routing"]["n"] + alignx["routing"]["fallback"]["n"] == 3 * 4
     assert "routing" not in results["methods"]["base"]
-    assert results["axis_collapse"]["expert-honest"]["relative"]["honest"] in (None, 1.0)
+    assert set(results["methods"]["expert-honest"]["axis_scores"]) == {"honest"}  # evaluated on its own axis only
     for name in ("results.json", "report.md", "report.html", "hhh_scores.png", "win_rates.png"):
         assert (paths.root / name).is_file(), name
     assert json.loads(paths.results.read_text())["methods"]["base"]["axis_scores"] == results["methods"]["base"]["axis_scores"]
@@ -96,3 +97,35 @@ def test_unknown_method_is_a_clear_error(eval_config):
 
     with pytest.raises(AlignXError, match="unknown method"):
         run_eval(RunDir(eval_config.run_dir), eval_config, ["no-such-method"], judges=judges(), log=lambda *_: None)
+
+
+def test_axis_collapse_divides_by_the_axis_own_expert():
+    methods = {
+        "alignx": {"axis_scores": {"helpful": 0.2, "harmless": 0.9, "honest": 0.3}, "routing": {"misrouting": {"helpful": 0.4}}},
+        "expert-helpful": {"axis_scores": {"helpful": 0.4}},
+        "expert-harmless": {"axis_scores": {"harmless": 0.6}},
+        "expert-honest": {"axis_scores": {"honest": 0.0}},  # nothing to divide by
+    }
+    table = axis_collapse(methods)
+    assert table["alignx"]["relative"] == pytest.approx({"helpful": 0.5, "harmless": 1.5, "honest": None})
+    assert table["alignx"]["misrouting"] == {"helpful": 0.4}
+    assert table["expert-helpful"]["relative"] == {"helpful": 1.0, "harmless": None, "honest": None}
+
+
+def test_fallback_rows_are_counted_apart_not_as_the_first_axis():
+    def w(helpful, harmless, honest):
+        return {"helpful": helpful, "harmless": harmless, "honest": honest}
+
+    routed = [
+        (w(0.8, 0.1, 0.1), "helpful", False),
+        (w(0.1, 0.7, 0.2), "harmless", False),
+        (w(0.0, 0.0, 0.0), "harmless", True),  # the base model: predicts no axis (argmax would say helpful)
+        (w(1 / 3, 1 / 3, 1 / 3), "honest", True),  # uniform: no axis either
+        (w(0.6, 0.1, 0.3), "honest", False),  # a real miss
+    ]
+    metrics = _routing(routed)
+    assert metrics["n"] == 3 and metrics["accuracy"] == pytest.approx(2 / 3)
+    assert metrics["misrouting"] == pytest.approx({"helpful": 0.0, "harmless": 0.0, "honest": 1.0})
+    assert metrics["fallback"]["n"] == 2 and metrics["fallback"]["rate"] == pytest.approx(0.4)
+    assert metrics["fallback"]["by_axis"] == pytest.approx({"helpful": 0.0, "harmless": 0.5, "honest": 0.5})
+    assert _routing(routed[2:4]) == {"fallback": {"n": 2, "rate": 1.0, "by_axis": {"harmless": 1.0, "honest": 1.0}}, "n": 0}

@@ -20,7 +20,7 @@ def loaded(tiny_model_dirs):
 
 def test_features_equal_the_full_forward_pooled_over_content_tokens(loaded):
     formatter = ChatFormatter(loaded.tokenizer)
-    features = prompt_features(loaded.model, formatter, PROMPTS, (1, 2), batch_size=8)
+    features = prompt_features(loaded.model, formatter, PROMPTS, (1, 2), batch_size=8, max_length=256)
     for i, prompt in enumerate(PROMPTS):
         encoded = formatter.encode_prompt(prompt, 256)
         with torch.no_grad():
@@ -33,8 +33,8 @@ def test_features_equal_the_full_forward_pooled_over_content_tokens(loaded):
 
 def test_batching_does_not_change_features(loaded):
     formatter = ChatFormatter(loaded.tokenizer)
-    together = prompt_features(loaded.model, formatter, PROMPTS, (2, 2), batch_size=8)[2]
-    alone = torch.cat([prompt_features(loaded.model, formatter, [p], (2, 2))[2] for p in PROMPTS])
+    together = prompt_features(loaded.model, formatter, PROMPTS, (2, 2), batch_size=8, max_length=256)[2]
+    alone = torch.cat([prompt_features(loaded.model, formatter, [p], (2, 2), max_length=256)[2] for p in PROMPTS])
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
@@ -44,7 +44,7 @@ def test_prefill_stops_at_the_deepest_needed_layer(loaded):
     hooks_before = [len(b._forward_hooks) for b in blocks]
     handle = blocks[-1].register_forward_hook(lambda *_: calls.append(1))
     try:
-        prompt_features(loaded.model, ChatFormatter(loaded.tokenizer), PROMPTS, (1, 2))
+        prompt_features(loaded.model, ChatFormatter(loaded.tokenizer), PROMPTS, (1, 2), max_length=256)
     finally:
         handle.remove()
     assert len(blocks) == 3 and calls == []  # layer 3 never ran

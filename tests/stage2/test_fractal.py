@@ -80,6 +80,25 @@ def test_dimension_mode_and_dimension_term_are_switchable():
     assert not torch.allclose(with_term.typicality(z), plain.typicality(z))
 
 
+def test_bank_points_and_fresh_points_of_a_cloud_are_equally_typical_with_the_dimension_term():
+    # Stage 2 trains on bank points (own_axis) and routes fresh prompts: the two must be scored alike, or the
+    # router learns a typicality that inference never shows. A bank point that counted itself as its own
+    # nearest neighbour would get a local dimension near 0 (measured before the fix: 0.21 vs 0.41).
+    banks, fresh = _clouds(n=300), _clouds(seed=7, n=300)
+    own = torch.arange(3).repeat_interleave(300)
+    for weight in (0.0, 1.0):
+        calibrator = FractalCalibrator.fit(banks, dimension_weight=weight)
+        u_bank = calibrator.typicality(torch.cat(banks), own_axis=own)[torch.arange(900), own]
+        u_fresh = calibrator.typicality(torch.cat(fresh))[torch.arange(900), own]
+        assert abs(float(u_bank.mean() - u_fresh.mean())) < 0.05, (weight, float(u_bank.mean()), float(u_fresh.mean()))
+    deviation_bank = calibrator.dimension_deviation(torch.cat(banks), own_axis=own)[torch.arange(900), own]
+    deviation_fresh = calibrator.dimension_deviation(torch.cat(fresh))[torch.arange(900), own]
+    assert abs(float(deviation_bank.mean() - deviation_fresh.mean())) < 0.05
+    # other axes' columns of a bank point are plain queries: leaving a point out happens in its own cloud only
+    other = calibrator.dimension_deviation(torch.cat(banks), own_axis=own)[:300, 1:]
+    assert torch.equal(other, calibrator.dimension_deviation(banks[0])[:, 1:])
+
+
 def test_a_saved_calibrator_keeps_the_query_form_only_and_scores_alike():
     banks = _clouds()
     fitted = FractalCalibrator.fit(banks)

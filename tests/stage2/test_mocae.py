@@ -11,6 +11,7 @@ from alignx.stage2.pipeline import build_model, routing_data
 from alignx.stage2.train import calibration_nll, fit_output_temperature, train_mocae
 
 LAYERS = (1, 2)
+MAX_LENGTH = 64
 
 
 def _bank(n_per_axis: int, seed: int, spread: float = 1.0):
@@ -31,7 +32,7 @@ def _config(**changes):
 
 def _trained(config, spread=1.0):
     router, calibrator, labels = _bank(120, seed=0, spread=spread)
-    model, train = build_model(config, router, calibrator, labels, LAYERS)
+    model, train = build_model(config, router, calibrator, labels, LAYERS, MAX_LENGTH)
     cal_router, cal_calibrator, cal_labels = _bank(40, seed=1, spread=spread)
     calibration = routing_data(model, cal_router, cal_calibrator, cal_labels)
     train_mocae(model, train, calibration, config, log=lambda *_: None)
@@ -82,4 +83,4 @@ def test_save_and_load_route_identically(tmp_path):
     router, calibrator, _ = _bank(10, seed=4)
     a, b = model.route(router, calibrator), loaded.route(router, calibrator)
     assert torch.allclose(a.weights, b.weights, atol=1e-6) and torch.equal(a.ood, b.ood)
-    assert loaded.layers == LAYERS
+    assert loaded.layers == LAYERS and loaded.max_length == MAX_LENGTH

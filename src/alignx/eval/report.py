@@ -48,11 +48,13 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 for m, row in results["axis_collapse"].items()]
     out.append(("Axis Collapse (each axis's score relative to that axis's own expert; 1.00 = nothing forgotten)",
                 ["method", *AXES, "misrouting"], collapse))
-    routing = [[m, *(f"{e['routing'][k]:.3f}" for k in ("accuracy", "ece", "brier", "nll")), str(e["routing"]["n"])]
+    routing = [[m, *(f"{e['routing'][k]:.3f}" if k in e["routing"] else "–" for k in ("accuracy", "ece", "brier", "nll")),
+                str(e["routing"]["n"]), f"{e['routing']['fallback']['n']} ({100 * e['routing']['fallback']['rate']:.1f} %)"]
                for m, e in methods.items() if "routing" in e]
     if routing:
-        out.append(("Routing on the evaluation prompts (final weights vs gold axis)",
-                    ["method", "accuracy", "ECE", "Brier", "NLL", "n"], routing))
+        out.append(("Routing on the evaluation prompts (final weights vs gold axis; prompts the out-of-distribution "
+                    "gate sent to its fallback are counted apart)",
+                    ["method", "accuracy", "ECE", "Brier", "NLL", "n routed", "fallback"], routing))
     return out
 
 
@@ -176,7 +178,7 @@ def _plots(results: dict, root: Path) -> list[str]:
     ax.legend(fontsize=8)
     written.append(_save(fig, root, "win_rates.png"))
     # reliability diagrams of the routed methods
-    routed = [m for m in methods if "routing" in results["methods"][m]]
+    routed = [m for m in methods if "reliability" in results["methods"][m].get("routing", {})]
     if routed:
         fig, axes = plt.subplots(1, len(routed), figsize=(3.2 * len(routed), 3.2), squeeze=False)
         for ax, m in zip(axes[0], routed):

@@ -242,9 +242,10 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
             p = _score(method, benchmark, rows, by_id[benchmark], judges, paths)
             metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], p, b, seed)
             if spec.gold_axis is not None:
-                routed += [(r["weights"], spec.gold_axis) for r in rows if set(r.get("weights", ())) == set(AXES)]
+                routed += [(r["weights"], spec.gold_axis, bool(r.get("routing", {}).get("ood", False)))
+                           for r in rows if set(r.get("weights", ())) == set(AXES)]
         entry = {"benchmarks": metrics, "axis_scores": _axis_scores(metrics)}
-        if len({tuple(w.values()) for w, _ in routed}) > 1:  # routed per prompt (fixed weights route nothing)
+        if len({tuple(w.values()) for w, _, _ in routed}) > 1:  # routed per prompt (fixed weights route nothing)
             entry["routing"] = _routing(routed)
         methods[method] = entry
         log(f"[eval] {method}: " + ", ".join(f"{a}={v:.3f}" for a, v in entry["axis_scores"].items()))
@@ -302,15 +303,27 @@ def _axis_scores(metrics: dict) -> dict[str, float]:
     return {axis: metrics[benchmark][key]["value"] for axis, (benchmark, key) in HEADLINE.items() if benchmark in metrics}
 
 
-def _routing(routed: list[tuple[dict, str]]) -> dict:
+def _routing(routed: list[tuple[dict, str, bool]]) -> dict:
+    """Routing metrics of the prompts the router routed, and how many the out-of-distribution gate sent to
+    its fallback instead. A fallback row (uniform, or all zeros = the base model) predicts no axis: it is
+    neither right nor wrong, so it is counted apart and left out of accuracy, ECE, NLL and misrouting."""
     import torch
 
     from alignx.eval.metrics import reliability_bins, routing_metrics
 
-    probs = torch.tensor([[w[axis] for axis in AXES] for w, _ in routed], dtype=torch.float32)
-    probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    labels = torch.tensor([AXES.index(gold) for _, gold in routed])
-    return {**routing_metrics(probs, labels, list(AXES)), "reliability": reliability_bins(probs, labels)}
+    flagged = [ood for _, _, ood in routed]
+    fallback = {
+        "n": int(sum(flagged)), "rate": sum(flagged) / len(routed),
+        "by_axis": {axis: sum(ood for _, gold, ood in routed if gold == axis) / count
+                    for axis in AXES if (count := sum(gold == axis for _, gold, _ in routed))},
+    }
+    kept = [(w, gold) for w, gold, ood in routed if not ood]
+    if not kept:
+        return {"fallback": fallback, "n": 0}
+    probs = torch.tensor([[w[axis] for axis in AXES] for w, _ in kept], dtype=torch.float32)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    labels = torch.tensor([AXES.index(gold) for _, gold in kept])
+    return {**routing_metrics(probs, labels, list(AXES)), "reliability": reliability_bins(probs, labels), "fallback": fallback}
 
 
 def axis_collapse(methods: dict[str, dict]) -> dict:

@@ -20,6 +20,20 @@ class _PrefillDone(Exception):
     """Raised from a forward hook to stop the prefill once the deepest needed layer has run."""
 
 
+def feature_settings(base_weights_sha256: str, layers: tuple[int, int], max_length: int,
+                     autocast_dtype: torch.dtype | None) -> dict[str, str]:
+    """Everything a task feature depends on besides its prompt, as safetensors metadata: the base weights,
+    the two layers, the prompt truncation and the compute precision. A cache of features (a bank, Stage 2's
+    evaluation features) is valid only while all of these match."""
+    return {
+        "base_weights_sha256": base_weights_sha256,
+        "router_layer": str(layers[0]),
+        "calibrator_layer": str(layers[1]),
+        "max_length": str(max_length),
+        "precision": str(autocast_dtype or torch.float32).removeprefix("torch."),
+    }
+
+
 @contextmanager
 def _capture_layers(model, layers: tuple[int, ...]):
     """Record the outputs of the given 1-based decoder layers and stop the forward after the deepest."""
@@ -53,7 +67,7 @@ def prompt_features(
     layers: tuple[int, int],
     *,
     batch_size: int = 32,
-    max_length: int = 256,
+    max_length: int,
     autocast_dtype: torch.dtype | None = None,
     progress: str | None = None,
 ) -> dict[int, torch.Tensor]:

@@ -30,7 +30,9 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
 
     # Everything a user can get wrong (data files, the model) is checked before the run directory is touched.
     splits = {axis: training_examples(axis, config.data) for axis in config.axes}
-    base_sha256 = _load_base(config).weights_sha256
+    base = _load_base(config)
+    base_sha256, num_layers = base.weights_sha256, base.num_layers
+    del base
     run = RunDir(config.run_dir)
     state = _process_state()
     if not state.is_main_process:
@@ -67,7 +69,8 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
                     f"{summary.tokens_per_second:.0f} tokens/s -> {run.adapter_dir(axis)}"
                 )
             if state.is_main_process:  # one process builds the bank; the others wait for it
-                build_feature_bank(run, config, axis, bank_prompts(split.examples), split.sha256, log=log)
+                build_feature_bank(run, config, axis, bank_prompts(split.examples), split.sha256,
+                                   base_sha256=base_sha256, num_layers=num_layers, log=log)
             state.wait_for_everyone()
     log(f"[stage1] done: artifacts in {run.root} (manifest: {run.manifest_path})")
     return run
@@ -78,42 +81,40 @@ def bank_prompts(examples) -> list[str]:
     return list(dict.fromkeys(e.user_text for e in examples))
 
 
-def build_feature_bank(run: RunDir, config: AlignXConfig, axis: str, prompts: list[str], split_sha256: str, log=print) -> Path:
-    """Write ``features/<axis>.safetensors``: router and calibrator features of each prompt (distinct, in order)."""
+def build_feature_bank(run: RunDir, config: AlignXConfig, axis: str, prompts: list[str], split_sha256: str, *,
+                       base_sha256: str, num_layers: int, log=print) -> Path:
+    """Write ``features/<axis>.safetensors``: router and calibrator features of each prompt (distinct, in order).
+
+    An existing bank is kept while its split and its :func:`feature_settings` (base weights, layers, prompt
+    truncation, precision) are the ones this config asks for; otherwise it is rebuilt."""
     from alignx.models import autocast_dtype
-    from alignx.stage1.features import prompt_features
+    from alignx.stage1.features import feature_settings, prompt_features
 
     path = run.features_path(axis)
+    layers = config.features.layers(num_layers)
+    dtype = autocast_dtype(config.model, "cpu")  # features are computed where the base model loads: the CPU
+    settings = feature_settings(base_sha256, layers, config.features.max_length, dtype)
     if path.is_file():
         _, metadata = load_safetensors(path)
-        if metadata.get("split_sha256") == split_sha256:
+        if metadata.get("split_sha256") == split_sha256 and all(metadata.get(k) == v for k, v in settings.items()):
             log(f"[stage1] {axis}: feature bank already built in {path}; skipping")
             return path
     distinct = list(dict.fromkeys(prompts))
     loaded = _load_base(config)
     loaded.model.eval()
-    router_layer, calibrator_layer = config.features.layers(loaded.num_layers)
-    device = next(loaded.model.parameters()).device
     features = prompt_features(
         loaded.model,
         _formatter(loaded.tokenizer),
         distinct,
-        (router_layer, calibrator_layer),
+        layers,
         batch_size=config.features.batch_size,
         max_length=config.features.max_length,
-        autocast_dtype=autocast_dtype(config.model, device),
+        autocast_dtype=dtype,
         progress=f"features {axis}",
     )
-    metadata = {
-        "axis": axis,
-        "router_layer": str(router_layer),
-        "calibrator_layer": str(calibrator_layer),
-        "num_prompts": str(len(distinct)),
-        "split_sha256": split_sha256,
-        "base_weights_sha256": loaded.weights_sha256,
-    }
-    atomic_save_safetensors({"router": features[router_layer], "calibrator": features[calibrator_layer]}, path, metadata)
-    log(f"[stage1] {axis}: feature bank of {len(distinct)} prompts (layers {router_layer}, {calibrator_layer}) -> {path}")
+    metadata = {"axis": axis, "num_prompts": str(len(distinct)), "split_sha256": split_sha256, **settings}
+    atomic_save_safetensors({"router": features[layers[0]], "calibrator": features[layers[1]]}, path, metadata)
+    log(f"[stage1] {axis}: feature bank of {len(distinct)} prompts (layers {layers[0]}, {layers[1]}) -> {path}")
     return path
 
 

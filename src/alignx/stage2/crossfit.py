@@ -65,29 +65,33 @@ def _balanced(groups: list[str]) -> torch.Tensor:
     return torch.tensor([fold_of[g] for g in groups])
 
 
-def out_of_fold_logits(
-    variant: Stage2Config, router, calibrator, labels, folds, calibration_data_for, layers, log=print
-) -> torch.Tensor | None:
-    """log w (at T_out = 1) of every row, each predicted by a model fitted without its fold; None when
-    some fold would leave an axis with too few rows to fit (then the caller keeps the hash split)."""
+def out_of_fold_logits(variant: Stage2Config, rows, layers: tuple[int, int], max_length: int, log=print) -> torch.Tensor | None:
+    """log w (at T_out = 1) of every fitting row (``~rows.calibration``), each predicted by a model fitted
+    without its fold; None when some fold would leave an axis with too few rows to fit (then the caller
+    keeps the hash split).
+
+    A fold model early-stops on the hash calibration rows *outside* its left-out fold: rows of the left-out
+    sources would tell it when it does well on them, and weaken the very shift the folds imitate.
+    """
     from alignx.stage2.pipeline import build_model
     from alignx.stage2.train import train_mocae
 
     quiet = dataclasses.replace(variant, output_calibration=False)
+    fitting = ~rows.calibration
+    labels, folds = rows.labels[fitting], rows.folds[fitting]
     out = torch.empty(len(labels), len(AXES))
     for k in range(FOLDS):
         held = folds == k
-        train = ~held
         if not held.any():
             continue
-        counts = torch.bincount(labels[train], minlength=len(AXES))
-        if int(counts.min()) < 8:
+        train = fitting & (rows.folds != k)
+        stopping = rows.calibration & (rows.folds != k)
+        counts = torch.bincount(rows.labels[train], minlength=len(AXES))
+        if int(counts.min()) < 8 or not stopping.any():
             return None
-        model, data = build_model(quiet, router[train], calibrator[train], labels[train], layers)
-        train_mocae(model, data, calibration_data_for(model), quiet, log=lambda *_: None)
-        from alignx.stage2.pipeline import routing_data
-
-        unseen = routing_data(model, router[held], calibrator[held], labels[held])
+        model, data = build_model(quiet, rows.router[train], rows.calibrator[train], rows.labels[train], layers, max_length)
+        train_mocae(model, data, rows.data(model, stopping), quiet, log=lambda *_: None)
+        unseen = rows.data(model, fitting & (rows.folds == k))
         with torch.no_grad():
             out[held] = model(unseen.h, unseen.log_fractal, calibrated=False)
     log(f"[stage2] {variant.name}: out-of-fold predictions over {FOLDS} source-group folds for T_out")

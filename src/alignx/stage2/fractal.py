@@ -228,19 +228,30 @@ class FractalCalibrator:
             columns.append((rank + 1).float() / (len(cloud.loo_scores) + 1))
         u = torch.stack(columns, dim=1)
         if self.dimension_weight > 0:
-            u = u * torch.exp(-self.dimension_weight * self.dimension_deviation(z))
+            u = u * torch.exp(-self.dimension_weight * self.dimension_deviation(z, own_axis))
         return u
 
-    def dimension_deviation(self, z: torch.Tensor) -> torch.Tensor:
-        """|D̂_a(z) − D̄_a| / D̄_a for every axis: [Q, A] (the optional local-dimension term)."""
+    def dimension_deviation(self, z: torch.Tensor, own_axis: torch.Tensor | None = None) -> torch.Tensor:
+        """|D̂_a(z) − D̄_a| / D̄_a for every axis: [Q, A] (the optional local-dimension term).
+
+        ``own_axis`` as in :meth:`log_correlation_integrals`: a bank point leaves itself out of its own
+        cloud's neighbours, as D̄_a was measured. Otherwise its zero distance to itself would be its nearest
+        neighbour and drive its local dimension towards 0: bank points (Stage 2's training rows) would look
+        atypical of their own cloud while fresh prompts from the same cloud would not.
+        """
         columns = []
-        for cloud in self.clouds:
-            m = min(self.dimension_neighbours, len(cloud))
-            distances = torch.cat([
-                cloud.query_distances(z[s : s + _CHUNK]).topk(m, dim=1, largest=False).values
-                for s in range(0, len(z), _CHUNK)
-            ])
-            local = levina_bickel_dimension(distances).float()
+        for a, cloud in enumerate(self.clouds):
+            mine = torch.zeros(len(z), dtype=torch.bool) if own_axis is None else own_axis == a
+            bank_row = torch.full((len(z),), -1, dtype=torch.long)
+            bank_row[mine] = torch.arange(int(mine.sum()))  # the bank's own points, in bank order
+            m = min(self.dimension_neighbours, len(cloud) - int(bool(mine.any())))
+            blocks = []
+            for s in range(0, len(z), _CHUNK):
+                distances = cloud.query_distances(z[s : s + _CHUNK])
+                rows = torch.nonzero(bank_row[s : s + _CHUNK] >= 0).flatten()
+                distances[rows, bank_row[s : s + _CHUNK][rows]] = math.inf
+                blocks.append(distances.topk(m, dim=1, largest=False).values)
+            local = levina_bickel_dimension(torch.cat(blocks)).float()
             columns.append((local - cloud.mean_dimension).abs() / cloud.mean_dimension)
         return torch.stack(columns, dim=1)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignx.config import Stage2Config
+from alignx.config import FeatureConfig, Stage2Config
 from alignx.errors import AlignXError
 from alignx.run import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from alignx.stage2.feature_space import FeatureSpace
@@ -48,9 +48,11 @@ class MoCaE(nn.Module):
         natural: NaturalCalibrator | None,
         fractal: FractalCalibrator | None,
         layers: tuple[int, int],
+        max_length: int,
     ):
         super().__init__()
         self.config, self.axes, self.space, self.layers = config, list(axes), space, tuple(layers)
+        self.max_length = int(max_length)  # prompt tokens the features were pooled over: inference truncates alike
         self.router = router
         self.natural = natural if config.use_natural else None
         self.fractal = fractal if config.use_fractal else None
@@ -107,7 +109,8 @@ class MoCaE(nn.Module):
         )
 
     # ---- persistence --------------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, fitted_from: dict | None = None) -> None:
+        """Write the router; ``fitted_from`` records what it was fitted from (Stage 2 skips a refit while it matches)."""
         tensors = {**self.space.state(), "log_t_out": self.log_t_out}
         tensors.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
         if self.natural is not None:
@@ -121,9 +124,11 @@ class MoCaE(nn.Module):
                 "axes": self.axes,
                 "router_layer": self.layers[0],
                 "calibrator_layer": self.layers[1],
+                "feature_max_length": self.max_length,
                 "router_in_dim": self.router.phi.in_features,
                 "output_temperature": float(self.log_t_out.exp()),
                 "stage2": asdict(self.config),
+                **({"fitted_from": fitted_from} if fitted_from is not None else {}),
             },
         )
 
@@ -148,6 +153,7 @@ class MoCaE(nn.Module):
                 tensors, len(axes), dimension_neighbours=config.dimension_neighbours, dimension_weight=config.dimension_weight
             )
         model = cls(config, axes, FeatureSpace.from_state(tensors), router, natural, fractal,
-                    (meta["router_layer"], meta["calibrator_layer"]))
+                    (meta["router_layer"], meta["calibrator_layer"]),
+                    meta.get("feature_max_length", FeatureConfig().max_length))  # older files: the default they used
         model.log_t_out.copy_(tensors["log_t_out"])
         return model.eval()

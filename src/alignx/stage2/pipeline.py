@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,13 +44,33 @@ def is_calibration_prompt(prompt: str, fraction: float) -> bool:
     return int(hashlib.sha256(prompt.strip().encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
 
 
-def load_banks(run: RunDir, config: AlignXConfig):
-    """Feature banks of all axes, checked against the data split they were built from: per axis
-    (router features, calibrator features, prompts, the split's examples)."""
+@dataclass(frozen=True)
+class Banks:
+    """The feature banks of all axes, checked against the data split they were built from.
+
+    ``rows[axis]`` = (router features, calibrator features, prompts, the split's examples); ``settings`` the
+    :func:`~alignx.stage1.features.feature_settings` every bank was built with (one set for all);
+    ``fingerprint`` identifies the exact bank files, so routers are refitted whenever a bank changes.
+    """
+
+    rows: dict
+    settings: dict[str, str]
+    fingerprint: dict[str, str]
+
+    @property
+    def layers(self) -> tuple[int, int]:
+        return int(self.settings["router_layer"]), int(self.settings["calibrator_layer"])
+
+    @property
+    def max_length(self) -> int:
+        return int(self.settings["max_length"])
+
+
+def load_banks(run: RunDir, config: AlignXConfig) -> Banks:
     from alignx.data.splits import training_examples
     from alignx.stage1.pipeline import bank_prompts
 
-    banks, layers = {}, None
+    rows, settings, fingerprint = {}, None, {}
     base_sha256 = run.read_manifest().get("base_model", {}).get("weights_sha256")
     for axis in AXES:
         path = run.features_path(axis)
@@ -64,15 +85,37 @@ def load_banks(run: RunDir, config: AlignXConfig):
         prompts = bank_prompts(split.examples)
         if len(prompts) != len(tensors["router"]):
             raise AlignXError(f"{path} holds {len(tensors['router'])} rows for {len(prompts)} prompts; it is damaged")
-        these = (int(meta["router_layer"]), int(meta["calibrator_layer"]))
-        if layers is not None and these != layers:
-            raise AlignXError(f"feature banks of {run.root} were built at different layers ({layers} vs {these})")
-        layers = these
-        banks[axis] = (tensors["router"], tensors["calibrator"], prompts, split.examples)
-    return banks, layers
+        these = _bank_settings(meta, config)
+        if settings is not None and these != settings:
+            raise AlignXError(f"the feature banks of {run.root} were built with different settings ({settings} vs {these}); "
+                              "rerun `alignx stage1` for this run")
+        settings = these
+        rows[axis] = (tensors["router"], tensors["calibrator"], prompts, split.examples)
+        fingerprint[axis] = _file_sha256(path)
+    return Banks(rows, settings, fingerprint)
 
 
-def build_model(config: Stage2Config, train_router, train_calibrator, train_labels, layers) -> tuple[MoCaE, RoutingData]:
+def _bank_settings(meta: dict[str, str], config: AlignXConfig) -> dict[str, str]:
+    """A bank's feature settings; banks written before they recorded truncation and precision were built
+    with this run's ``features.max_length`` and precision, as Stage 1 wrote them."""
+    from alignx.models import autocast_dtype
+    from alignx.stage1.features import feature_settings
+
+    recorded = feature_settings(meta.get("base_weights_sha256", ""), (int(meta["router_layer"]), int(meta["calibrator_layer"])),
+                                int(meta.get("max_length", config.features.max_length)), autocast_dtype(config.model, "cpu"))
+    return {**recorded, **({"precision": meta["precision"]} if "precision" in meta else {})}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_model(config: Stage2Config, train_router, train_calibrator, train_labels, layers: tuple[int, int],
+                max_length: int) -> tuple[MoCaE, RoutingData]:
     """Fit the feature space and calibrators on the training part of the banks; return the model and its data."""
     from alignx.stage2.feature_space import FeatureSpace
     from alignx.stage2.fractal import FractalCalibrator
@@ -98,7 +141,7 @@ def build_model(config: Stage2Config, train_router, train_calibrator, train_labe
     if config.router_phi == "linear":
         router.init_from_logistic_regression(h, train_labels, config.router_init_c, config.seed)
     natural = NaturalCalibrator.fit(h, train_labels, len(AXES), config.natural_tau_init) if config.use_natural else None
-    model = MoCaE(config, list(AXES), space, router, natural, fractal, layers)
+    model = MoCaE(config, list(AXES), space, router, natural, fractal, layers, max_length)
     return model, RoutingData(h, log_fractal, train_labels)
 
 
@@ -112,40 +155,56 @@ def routing_data(model: MoCaE, router_features, calibrator_features, labels) -> 
     return RoutingData(h, log_fractal, labels)
 
 
-def evaluation_features(run: RunDir, config: AlignXConfig, layers: tuple[int, int], log=print):
-    """Features of every axis's evaluation prompts, computed once by a partial prefill and cached."""
-    from alignx.data.formatting import ChatFormatter
+def evaluation_prompts_of(config: AlignXConfig) -> tuple[list[str], list[int]]:
+    """Every axis's distinct held-out evaluation prompts (AlpacaEval, BeaverTails eval half, TruthfulQA
+    409–817) and their gold axes, in axis order."""
     from alignx.data.splits import evaluation_prompts
-    from alignx.models import autocast_dtype, load_base_model
-    from alignx.stage1.features import prompt_features
 
-    path = stage2_dir(run) / "eval_features.safetensors"
     prompts, labels = [], []
     for a, axis in enumerate(AXES):
         split = evaluation_prompts(axis, config.data, limit=config.stage2.eval_prompts_per_axis)
         distinct = list(dict.fromkeys(e.user_text for e in split.examples))
         prompts += distinct
         labels += [a] * len(distinct)
-    digest = hashlib.sha256("\n\x00".join(prompts).encode()).hexdigest()
+    return prompts, labels
+
+
+def prompts_sha256(prompts: list[str]) -> str:
+    return hashlib.sha256("\n\x00".join(prompts).encode()).hexdigest()
+
+
+def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, log=print):
+    """Features of every axis's evaluation prompts, computed exactly as the banks' (same base weights, layers,
+    truncation and precision) by one partial prefill, and cached under those settings."""
+    from alignx.data.formatting import ChatFormatter
+    from alignx.models import load_base_model, resolve_precision
+    from alignx.stage1.features import prompt_features
+
+    path = stage2_dir(run) / "eval_features.safetensors"
+    prompts, labels = evaluation_prompts_of(config)
+    key = {"prompts_sha256": prompts_sha256(prompts), **banks.settings}
     if path.is_file():
         tensors, meta = load_safetensors(path)
-        if meta.get("prompts_sha256") == digest and meta.get("layers") == f"{layers[0]},{layers[1]}":
+        if all(meta.get(k) == v for k, v in key.items()):
             return tensors["router"], tensors["calibrator"], tensors["labels"]
     loaded = load_base_model(config.model)
-    device = next(loaded.model.parameters()).device
+    layers = banks.layers
+    precision = banks.settings["precision"]
     features = prompt_features(
         loaded.model, ChatFormatter(loaded.tokenizer), prompts, layers,
-        batch_size=config.features.batch_size, max_length=config.features.max_length,
-        autocast_dtype=autocast_dtype(config.model, device), progress="stage2 eval features",
+        batch_size=config.features.batch_size, max_length=banks.max_length,
+        autocast_dtype=resolve_precision("bf16" if precision == "bfloat16" else "fp32", "cpu"),
+        progress="stage2 eval features",
     )
     tensors = {"router": features[layers[0]], "calibrator": features[layers[1]], "labels": torch.tensor(labels)}
-    atomic_save_safetensors(tensors, path, {"prompts_sha256": digest, "layers": f"{layers[0]},{layers[1]}"})
+    atomic_save_safetensors(tensors, path, key)
     log(f"[stage2] evaluation features of {len(prompts)} held-out prompts -> {path}")
     return tensors["router"], tensors["calibrator"], tensors["labels"]
 
 
-def _already_done(out: Path, variants: list[Stage2Config]) -> bool:
-    """True when report.json covers every variant and each was trained with the same settings."""
+def _already_done(out: Path, variants: list[Stage2Config], fitted_from: dict) -> bool:
+    """True when report.json covers every variant and each was fitted with the same settings from the same
+    banks and evaluated on the same prompts (``fitted_from``)."""
     from alignx.run import read_json
 
     if not (out / "report.json").is_file():
@@ -157,18 +216,57 @@ def _already_done(out: Path, variants: list[Stage2Config]) -> bool:
         meta = out / variant.name / "mocae.json"
         if variant.name not in report.get("routers", {}) or not meta.is_file():
             return False
-        if read_json(meta).get("stage2") != dataclasses.asdict(variant):
+        saved = read_json(meta)
+        if saved.get("stage2") != dataclasses.asdict(variant) or saved.get("fitted_from") != fitted_from:
             return False
     return True
+
+
+@dataclass(frozen=True)
+class BankRows:
+    """All axes' bank rows stacked: features, gold axis, hash calibration split and source-group fold."""
+
+    router: torch.Tensor
+    calibrator: torch.Tensor
+    labels: torch.Tensor
+    calibration: torch.Tensor  # bool: in the hash calibration split (early stopping; T_out with ``hash``)
+    folds: torch.Tensor  # source-group fold of each row (see crossfit)
+
+    def data(self, model: MoCaE, mask: torch.Tensor) -> RoutingData:
+        return routing_data(model, self.router[mask], self.calibrator[mask], self.labels[mask])
+
+
+def stack_banks(banks: Banks, config: AlignXConfig) -> BankRows:
+    from alignx.stage2.crossfit import bank_folds
+
+    router_rows, calibrator_rows, label_rows, held_out, fold_rows = [], [], [], [], []
+    for a, axis in enumerate(AXES):
+        router, calibrator, prompts, examples = banks.rows[axis]
+        held_out.append(torch.tensor([is_calibration_prompt(p, config.stage2.calibration_fraction) for p in prompts]))
+        router_rows.append(router)
+        calibrator_rows.append(calibrator)
+        label_rows.append(torch.full((len(prompts),), a))
+        fold_rows.append(bank_folds(axis, examples, prompts, router, config.data, config.stage2.seed))
+    rows = BankRows(torch.cat(router_rows), torch.cat(calibrator_rows), torch.cat(label_rows), torch.cat(held_out),
+                    torch.cat(fold_rows))
+    for a, axis in enumerate(AXES):
+        fit_count = int(((rows.labels == a) & ~rows.calibration).sum())
+        if fit_count < 8 or int(((rows.labels == a) & rows.calibration).sum()) < 1:
+            raise AlignXError(
+                f"axis {axis}: its feature bank is too small to split for Stage 2 ({fit_count} training prompts); "
+                "use more rows (data.max_rows_per_axis) in Stage 1"
+            )
+    return rows
 
 
 def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
     """Train ``config.stage2`` (and the uncalibrated baseline), evaluate routing, write the report.
 
-    A run whose report already covers the same routers with the same settings is left as it is
-    unless ``force``.
+    A run whose report already covers the same routers, fitted with the same settings from the same bank
+    files and evaluated on the same prompts, is left as it is unless ``force``.
     """
     from alignx.eval.metrics import routing_metrics
+    from alignx.run import read_json
 
     run = RunDir(config.run_dir)
     variants = [config.stage2]
@@ -178,49 +276,31 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
         ))
     with run.lock():
         out = stage2_dir(run)
-        if not force and _already_done(out, variants):
-            log(f"[stage2] routers already trained with these settings in {out}; skipping (--force to retrain)")
+        banks = load_banks(run, config)
+        fitted_from = {"banks_sha256": banks.fingerprint, "evaluation_prompts_sha256": prompts_sha256(evaluation_prompts_of(config)[0])}
+        if not force and _already_done(out, variants, fitted_from):
+            log(f"[stage2] routers already trained with these settings from these banks in {out}; skipping (--force to retrain)")
             return out
-        banks, layers = load_banks(run, config)
-        from alignx.stage2.crossfit import bank_folds
+        rows = stack_banks(banks, config)
+        eval_router, eval_calibrator, eval_labels = evaluation_features(run, config, banks, log)
 
-        router_rows, calibrator_rows, label_rows, held_out, fold_rows = [], [], [], [], []
-        for a, axis in enumerate(AXES):
-            router, calibrator, prompts, examples = banks[axis]
-            held_out.append(torch.tensor([is_calibration_prompt(p, config.stage2.calibration_fraction) for p in prompts]))
-            router_rows.append(router)
-            calibrator_rows.append(calibrator)
-            label_rows.append(torch.full((len(prompts),), a))
-            fold_rows.append(bank_folds(axis, examples, prompts, router, config.data, config.stage2.seed))
-        router_all, calibrator_all, labels_all = torch.cat(router_rows), torch.cat(calibrator_rows), torch.cat(label_rows)
-        calibration_mask, folds_all = torch.cat(held_out), torch.cat(fold_rows)
-        for a, axis in enumerate(AXES):
-            fit_count = int(((labels_all == a) & ~calibration_mask).sum())
-            if fit_count < 8 or int(((labels_all == a) & calibration_mask).sum()) < 1:
-                raise AlignXError(
-                    f"axis {axis}: its feature bank is too small to split for Stage 2 ({fit_count} training prompts); "
-                    "use more rows (data.max_rows_per_axis) in Stage 1"
-                )
-        eval_router, eval_calibrator, eval_labels = evaluation_features(run, config, layers, log)
-
-        report = {"axes": list(AXES), "layers": list(layers), "routers": {}}
-        if (out / "report.json").is_file():  # keep the routers of earlier runs (other ablations) in the report
-            from alignx.run import read_json
-
-            previous = read_json(out / "report.json")
-            if previous.get("layers") == list(layers):
-                report["routers"] = previous.get("routers", {})
+        report = {"axes": list(AXES), "layers": list(banks.layers), "routers": {}}
+        if (out / "report.json").is_file():  # keep the routers of earlier runs (other ablations) from the same banks
+            for name, result in read_json(out / "report.json").get("routers", {}).items():
+                meta = out / name / "mocae.json"
+                if meta.is_file() and read_json(meta).get("fitted_from") == fitted_from:
+                    report["routers"][name] = result
+        fit = ~rows.calibration
         for variant in variants:
-            fit = ~calibration_mask
-            model, train_data = build_model(variant, router_all[fit], calibrator_all[fit], labels_all[fit], layers)
-            calibration = routing_data(model, router_all[calibration_mask], calibrator_all[calibration_mask], labels_all[calibration_mask])
+            model, train_data = build_model(variant, rows.router[fit], rows.calibrator[fit], rows.labels[fit],
+                                            banks.layers, banks.max_length)
+            calibration = rows.data(model, rows.calibration)
             history = train_mocae(model, train_data, calibration, variant, log=log)
             if variant.output_calibration:
-                _calibrate_output(model, variant, calibration, router_all[fit], calibrator_all[fit], labels_all[fit],
-                                  folds_all[fit], layers, calibration_mask, router_all, calibrator_all, labels_all, log)
+                _calibrate_output(model, variant, rows, log)
             target = out / variant.name
             target.mkdir(parents=True, exist_ok=True)
-            model.save(target)
+            model.save(target, fitted_from)
             atomic_write_json(target / "history.json", history)
             report["routers"][variant.name] = _evaluate(model, eval_router, eval_calibrator, eval_labels, routing_metrics)
             log(_summary_line(variant.name, report["routers"][variant.name]))
@@ -232,22 +312,19 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
     return out
 
 
-def _calibrate_output(model, variant, calibration, router, calibrator, labels, folds, layers,
-                      calibration_mask, router_all, calibrator_all, labels_all, log) -> None:
+def _calibrate_output(model: MoCaE, variant: Stage2Config, rows: BankRows, log) -> None:
     """Fit T_out: on out-of-fold predictions over source groups (``cross-fit``), or on the hash split."""
     from alignx.stage2.crossfit import out_of_fold_logits
     from alignx.stage2.train import fit_output_temperature
 
     logits = None
     if variant.calibration == "cross-fit":
-        def calibration_for(fold_model):
-            return routing_data(fold_model, router_all[calibration_mask], calibrator_all[calibration_mask], labels_all[calibration_mask])
-
-        logits = out_of_fold_logits(variant, router, calibrator, labels, folds, calibration_for, layers, log)
+        logits = out_of_fold_logits(variant, rows, model.layers, model.max_length, log)
         if logits is None:
             log(f"[stage2] {variant.name}: banks too small for source-group cross-fitting; T_out from the hash split")
-        target = labels
+        target = rows.labels[~rows.calibration]
     if logits is None:
+        calibration = rows.data(model, rows.calibration)
         with torch.no_grad():
             logits = model(calibration.h, calibration.log_fractal, calibrated=False)
         target = calibration.labels
