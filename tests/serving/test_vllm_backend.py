@@ -23,19 +23,38 @@ from tests.serving.conftest import serving
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=5).filter(lambda w: sum(w) > 1e-6))
-def test_quantised_weights_are_grid_steps_that_sum_to_one(weights):
-    steps = quantise(weights, grid=10)
+def test_quantised_rows_that_sum_to_one_are_grid_steps_that_sum_to_the_grid(weights):
+    row = [w / sum(weights) for w in weights]  # a routed row
+    steps = quantise(row, grid=10)
     assert sum(steps) == 10 and all(s >= 0 for s in steps)
-    exact = [w / sum(weights) * 10 for w in weights]
-    assert all(abs(s - e) < 1 for s, e in zip(steps, exact))
+    assert all(abs(s - w * 10) < 1 for s, w in zip(steps, row))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=5))
+def test_quantising_never_renormalises(weights):
+    steps = quantise(weights, grid=10)
+    assert sum(steps) == round(sum(w * 10 for w in weights)) and all(abs(s - w * 10) < 1 for s, w in zip(steps, weights))
 
 
 def test_adapter_ids_are_stable_positive_and_unique():
     vectors = [v for v in itertools.product(range(11), repeat=3) if sum(v) == 10]
     ids = [adapter_id(v) for v in vectors]
     assert min(ids) > 0 and len(set(ids)) == len(ids) and adapter_id((2, 3, 5)) == adapter_id((2, 3, 5))
-    with pytest.raises(AlignXError):
-        quantise([0, 0, 0])
+    for bad in ([0.5, float("nan")], [1.5, 0.0], [-0.2, 1.0], []):
+        with pytest.raises(AlignXError, match="cannot quantise"):
+            quantise(bad)
+
+
+def test_the_base_fallback_and_stacked_experts_keep_their_meaning(adapter_dirs, tmp_path):
+    cache = AdapterCache(adapter_dirs, tmp_path)
+    assert quantise([0.0, 0.0, 0.0]) == (0, 0, 0) and cache.choose([0.0, 0.0, 0.0]) is None  # the base model
+    stacked = cache.choose([1.0, 1.0, 1.0])  # sft-sequential's three adapters at full weight, not thirds
+    assert quantise([1.0, 1.0, 1.0]) == (10, 10, 10) and stacked.int_id == adapter_id((10, 10, 10))
+    merged = lora_factors(stacked.path)
+    experts = [lora_factors(d) for d in adapter_dirs.values()]
+    module = next(iter(merged))
+    torch.testing.assert_close(merged[module].delta(), sum(e[module].delta() for e in experts))
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +158,26 @@ def test_requests_reach_vllm_with_their_adapter(fake_vllm, aligner):
     assert sum(routing["weights"].values()) == pytest.approx(1, abs=1e-4) and routing["explanation"]["adapter"]
     assert prompt["prompt_token_ids"] and params.max_tokens == 5 and params.temperature == 0 and params.stop == ["!"]
     assert not engine._workdir.exists()  # the merged adapters go with the server
+
+
+def test_the_base_fallback_is_served_by_the_base_model(fake_vllm, aligner):
+    import dataclasses
+
+    from alignx.serving.app import ServeSettings, create_app
+    from alignx.serving.metrics import Metrics
+
+    config = aligner.router.config
+    aligner.router.config = dataclasses.replace(config, ood_alpha=1.01, ood_fallback="base")  # every prompt flagged
+    try:
+        metrics = Metrics()
+        engine = vllm_backend.VLLMEngine(aligner, metrics)
+        with serving(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            response = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)
+    finally:
+        aligner.router.config = config
+    assert response.choices[0].message.content == "Hello" and fake_vllm.calls[0][2] is None  # no LoRA request
+    routing = response.model_extra["alignx"]
+    assert routing["explanation"]["ood"] and routing["explanation"]["adapter"] is None
+    assert set(routing["weights"].values()) == {0.0}

@@ -5,8 +5,9 @@ one adapter:
 
 * a one-hot weight vector (``--mode top1``, ``expert-<axis>``, a baseline's single adapter) is the expert's
   own PEFT adapter directory (``RunDir.adapter_dir``);
-* any other vector is rounded to a grid of ``1/grid`` (largest remainder, so the steps sum exactly to 1) and
-  served by a merged adapter: the experts' factors concatenated along the rank, each B scaled by its weight
+* all zeros (the out-of-distribution gate's ``base`` fallback) is the base model: no adapter;
+* any other vector is rounded to a grid of ``1/grid`` (largest remainder, keeping the rounded total: a routed
+  row sums to 1, a stacked method's ``[1, 1, 1]`` stays three full experts) and served by a merged adapter: the experts' factors concatenated along the rank, each B scaled by its weight
   and LoRA scale, which is exactly Σ w_a·scale_a·B_a·A_a (the "cat" merge; no SVD approximation). Merged
   adapters are written once per quantised vector into a private folder and kept in a small LRU cache.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -40,15 +42,20 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank value
 
 
 def quantise(weights: Sequence[float], grid: int = 10) -> tuple[int, ...]:
-    """Weights -> non-negative integer steps of ``1/grid`` that sum to ``grid`` (largest remainder)."""
-    values = [max(0.0, float(w)) for w in weights]
-    total = sum(values)
-    if not values or total <= 0 or grid < 1:
-        raise AlignXError(f"cannot quantise expert weights {list(weights)} to a grid of {grid}")
-    exact = [v / total * grid for v in values]
-    steps = [int(e) for e in exact]
+    """Per-expert weights in [0, 1] -> integer steps of ``1/grid``, each within one step of its weight and
+    summing to the weights' rounded total (largest remainder).
+
+    Nothing is renormalised: a routed row (sum 1) keeps summing to ``grid``; all zeros (the gate's ``base``
+    fallback) stays all zeros, the base model; a stacked method's ``[1, 1, 1]`` (``sft-sequential``) stays
+    three full adapters, not thirds.
+    """
+    values = [float(w) for w in weights]
+    if grid < 1 or not values or not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in values):
+        raise AlignXError(f"cannot quantise expert weights {list(weights)} to a grid of {grid}: each must be in [0, 1]")
+    exact = [min(max(v, 0.0), 1.0) * grid for v in values]
+    steps = [math.floor(e) for e in exact]
     by_remainder = sorted(range(len(values)), key=lambda i: (-(exact[i] - steps[i]), i))
-    for i in by_remainder[: grid - sum(steps)]:
+    for i in by_remainder[: round(sum(exact)) - sum(steps)]:
         steps[i] += 1
     return tuple(steps)
 
@@ -105,10 +112,13 @@ class AdapterCache:
         self._merged: OrderedDict[tuple[int, ...], Path] = OrderedDict()
         self._lock = threading.Lock()
 
-    def choose(self, weights: Sequence[float]) -> AdapterChoice:
+    def choose(self, weights: Sequence[float]) -> AdapterChoice | None:
+        """The adapter serving these expert weights; None for all-zero weights (the base model, no adapter)."""
         steps = quantise(weights, self.grid)
         names = list(self.adapter_dirs)
-        if max(steps) == self.grid:  # one expert alone: its own adapter
+        if not any(steps):
+            return None
+        if [step for step in steps if step] == [self.grid]:  # one expert alone, at full weight: its own adapter
             name = names[steps.index(self.grid)]
             return AdapterChoice(name, adapter_id(steps, self.grid), self.adapter_dirs[name])
         label = "-".join(f"{n}{s}" for n, s in zip(names, steps))
@@ -216,8 +226,8 @@ class VLLMEngine:
     def _route(self, prompt: str):
         with self._route_lock:  # one partial prefill at a time on the routing model
             weights, explanations = self.aligner.weights_for([prompt])
-        choice = None if weights is None else self.adapters.choose(weights[0].tolist())
-        explanation = explanations[0] if choice is None else {**explanations[0], "adapter": choice.name}
+        choice = None if weights is None else self.adapters.choose(weights[0].tolist())  # None: the base model
+        explanation = {**explanations[0], "adapter": None if choice is None else choice.name}
         return self.aligner.named_weights(weights, 0), explanation, choice
 
     async def _serve(self, request: GenerationRequest) -> None:
