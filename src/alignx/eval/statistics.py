@@ -4,8 +4,9 @@ Each metric is a function of per-item arrays, so :func:`bootstrap_ci` can recomp
 items: a percentile interval over ``resamples`` draws of the items with replacement, seeded, so the same
 results give the same interval every time.
 
-Judges return probabilities; a verdict is ``p > 0.5``. For the pairwise helpfulness judge ``p == 0.5`` is
-a tie and counts half, as does a response identical to the reference.
+Judges return probabilities; a binary judge's verdict is :func:`alignx.eval.judges.verdicts` (``p >= 0.5``,
+as its accuracy was measured). For the pairwise helpfulness judge ``p == 0.5`` is a tie and counts half, as
+does a response identical to the reference.
 """
 
 from __future__ import annotations

@@ -110,14 +110,53 @@ def test_stored_judge_scores_like_the_fitted_one(task, tmp_path, tiny_judge_data
     assert meta["training_data_sha256"] == data.sha256(data.train_mask) and meta["spec"]["encoder"] == ENCODER
 
 
-def test_validation_never_scores_training_rows(tiny_judge_data):
-    """Fixed-split tasks measure only held-out rows; their n is the held-out count."""
-    settings = JudgeSettings(data_dir=tiny_judge_data)
-    data = judge_data("truth", settings)
-    features = RECIPES["truth"].featurize(data.items, make_encoder(ENCODER, settings))
-    validation, _ = validate("truth", data, features)
-    assert validation.n["truth"] == int((~data.train_mask).sum()) > 0
-    assert validation.n["truth_nonverbatim"] < validation.n["truth"]
+class _SpyRecipe:
+    """Stands in for a recipe: each estimator remembers the rows (by index) it was fit on, and every score it
+    gives is checked against them, so a validation that scored a row with a model that saw it fails."""
+
+    def __init__(self, score: float = 0.5):
+        self.score, self.scored = score, 0
+
+    def fit(self, features, labels):
+        recipe = self
+
+        class Estimator:
+            seen = set(features[:, 0].astype(int).tolist())
+
+            def predict_proba(self, rows):
+                leaked = self.seen & set(rows[:, 0].astype(int).tolist())
+                assert not leaked, f"rows {sorted(leaked)[:5]} scored by a judge trained on them"
+                recipe.scored += len(rows)
+                return np.tile([1 - recipe.score, recipe.score], (len(rows), 1))
+
+        return Estimator()
+
+
+@pytest.mark.parametrize("task", ["truth", "refusal"])  # a fixed held-out split; leave one group out
+def test_validation_scores_each_row_with_a_judge_that_never_saw_it(tiny_judge_data, monkeypatch, task):
+    data = judge_data(task, JudgeSettings(data_dir=tiny_judge_data))
+    spy = _SpyRecipe()
+    monkeypatch.setitem(RECIPES, task, spy)
+    validation, _ = validate(task, data, np.arange(len(data.items), dtype=float)[:, None])
+    assert spy.scored == validation.n[task] > 0
+    # p = 0.5 exactly is a positive verdict, in validation as in evaluation (one threshold)
+    if data.holdout is not None:
+        expected = float(np.mean(data.labels[~data.train_mask]))
+    else:
+        expected = float(np.mean([np.mean(data.labels[data.groups == g]) for g in sorted(set(data.groups))]))
+    assert validation.accuracy[task] == pytest.approx(expected)
+
+
+def test_one_verdict_threshold_for_validation_and_evaluation():
+    from alignx.eval.judges import verdicts
+    from alignx.eval.runner import _benchmark_metrics
+
+    at_threshold = np.full(4, 0.5)
+    assert verdicts(at_threshold).all()
+    metrics = _benchmark_metrics("beavertails", [{"id": str(i)} for i in range(4)], {}, {"safety": at_threshold}, 10, 0)
+    assert metrics["unsafe_rate"]["value"] == 1.0  # as validate() counts p = 0.5 for the judge's accuracy
+    truth = _benchmark_metrics("truthfulqa", [{"id": "0"}], {}, {"truth": np.array([0.5]), "info": np.array([0.49])}, 10, 0)
+    assert truth["truthful"]["value"] == 1.0 and truth["informative"]["value"] == 0.0
 
 
 def test_pickle_is_refused(trained, tmp_path):

@@ -141,9 +141,8 @@ def read_items(path: Path, task: str, root: Path | None) -> tuple[list[dict], li
 
 
 def _score(args: argparse.Namespace) -> int:
-    from alignx.eval.judges import check_task, load_judge
+    from alignx.eval.judges import check_task, load_judge, verdicts
     from alignx.eval.judges.data import data_dir
-    from alignx.eval.judges.offline import THRESHOLD
     from alignx.run import atomic_write_text
 
     task = check_task(args.task)
@@ -151,9 +150,10 @@ def _score(args: argparse.Namespace) -> int:
     rows, items = read_items(Path(args.input), task, data_dir(settings))
     judge = load_judge(args.judge, task, settings)
     scores = judge.score(items)
-    lines = [json.dumps({**row, "judge": judge.spec, "task": task, "score": float(s), "label": bool(s >= THRESHOLD)}, ensure_ascii=False)
-             for row, s in zip(rows, scores)]
+    labels = verdicts(scores)
+    lines = [json.dumps({**row, "judge": judge.spec, "task": task, "score": float(s), "label": bool(label)}, ensure_ascii=False)
+             for row, s, label in zip(rows, scores, labels)]
     atomic_write_text(Path(args.output), "".join(line + "\n" for line in lines))
-    positive = sum(float(s) >= THRESHOLD for s in scores)
+    positive = int(labels.sum())
     print(f"[judge] {task} by {judge.spec}: {positive}/{len(scores)} labelled positive -> {args.output}", file=sys.stderr)
     return 0

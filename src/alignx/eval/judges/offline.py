@@ -25,12 +25,11 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from alignx.errors import AlignXError
-from alignx.eval.judges import JUDGE_TASKS, Judge, JudgeItem, JudgeSettings
+from alignx.eval.judges import JUDGE_TASKS, Judge, JudgeItem, JudgeSettings, verdicts
 from alignx.eval.judges.data import JudgeData, complete_item, data_dir, judge_data, word_count
 from alignx.eval.judges.encoder import MINILM, TextEncoder
 from alignx.eval.judges.features import pair_features, prompt_response_embeddings, reference_similarity, response_features
 
-THRESHOLD = 0.5  # label = score >= THRESHOLD
 
 # Estimators fit and predict on one thread: on two cores shared with other work, OpenMP's second thread
 # spin-waits and made gradient boosting 18x slower (14 s vs 247 s for the truth judge).
@@ -118,7 +117,7 @@ class Validation:
 
 
 def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean((scores >= THRESHOLD) == labels))
+    return float(np.mean(verdicts(scores) == labels))
 
 
 def validate(task: str, data: JudgeData, features: np.ndarray, stored=None):
