@@ -102,3 +102,18 @@ def test_the_gates_fallback_wins_in_every_mode(run_dir, mode, fallback):
         if mode == "top1" and not explanation["ood"]:
             assert sorted(row.tolist()) == [0.0, 0.0, 1.0]
         assert explanation["final"] == {a: round(float(w), 4) for a, w in zip(AXES, row)}  # what generation used
+
+
+def test_inference_pools_features_over_the_prompt_tokens_the_banks_used(run_dir):
+    from alignx.stage1.features import prompt_features
+
+    aligner = AlignX.from_run(run_dir)
+    assert aligner.router.max_length == 64  # the tiny run's features.max_length, not prompt_features' old 256
+    long_prompt = "Tell me about the history of the city. " * 20  # far beyond 64 tokens
+    routing = aligner.route([long_prompt])
+    with aligner.mixture.using(None):
+        banks_way = prompt_features(aligner.loaded.model, aligner.formatter, [long_prompt], aligner.router.layers, max_length=64)
+        untruncated = prompt_features(aligner.loaded.model, aligner.formatter, [long_prompt], aligner.router.layers, max_length=1024)
+    expected = aligner.router.route(banks_way[aligner.router.layers[0]], banks_way[aligner.router.layers[1]])
+    other = aligner.router.route(untruncated[aligner.router.layers[0]], untruncated[aligner.router.layers[1]])
+    assert torch.equal(routing.router, expected.router) and not torch.equal(routing.router, other.router)

@@ -40,3 +40,36 @@ def test_groups_are_balanced_whole():
         assert len({f for f, x in zip(folds, groups) if x == g}) == 1
     sizes = sorted(folds.count(k) for k in range(FOLDS))
     assert sizes == [5, 5, 5]
+
+
+def test_fold_models_early_stop_outside_the_fold_they_leave_out(monkeypatch):
+    from alignx.config import Stage2Config
+    from alignx.stage2 import crossfit
+    from alignx.stage2.pipeline import BankRows
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(60)
+    router = torch.eye(3, 8)[labels] * 3 + torch.randn(180, 8, generator=generator)
+    rows = BankRows(router, router @ torch.randn(8, 6, generator=generator), labels,
+                    calibration=torch.arange(180) % 5 == 0, folds=torch.arange(180) % FOLDS)
+    stopping_sets = []
+
+    def spy(model, data, calibration, config, log=print):
+        stopping_sets.append(calibration.h.shape[0])  # train nothing: only what it stops on matters here
+        return []
+
+    import alignx.stage2.train as train_module
+
+    monkeypatch.setattr(train_module, "train_mocae", spy)
+    masks = []
+    real_data = BankRows.data
+    monkeypatch.setattr(BankRows, "data", lambda self, model, mask: masks.append(mask.clone()) or real_data(self, model, mask))
+    config = Stage2Config(latent_dim=4, router_hidden=16, max_epochs=1)
+    logits = crossfit.out_of_fold_logits(config, rows, (1, 2), 64, log=lambda *_: None)
+    assert logits is not None and logits.shape == (int((~rows.calibration).sum()), 3)
+    stopping = masks[0::2]  # per fold: the early-stopping rows, then the rows it predicts
+    predicted = masks[1::2]
+    for k, (stop, unseen) in enumerate(zip(stopping, predicted)):
+        assert stop.any() and not (stop & (rows.folds == k)).any()  # no row of the left-out sources
+        assert (stop <= rows.calibration).all() and torch.equal(unseen, ~rows.calibration & (rows.folds == k))
+    assert stopping_sets == [int(s.sum()) for s in stopping]

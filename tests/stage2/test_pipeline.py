@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from alignx.config import load_config
 from alignx.errors import AlignXError
 from alignx.stage2.mocae import MoCaE
 from alignx.stage2.pipeline import run_stage2, stage2_dir
@@ -61,9 +61,69 @@ def stage2_dir_of(config):
 
 
 def test_banks_from_another_data_split_are_refused(stage1_run):
-    changed = load_config(None, [f"{k}={v}" for k, v in {
-        "run_dir": stage1_run.run_dir, "model.name": stage1_run.model.name, "data.data_dir": stage1_run.data.data_dir,
-        "data.max_rows_per_axis": 40,
-    }.items()])
+    import dataclasses
+
+    run_stage2(stage1_run, log=lambda *_: None)  # finished: the routers exist for these banks and settings
+    # the same run and Stage 2 settings (overrides kept), another data split: refused, not skipped
+    changed = dataclasses.replace(stage1_run, data=dataclasses.replace(stage1_run.data, max_rows_per_axis=40))
     with pytest.raises(AlignXError, match="different .* data split"):
-        run_stage2(changed)
+        run_stage2(changed, log=lambda *_: None)
+
+
+def test_changed_bank_files_are_refitted_not_skipped(stage1_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from alignx.run import RunDir, atomic_save_safetensors, load_safetensors
+
+    run_stage2(stage1_run, log=lambda *_: None)
+    copy = tmp_path / "run"
+    shutil.copytree(stage1_run.run_dir, copy)
+    config = dataclasses.replace(stage1_run, run_dir=str(copy))
+    lines = []
+    run_stage2(config, log=lines.append)
+    assert any("skipping" in line for line in lines)  # the same banks: nothing to do
+    before = json.loads((copy / "stage2" / "alignx" / "mocae.json").read_text())["fitted_from"]
+    # the harmless bank rebuilt (say, by another precision): same split, same rows, other features
+    path = RunDir(copy).features_path("harmless")
+    tensors, meta = load_safetensors(path)
+    atomic_save_safetensors({k: v + 0.01 * torch.randn_like(v) for k, v in tensors.items()}, path, meta)
+    lines.clear()
+    run_stage2(config, log=lines.append)
+    assert not any("skipping" in line for line in lines)
+    after = json.loads((copy / "stage2" / "alignx" / "mocae.json").read_text())["fitted_from"]
+    assert after["banks_sha256"]["harmless"] != before["banks_sha256"]["harmless"]
+    assert after["banks_sha256"]["helpful"] == before["banks_sha256"]["helpful"]
+
+
+def test_evaluation_features_are_recomputed_when_what_they_depend_on_changes(stage1_run):
+    import dataclasses
+
+    from alignx.run import RunDir, load_safetensors
+    from alignx.stage2.pipeline import evaluation_features, load_banks
+
+    run = RunDir(stage1_run.run_dir)
+    banks = load_banks(run, stage1_run)
+    assert banks.max_length == stage1_run.features.max_length == 64
+    router, _, _ = evaluation_features(run, stage1_run, banks, log=lambda *_: None)
+    path = stage2_dir(run) / "eval_features.safetensors"
+    for key, value in (("max_length", "16"), ("base_weights_sha256", "0" * 64), ("precision", "bfloat16")):
+        changed = dataclasses.replace(banks, settings={**banks.settings, key: value})
+        again, _, _ = evaluation_features(run, stage1_run, changed, log=lambda *_: None)
+        assert load_safetensors(path)[1][key] == value  # recomputed under the new settings, not reused
+    shorter, _, _ = evaluation_features(run, stage1_run, dataclasses.replace(banks, settings={**banks.settings, "max_length": "16"}),
+                                        log=lambda *_: None)
+    assert not torch.allclose(shorter, router)  # truncation really changes the features of long prompts
+    restored, _, _ = evaluation_features(run, stage1_run, banks, log=lambda *_: None)
+    assert torch.equal(restored, router)
+
+
+def test_a_router_narrower_than_the_features_projects_on_principal_directions(stage1_run):
+    import dataclasses
+
+    narrow = dataclasses.replace(stage1_run, stage2=dataclasses.replace(stage1_run.stage2, name="narrow", router_hidden=16))
+    out = run_stage2(narrow, log=lambda *_: None)
+    model = MoCaE.load(out / "narrow")
+    assert model.router.phi.weight.shape == (16, 64)  # the tiny models' hidden size 64 > router_hidden 16
+    # (that φ starts at the principal directions and the router at the regression on them: tests/stage2/test_router.py)
+    assert json.loads((out / "report.json").read_text())["routers"]["narrow"]["after_output_calibration"]["n"] == 60
