@@ -47,6 +47,7 @@ def test_kill_9_during_stage1_then_resume_matches_an_uninterrupted_run(tmp_path,
     a = load_file(RunDir(tmp_path / "a").adapter_dir("honest") / "adapter_model.safetensors")
     b = load_file(RunDir(tmp_path / "b").adapter_dir("honest") / "adapter_model.safetensors")
     for key in a:
+        # both trainings ran here, on one CPU and one code path: a resume must reproduce the uninterrupted run
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))  # the log was cut back and continued, no gaps or repeats

@@ -141,7 +141,8 @@ class Stage2Config:
     use_fractal: bool = True
     use_natural: bool = True
     output_calibration: bool = True  # fit T_out by NLL (see calibration)
-    calibration: str = "cross-fit"  # cross-fit: T_out on out-of-fold predictions over source groups | hash
+    calibration: str = "cross-fit"  # cross-fit: T_out on out-of-fold predictions over source groups | hash |
+    # auto: whichever has the lower NLL on nested source-group folds (never the evaluation prompts; see stage2/crossfit.py)
     lambda_fractal: float = 0.6  # [paper]
     lambda_natural: float = 0.4  # [paper]
     epsilon: float = 0.05  # granularity of the soft correlation integral [paper]
@@ -170,7 +171,7 @@ class Stage2Config:
         _check_choice("stage2.router_phi", self.router_phi, ("linear", "gelu"))
         _check_choice("stage2.epsilon_mode", self.epsilon_mode, ("fixed", "dimension"))
         _check_choice("stage2.ood_fallback", self.ood_fallback, ("uniform", "base"))
-        _check_choice("stage2.calibration", self.calibration, ("cross-fit", "hash"))
+        _check_choice("stage2.calibration", self.calibration, ("cross-fit", "hash", "auto"))
         _check_choice("stage2.bank_dtype", self.bank_dtype, ("float16", "float32"))
         for name in ("latent_dim", "router_hidden", "min_neighbours", "dimension_neighbours", "batch_size",
                      "max_epochs", "patience"):

@@ -77,6 +77,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_model_dir, monkey
     b = load_file(tmp_path / "b/run/experts/helpful/adapter/adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
+        # both trainings ran here, on one CPU and one code path: a resume must reproduce the uninterrupted run
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     assert _losses(tmp_path / "a/run") == _losses(tmp_path / "b/run")
 

@@ -73,3 +73,35 @@ def test_fold_models_early_stop_outside_the_fold_they_leave_out(monkeypatch):
         assert stop.any() and not (stop & (rows.folds == k)).any()  # no row of the left-out sources
         assert (stop <= rows.calibration).all() and torch.equal(unseen, ~rows.calibration & (rows.folds == k))
     assert stopping_sets == [int(s.sum()) for s in stopping]
+
+
+def test_nested_selection_never_fits_on_the_groups_it_scores(monkeypatch):
+    from alignx.config import Stage2Config
+    from alignx.stage2 import crossfit, pipeline
+    from alignx.stage2.pipeline import BankRows
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(3).repeat_interleave(90)
+    folds = torch.arange(270) % FOLDS
+    router = torch.eye(3, 8)[labels] * 2.5 + torch.randn(270, 8, generator=generator)
+    router[folds == 2] += 1.0  # one source group sits elsewhere: the shift the folds imitate
+    row_id = torch.arange(270, dtype=torch.float32)  # a feature column that names each row
+    rows = BankRows(torch.cat([router, row_id[:, None] * 1e-6], 1), router @ torch.randn(8, 6, generator=generator),
+                    labels, calibration=torch.arange(270) % 7 == 0, folds=folds)
+    fitted_on = []
+    real_build = pipeline.build_model
+
+    def spy(config, train_router, *args):
+        fitted_on.append(set(torch.round(train_router[:, -1] * 1e6).long().tolist()))
+        return real_build(config, train_router, *args)
+
+    monkeypatch.setattr(pipeline, "build_model", spy)
+    scores = crossfit.nested_calibration_scores(Stage2Config(latent_dim=4, router_hidden=16, max_epochs=3), rows, (1, 2), 64,
+                                                log=lambda *_: None)
+    assert set(scores) == set(crossfit.CANDIDATES)
+    assert all(s["nll"] > 0 and 0 <= s["ece"] <= 1 for s in scores.values())
+    # per outer fold: its router, then the inner cross-fit's two fold models; none saw a row of the scored fold
+    assert len(fitted_on) == FOLDS * 3
+    for k in range(FOLDS):
+        scored = set(torch.nonzero(folds == k).flatten().tolist())
+        assert all(not (seen & scored) for seen in fitted_on[3 * k : 3 * k + 3])

@@ -127,3 +127,16 @@ def test_a_router_narrower_than_the_features_projects_on_principal_directions(st
     assert model.router.phi.weight.shape == (16, 64)  # the tiny models' hidden size 64 > router_hidden 16
     # (that φ starts at the principal directions and the router at the regression on them: tests/stage2/test_router.py)
     assert json.loads((out / "report.json").read_text())["routers"]["narrow"]["after_output_calibration"]["n"] == 60
+
+
+def test_auto_calibration_records_its_nested_choice(stage1_run):
+    import dataclasses
+
+    from alignx.stage2.crossfit import CANDIDATES
+
+    auto = dataclasses.replace(stage1_run, stage2=dataclasses.replace(stage1_run.stage2, name="auto-cal", calibration="auto"))
+    out = run_stage2(auto, log=lambda *_: None)
+    done = json.loads((out / "report.json").read_text())["routers"]["auto-cal"]["output_calibration"]
+    assert done["method"] in CANDIDATES and "nested_selection" in done
+    if done["nested_selection"] is not None:  # the tiny banks may be too small to nest: then cross-fit
+        assert done["method"] == min(done["nested_selection"], key=lambda name: done["nested_selection"][name]["nll"])

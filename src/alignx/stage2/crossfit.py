@@ -3,10 +3,15 @@
 A temperature fitted on a random (hash) slice of the training banks learns how right the router is on
 prompts like its training prompts — 95 % on SmolLM2 — and so learns to trust it. Real prompts come from
 elsewhere (AlpacaEval is not Alpaca; TruthfulQA's test half is mostly Non-Adversarial), where the same
-router is right ~80 % of the time. Cross-fitting over source groups imitates that shift without ever
-touching an evaluation prompt: each fold leaves out whole sources, the model is refitted on the rest, and
-the held-out fold is scored as unseen data. T_out is then fitted on those out-of-fold predictions.
-Measured on the full banks: ECE 0.119 → 0.021 and NLL 0.748 → 0.586 on the held-out evaluation prompts.
+router is right less often. Cross-fitting over source groups imitates that shift without ever touching an
+evaluation prompt: each fold leaves out whole sources, the model is refitted on the rest, and the held-out
+fold is scored as unseen data. T_out is then fitted on those out-of-fold predictions.
+
+Which calibration to use is itself chosen without evaluation prompts: :func:`nested_calibration_scores`
+holds out each source-group fold in turn, runs every candidate on the other folds alone (the inner
+cross-fit over the remaining groups), and scores the calibrated router on the held-out fold.
+``stage2.calibration: auto`` makes Stage 2 pick the candidate with the lower nested NLL and record the
+scores in its report; the held-out evaluation prompts are scored once, afterwards.
 
 Groups [ours]: harmless by data set (safety-tuned-llamas / hh-rlhf / BeaverTails), honest by TruthfulQA
 category (balanced greedily by size), helpful — a single source — by k-means clusters of its router
@@ -24,6 +29,7 @@ from alignx.axes import AXES
 from alignx.config import DataConfig, Stage2Config
 
 FOLDS = 3
+CANDIDATES = ("hash", "cross-fit")  # what ``stage2.calibration: auto`` chooses between
 
 
 def bank_folds(axis: str, examples, prompts: list[str], router_features: torch.Tensor, data: DataConfig, seed: int) -> torch.Tensor:
@@ -96,3 +102,50 @@ def out_of_fold_logits(variant: Stage2Config, rows, layers: tuple[int, int], max
             out[held] = model(unseen.h, unseen.log_fractal, calibrated=False)
     log(f"[stage2] {variant.name}: out-of-fold predictions over {FOLDS} source-group folds for T_out")
     return out
+
+
+def nested_calibration_scores(variant: Stage2Config, rows, layers: tuple[int, int], max_length: int,
+                              log=print) -> dict[str, dict[str, float]] | None:
+    """Each calibration candidate's NLL and ECE on source groups that neither its router nor its T_out saw.
+
+    For each source-group fold k: the router is fitted exactly as Stage 2 fits it, on the other folds' rows
+    (early stopping on their calibration rows); each candidate fits T_out from those folds alone (``hash``:
+    their calibration rows; ``cross-fit``: out-of-fold predictions over the remaining groups); every row of
+    fold k then scores the calibrated router. Returns the mean over folds per candidate, or None when the
+    banks are too small to nest.
+    """
+    from alignx.eval.metrics import expected_calibration_error, negative_log_likelihood
+    from alignx.stage2.pipeline import build_model
+    from alignx.stage2.train import nll_temperature, train_mocae
+
+    quiet = dataclasses.replace(variant, output_calibration=False)
+    silent = lambda *_: None  # noqa: E731
+    scores: dict[str, dict[str, list[float]]] = {c: {"nll": [], "ece": []} for c in CANDIDATES}
+    for k in range(FOLDS):
+        held = rows.folds == k
+        if not held.any():
+            continue
+        inner = rows.subset(~held)
+        fitting = ~inner.calibration
+        if int(torch.bincount(inner.labels[fitting], minlength=len(AXES)).min()) < 8 or not inner.calibration.any():
+            return None
+        model, data = build_model(quiet, inner.router[fitting], inner.calibrator[fitting], inner.labels[fitting],
+                                  layers, max_length)
+        train_mocae(model, data, inner.data(model, inner.calibration), quiet, log=silent)
+        unseen = rows.data(model, held)
+        calibration = inner.data(model, inner.calibration)
+        with torch.no_grad():
+            test_logits = model(unseen.h, unseen.log_fractal, calibrated=False)
+            candidates = {"hash": (model(calibration.h, calibration.log_fractal, calibrated=False), calibration.labels)}
+        inner_logits = out_of_fold_logits(variant, inner, layers, max_length, log=silent)
+        if inner_logits is None:
+            return None
+        candidates["cross-fit"] = (inner_logits, inner.labels[fitting])
+        for name, (logits, labels) in candidates.items():
+            probs = torch.softmax(test_logits / nll_temperature(logits, labels), dim=-1)
+            scores[name]["nll"].append(negative_log_likelihood(probs, unseen.labels))
+            scores[name]["ece"].append(expected_calibration_error(probs, unseen.labels))
+    summary = {name: {metric: round(sum(v) / len(v), 5) for metric, v in values.items()} for name, values in scores.items()}
+    log(f"[stage2] {variant.name}: nested source-group folds, calibrated NLL / ECE on unseen groups: "
+        + ", ".join(f"{name} {s['nll']:.3f} / {s['ece']:.3f}" for name, s in summary.items()))
+    return summary

@@ -235,6 +235,9 @@ class BankRows:
     def data(self, model: MoCaE, mask: torch.Tensor) -> RoutingData:
         return routing_data(model, self.router[mask], self.calibrator[mask], self.labels[mask])
 
+    def subset(self, mask: torch.Tensor) -> "BankRows":
+        return BankRows(self.router[mask], self.calibrator[mask], self.labels[mask], self.calibration[mask], self.folds[mask])
+
 
 def stack_banks(banks: Banks, config: AlignXConfig) -> BankRows:
     from alignx.stage2.crossfit import bank_folds
@@ -296,13 +299,15 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
                                             banks.layers, banks.max_length)
             calibration = rows.data(model, rows.calibration)
             history = train_mocae(model, train_data, calibration, variant, log=log)
-            if variant.output_calibration:
-                _calibrate_output(model, variant, rows, log)
+            calibrated = _calibrate_output(model, variant, rows, log) if variant.output_calibration else None
             target = out / variant.name
             target.mkdir(parents=True, exist_ok=True)
             model.save(target, fitted_from)
             atomic_write_json(target / "history.json", history)
-            report["routers"][variant.name] = _evaluate(model, eval_router, eval_calibrator, eval_labels, routing_metrics)
+            report["routers"][variant.name] = {
+                **_evaluate(model, eval_router, eval_calibrator, eval_labels, routing_metrics),
+                "output_calibration": calibrated,
+            }
             log(_summary_line(variant.name, report["routers"][variant.name]))
             if variant.name == "alignx":
                 _write_trinityx(model, calibration, out / "trinityx.json", log)
@@ -312,16 +317,22 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
     return out
 
 
-def _calibrate_output(model: MoCaE, variant: Stage2Config, rows: BankRows, log) -> None:
-    """Fit T_out: on out-of-fold predictions over source groups (``cross-fit``), or on the hash split."""
-    from alignx.stage2.crossfit import out_of_fold_logits
+def _calibrate_output(model: MoCaE, variant: Stage2Config, rows: BankRows, log) -> dict:
+    """Fit T_out: on out-of-fold predictions over source groups (``cross-fit``), on the hash split, or by
+    whichever of the two nested source-group folds prefer (``auto``). Returns what was done, for the report."""
+    from alignx.stage2.crossfit import nested_calibration_scores, out_of_fold_logits
     from alignx.stage2.train import fit_output_temperature
 
+    method, selection = variant.calibration, None
+    if method == "auto":
+        selection = nested_calibration_scores(variant, rows, model.layers, model.max_length, log)
+        method = "cross-fit" if selection is None else min(selection, key=lambda name: selection[name]["nll"])
     logits = None
-    if variant.calibration == "cross-fit":
+    if method == "cross-fit":
         logits = out_of_fold_logits(variant, rows, model.layers, model.max_length, log)
         if logits is None:
             log(f"[stage2] {variant.name}: banks too small for source-group cross-fitting; T_out from the hash split")
+            method = "hash"
         target = rows.labels[~rows.calibration]
     if logits is None:
         calibration = rows.data(model, rows.calibration)
@@ -329,7 +340,8 @@ def _calibrate_output(model: MoCaE, variant: Stage2Config, rows: BankRows, log) 
             logits = model(calibration.h, calibration.log_fractal, calibrated=False)
         target = calibration.labels
     temperature = fit_output_temperature(model, logits, target)
-    log(f"[stage2] {variant.name}: output temperature T_out = {temperature:.3f} ({variant.calibration})")
+    log(f"[stage2] {variant.name}: output temperature T_out = {temperature:.3f} ({method})")
+    return {"method": method, **({"nested_selection": selection} if variant.calibration == "auto" else {})}
 
 
 def _write_trinityx(model: MoCaE, calibration: RoutingData, path: Path, log) -> None:

@@ -74,14 +74,19 @@ def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, conf
     return history
 
 
-def fit_output_temperature(model: MoCaE, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Set T_out to the temperature minimising the NLL of ``logits`` (log w at T_out = 1) against ``labels``
-    (a bounded 1-D search); returns it."""
+def nll_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature minimising the NLL of ``logits / T`` against ``labels`` (a bounded 1-D search)."""
     from scipy.optimize import minimize_scalar
 
     def nll(log_t: float) -> float:
         return float(F.cross_entropy(logits / math.exp(log_t), labels))
 
     result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
-    model.log_t_out.fill_(float(result.x))
     return math.exp(float(result.x))
+
+
+def fit_output_temperature(model: MoCaE, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Set T_out to :func:`nll_temperature` of ``logits`` (log w at T_out = 1) against ``labels``; returns it."""
+    temperature = nll_temperature(logits, labels)
+    model.log_t_out.fill_(math.log(temperature))
+    return temperature
