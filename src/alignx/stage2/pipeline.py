@@ -4,7 +4,8 @@ Layout under ``<run>/stage2/``::
 
     eval_features.safetensors    router/calibrator features of the held-out evaluation prompts (cached)
     <name>/mocae.safetensors     router, calibrators, feature space and T_out (``alignx`` by default)
-    <name>/mocae.json            axes, layers, the Stage 2 config it was trained with
+    <name>/mocae.json            axes, layers, truncation, the Stage 2 config it was trained with and what it
+                                 was fitted from (bank file hashes, evaluation prompts): a rerun refits on change
     <name>/history.json          per-epoch training loss and calibration NLL
     moe-uncalibrated/...         the same router trained alone: no calibrators, no T_out
     report.json                  routing metrics before/after output calibration, for each router
@@ -177,7 +178,7 @@ def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, log=pri
     """Features of every axis's evaluation prompts, computed exactly as the banks' (same base weights, layers,
     truncation and precision) by one partial prefill, and cached under those settings."""
     from alignx.data.formatting import ChatFormatter
-    from alignx.models import load_base_model, resolve_precision
+    from alignx.models import load_base_model
     from alignx.stage1.features import prompt_features
 
     path = stage2_dir(run) / "eval_features.safetensors"
@@ -193,7 +194,7 @@ def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, log=pri
     features = prompt_features(
         loaded.model, ChatFormatter(loaded.tokenizer), prompts, layers,
         batch_size=config.features.batch_size, max_length=banks.max_length,
-        autocast_dtype=resolve_precision("bf16" if precision == "bfloat16" else "fp32", "cpu"),
+        autocast_dtype=None if precision == "float32" else getattr(torch, precision),  # as the banks were computed
         progress="stage2 eval features",
     )
     tensors = {"router": features[layers[0]], "calibrator": features[layers[1]], "labels": torch.tensor(labels)}
