@@ -3,11 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.alignx-installed
-export ALIGNX_DATA_DIR ?= $(abspath ../shared/data)
-export HF_HUB_OFFLINE ?= 1
+LOCAL_DATA := $(abspath ../shared/data)
+# Data: $ALIGNX_DATA_DIR if set, else the local copy beside the checkout (offline) when there is one, else the
+# Hugging Face hub (src/alignx/data/location.py decides, with the standard library only).
+$(foreach assignment,$(shell $(PYTHON) src/alignx/data/location.py --make $(LOCAL_DATA)),$(eval export $(assignment)))
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo clean-demo data-check
 
 install: $(STAMP)
 
@@ -33,7 +35,11 @@ DEMO_METHODS := alignx,base,sft-mix,moe-uncalibrated,merge-linear
 # Stage 1 (three experts + feature banks), Stage 2 (MoCaE + routing report), routed generation with --explain,
 # the sft-mix baseline (same training budget), the offline judges, then the quick evaluation and its report.
 # Interrupt it anywhere and run it again: finished work is skipped.
-demo: install
+# before the install: one line, and no install, when the data cannot be read
+data-check:
+	@$(PYTHON) src/alignx/data/location.py --check $(LOCAL_DATA)
+
+demo: data-check install
 	$(VENV)/bin/alignx stage1 --config configs/demo.yaml --resume
 	$(VENV)/bin/alignx stage2 --run runs/demo
 	$(VENV)/bin/alignx generate --run runs/demo --method alignx --explain --max-new-tokens 48 $(DEMO_PROMPTS)

@@ -45,7 +45,7 @@ def test_groups_are_balanced_whole():
 def test_fold_models_early_stop_outside_the_fold_they_leave_out(monkeypatch):
     from alignx.config import Stage2Config
     from alignx.stage2 import crossfit
-    from alignx.stage2.pipeline import BankRows
+    from alignx.stage2.train import BankRows
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat_interleave(60)
@@ -58,9 +58,7 @@ def test_fold_models_early_stop_outside_the_fold_they_leave_out(monkeypatch):
         stopping_sets.append(calibration.h.shape[0])  # train nothing: only what it stops on matters here
         return []
 
-    import alignx.stage2.train as train_module
-
-    monkeypatch.setattr(train_module, "train_mocae", spy)
+    monkeypatch.setattr(crossfit, "train_mocae", spy)
     masks = []
     real_data = BankRows.data
     monkeypatch.setattr(BankRows, "data", lambda self, model, mask: masks.append(mask.clone()) or real_data(self, model, mask))
@@ -77,8 +75,8 @@ def test_fold_models_early_stop_outside_the_fold_they_leave_out(monkeypatch):
 
 def test_nested_selection_never_fits_on_the_groups_it_scores(monkeypatch):
     from alignx.config import Stage2Config
-    from alignx.stage2 import crossfit, pipeline
-    from alignx.stage2.pipeline import BankRows
+    from alignx.stage2 import crossfit
+    from alignx.stage2.train import BankRows
 
     generator = torch.Generator().manual_seed(1)
     labels = torch.arange(3).repeat_interleave(90)
@@ -89,13 +87,13 @@ def test_nested_selection_never_fits_on_the_groups_it_scores(monkeypatch):
     rows = BankRows(torch.cat([router, row_id[:, None] * 1e-6], 1), router @ torch.randn(8, 6, generator=generator),
                     labels, calibration=torch.arange(270) % 7 == 0, folds=folds)
     fitted_on = []
-    real_build = pipeline.build_model
+    real_build = crossfit.build_model
 
     def spy(config, train_router, *args):
         fitted_on.append(set(torch.round(train_router[:, -1] * 1e6).long().tolist()))
         return real_build(config, train_router, *args)
 
-    monkeypatch.setattr(pipeline, "build_model", spy)
+    monkeypatch.setattr(crossfit, "build_model", spy)
     scores = crossfit.nested_calibration_scores(Stage2Config(latent_dim=4, router_hidden=16, max_epochs=3), rows, (1, 2), 64,
                                                 log=lambda *_: None)
     assert set(scores) == set(crossfit.CANDIDATES)

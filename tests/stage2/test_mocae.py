@@ -7,8 +7,7 @@ import torch
 
 from alignx.config import Stage2Config
 from alignx.stage2.mocae import MoCaE
-from alignx.stage2.pipeline import build_model, routing_data
-from alignx.stage2.train import calibration_nll, fit_output_temperature, train_mocae
+from alignx.stage2.train import build_model, calibration_nll, fit_output_temperature, routing_data, train_mocae
 
 LAYERS = (1, 2)
 MAX_LENGTH = 64

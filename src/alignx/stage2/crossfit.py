@@ -27,6 +27,8 @@ import torch
 
 from alignx.axes import AXES
 from alignx.config import DataConfig, Stage2Config
+from alignx.eval.metrics import expected_calibration_error, negative_log_likelihood
+from alignx.stage2.train import BankRows, build_model, nll_temperature, train_mocae
 
 FOLDS = 3
 CANDIDATES = ("hash", "cross-fit")  # what ``stage2.calibration: auto`` chooses between
@@ -79,9 +81,6 @@ def out_of_fold_logits(variant: Stage2Config, rows, layers: tuple[int, int], max
     A fold model early-stops on the hash calibration rows *outside* its left-out fold: rows of the left-out
     sources would tell it when it does well on them, and weaken the very shift the folds imitate.
     """
-    from alignx.stage2.pipeline import build_model
-    from alignx.stage2.train import train_mocae
-
     quiet = dataclasses.replace(variant, output_calibration=False)
     fitting = ~rows.calibration
     labels, folds = rows.labels[fitting], rows.folds[fitting]
@@ -114,10 +113,6 @@ def nested_calibration_scores(variant: Stage2Config, rows, layers: tuple[int, in
     fold k then scores the calibrated router. Returns the mean over folds per candidate, or None when the
     banks are too small to nest.
     """
-    from alignx.eval.metrics import expected_calibration_error, negative_log_likelihood
-    from alignx.stage2.pipeline import build_model
-    from alignx.stage2.train import nll_temperature, train_mocae
-
     quiet = dataclasses.replace(variant, output_calibration=False)
     silent = lambda *_: None  # noqa: E731
     scores: dict[str, dict[str, list[float]]] = {c: {"nll": [], "ece": []} for c in CANDIDATES}

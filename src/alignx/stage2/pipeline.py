@@ -30,8 +30,9 @@ from alignx.axes import AXES
 from alignx.config import AlignXConfig, Stage2Config
 from alignx.errors import AlignXError
 from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, load_safetensors
+from alignx.stage2.crossfit import bank_folds, nested_calibration_scores, out_of_fold_logits
 from alignx.stage2.mocae import MoCaE
-from alignx.stage2.train import RoutingData, train_mocae
+from alignx.stage2.train import BankRows, RoutingData, build_model, fit_output_temperature, routing_data, train_mocae
 
 BASELINE = "moe-uncalibrated"
 
@@ -115,47 +116,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_model(config: Stage2Config, train_router, train_calibrator, train_labels, layers: tuple[int, int],
-                max_length: int) -> tuple[MoCaE, RoutingData]:
-    """Fit the feature space and calibrators on the training part of the banks; return the model and its data."""
-    from alignx.stage2.feature_space import FeatureSpace
-    from alignx.stage2.fractal import FractalCalibrator
-    from alignx.stage2.natural import NaturalCalibrator
-    from alignx.stage2.router import Router
-
-    torch.manual_seed(config.seed)
-    space = FeatureSpace.fit(train_router, train_calibrator, config.latent_dim, config.seed)
-    h = space.router(train_router)
-    fractal = None
-    log_fractal = None
-    if config.use_fractal:
-        z = space.latent(train_calibrator)
-        fractal = FractalCalibrator.fit(
-            [z[train_labels == a] for a in range(len(AXES))],
-            epsilon=config.epsilon, epsilon_mode=config.epsilon_mode, neighbour_fraction=config.neighbour_fraction,
-            min_neighbours=config.min_neighbours, dimension_neighbours=config.dimension_neighbours,
-            dimension_weight=config.dimension_weight, bank_dtype=config.bank_dtype,
-        )
-        # training points are bank points: score each against its own cloud leave-one-out (labels are sorted)
-        log_fractal = FractalCalibrator.distribution(fractal.typicality(z, own_axis=train_labels)).log()
-    router = Router(h.shape[1], len(AXES), config.router_hidden, config.router_phi, config.router_temperature)
-    if config.router_phi == "linear":
-        router.init_from_logistic_regression(h, train_labels, config.router_init_c, config.seed)
-    natural = NaturalCalibrator.fit(h, train_labels, len(AXES), config.natural_tau_init) if config.use_natural else None
-    model = MoCaE(config, list(AXES), space, router, natural, fractal, layers, max_length)
-    return model, RoutingData(h, log_fractal, train_labels)
-
-
-def routing_data(model: MoCaE, router_features, calibrator_features, labels) -> RoutingData:
-    """Standardised features and log q^frac of held-out prompts (scored against the full clouds)."""
-    h = model.space.router(router_features)
-    log_fractal = None
-    if model.fractal is not None:
-        u = model.fractal.typicality(model.space.latent(calibrator_features))
-        log_fractal = (u / u.sum(1, keepdim=True)).log()
-    return RoutingData(h, log_fractal, labels)
-
-
 def evaluation_prompts_of(config: AlignXConfig) -> tuple[list[str], list[int]]:
     """Every axis's distinct held-out evaluation prompts (AlpacaEval, BeaverTails eval half, TruthfulQA
     409–817) and their gold axes, in axis order."""
@@ -223,26 +183,7 @@ def _already_done(out: Path, variants: list[Stage2Config], fitted_from: dict) ->
     return True
 
 
-@dataclass(frozen=True)
-class BankRows:
-    """All axes' bank rows stacked: features, gold axis, hash calibration split and source-group fold."""
-
-    router: torch.Tensor
-    calibrator: torch.Tensor
-    labels: torch.Tensor
-    calibration: torch.Tensor  # bool: in the hash calibration split (early stopping; T_out with ``hash``)
-    folds: torch.Tensor  # source-group fold of each row (see crossfit)
-
-    def data(self, model: MoCaE, mask: torch.Tensor) -> RoutingData:
-        return routing_data(model, self.router[mask], self.calibrator[mask], self.labels[mask])
-
-    def subset(self, mask: torch.Tensor) -> "BankRows":
-        return BankRows(self.router[mask], self.calibrator[mask], self.labels[mask], self.calibration[mask], self.folds[mask])
-
-
 def stack_banks(banks: Banks, config: AlignXConfig) -> BankRows:
-    from alignx.stage2.crossfit import bank_folds
-
     router_rows, calibrator_rows, label_rows, held_out, fold_rows = [], [], [], [], []
     for a, axis in enumerate(AXES):
         router, calibrator, prompts, examples = banks.rows[axis]
@@ -321,9 +262,6 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
 def _calibrate_output(model: MoCaE, variant: Stage2Config, rows: BankRows, log) -> dict:
     """Fit T_out: on out-of-fold predictions over source groups (``cross-fit``), on the hash split, or by
     whichever of the two nested source-group folds prefer (``auto``). Returns what was done, for the report."""
-    from alignx.stage2.crossfit import nested_calibration_scores, out_of_fold_logits
-    from alignx.stage2.train import fit_output_temperature
-
     method, selection = variant.calibration, None
     if method == "auto":
         selection = nested_calibration_scores(variant, rows, model.layers, model.max_length, log)

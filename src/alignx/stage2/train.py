@@ -1,4 +1,5 @@
-"""Training MoCaE: φ, W_r, b and τ_n by cross-entropy of w against each prompt's gold axis.
+"""Fitting MoCaE: its parts from the bank features (:func:`build_model`), then φ, W_r, b and τ_n by
+cross-entropy of w against each prompt's gold axis (:func:`train_mocae`).
 
 AdamW, batch 64 and weight decay 0.01 [paper]; class-balanced weights (the helpful bank is ~13× the
 honest one); early stopping on the calibration split's NLL. The experts stay frozen: training touches
@@ -16,8 +17,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignx.axes import AXES
 from alignx.config import Stage2Config
+from alignx.stage2.feature_space import FeatureSpace
+from alignx.stage2.fractal import FractalCalibrator
 from alignx.stage2.mocae import MoCaE
+from alignx.stage2.natural import NaturalCalibrator
+from alignx.stage2.router import Router
 
 
 @dataclass
@@ -30,6 +36,59 @@ class RoutingData:
 
     def subset(self, index: torch.Tensor) -> "RoutingData":
         return RoutingData(self.h[index], None if self.log_fractal is None else self.log_fractal[index], self.labels[index])
+
+
+def build_model(config: Stage2Config, train_router, train_calibrator, train_labels, layers: tuple[int, int],
+                max_length: int) -> tuple[MoCaE, RoutingData]:
+    """Fit the feature space and calibrators on the training part of the banks; return the model and its data."""
+    torch.manual_seed(config.seed)
+    space = FeatureSpace.fit(train_router, train_calibrator, config.latent_dim, config.seed)
+    h = space.router(train_router)
+    fractal = None
+    log_fractal = None
+    if config.use_fractal:
+        z = space.latent(train_calibrator)
+        fractal = FractalCalibrator.fit(
+            [z[train_labels == a] for a in range(len(AXES))],
+            epsilon=config.epsilon, epsilon_mode=config.epsilon_mode, neighbour_fraction=config.neighbour_fraction,
+            min_neighbours=config.min_neighbours, dimension_neighbours=config.dimension_neighbours,
+            dimension_weight=config.dimension_weight, bank_dtype=config.bank_dtype,
+        )
+        # training points are bank points: score each against its own cloud leave-one-out (labels are sorted)
+        log_fractal = FractalCalibrator.distribution(fractal.typicality(z, own_axis=train_labels)).log()
+    router = Router(h.shape[1], len(AXES), config.router_hidden, config.router_phi, config.router_temperature)
+    if config.router_phi == "linear":
+        router.init_from_logistic_regression(h, train_labels, config.router_init_c, config.seed)
+    natural = NaturalCalibrator.fit(h, train_labels, len(AXES), config.natural_tau_init) if config.use_natural else None
+    model = MoCaE(config, list(AXES), space, router, natural, fractal, layers, max_length)
+    return model, RoutingData(h, log_fractal, train_labels)
+
+
+def routing_data(model: MoCaE, router_features, calibrator_features, labels) -> RoutingData:
+    """Standardised features and log q^frac of held-out prompts (scored against the full clouds)."""
+    h = model.space.router(router_features)
+    log_fractal = None
+    if model.fractal is not None:
+        u = model.fractal.typicality(model.space.latent(calibrator_features))
+        log_fractal = (u / u.sum(1, keepdim=True)).log()
+    return RoutingData(h, log_fractal, labels)
+
+
+@dataclass(frozen=True)
+class BankRows:
+    """All axes' bank rows stacked: features, gold axis, hash calibration split and source-group fold."""
+
+    router: torch.Tensor
+    calibrator: torch.Tensor
+    labels: torch.Tensor
+    calibration: torch.Tensor  # bool: in the hash calibration split (early stopping; T_out with ``hash``)
+    folds: torch.Tensor  # source-group fold of each row (see crossfit)
+
+    def data(self, model: MoCaE, mask: torch.Tensor) -> RoutingData:
+        return routing_data(model, self.router[mask], self.calibrator[mask], self.labels[mask])
+
+    def subset(self, mask: torch.Tensor) -> "BankRows":
+        return BankRows(self.router[mask], self.calibrator[mask], self.labels[mask], self.calibration[mask], self.folds[mask])
 
 
 def calibration_nll(model: MoCaE, data: RoutingData, *, calibrated: bool = False) -> float:
