@@ -184,6 +184,11 @@ class Stage2Config:
             raise AlignXError(f"stage2.name must be a plain folder name, got {self.name!r}")
 
 
+# The questions a judge answers (alignx.eval.judges implements them); here so configs are checked without
+# importing the evaluation.
+JUDGE_TASKS = ("safety", "truth", "info", "helpfulness", "refusal")
+
+
 @dataclass
 class EvalConfig:
     """``alignx eval`` (METHOD.md section 5): which prompts, how to generate, which judges."""
@@ -205,10 +210,9 @@ class EvalConfig:
         _check_choice("eval.suite", self.suite, ("quick", "full"))
         for name in ("quick_items", "max_new_tokens", "batch_size", "bootstrap"):
             _check_positive(f"eval.{name}", getattr(self, name))
-        from alignx.eval.judges import check_task
-
         for task in self.judges:
-            check_task(task)
+            if task not in JUDGE_TASKS:
+                raise AlignXError(f"eval.judges: unknown judge task {task!r}; valid tasks: {', '.join(JUDGE_TASKS)}")
 
 
 @dataclass
@@ -332,13 +336,6 @@ def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any) -> None:
             raise AlignXError(f"cannot override {'.'.join(keys)}: {key} is not a section")
         node = child
     node[keys[-1]] = value
-
-
-def save_config(config: AlignXConfig, path: Path) -> None:
-    """Write the resolved config as YAML (atomically), so a run records exactly what it used."""
-    from alignx.run import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _check_positive(name: str, value: int) -> None:

@@ -29,6 +29,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
+from alignx.config import AlignXConfig, load_config
 from alignx.errors import AlignXError
 
 
@@ -67,13 +70,15 @@ class RunDir:
     def features_path(self, axis: str) -> Path:
         return self.root / "features" / f"{axis}.safetensors"
 
-    def load_config(self, overrides: list[str] | tuple[str, ...] = ()):
+    def load_config(self, overrides: list[str] | tuple[str, ...] = ()) -> AlignXConfig:
         """The run's own config.yaml (plus overrides); a clear error when this is not a run directory."""
-        from alignx.config import load_config
-
         if not self.config_path.is_file():
             raise AlignXError(f"{self.root} is not an AlignX run (no config.yaml): run `alignx stage1 --run {self.root}` first")
         return load_config(self.config_path, overrides)
+
+    def save_config(self, config: AlignXConfig) -> None:
+        """Write the resolved config as YAML (atomically), so the run records exactly what it used."""
+        atomic_write_text(self.config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     def has_adapter(self, axis: str) -> bool:
         return (self.adapter_dir(axis) / "adapter_config.json").is_file()

@@ -53,6 +53,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     )
 }
 
+# Each axis's headline metric: what Axis Collapse divides by the axis's own expert (METHOD.md section 5).
+HEADLINE = {"helpful": ("alpacaeval", "lc_win_rate"), "harmless": ("beavertails", "safe_rate"), "honest": ("truthfulqa", "ti")}
+
 
 def benchmark_items(name: str, data: DataConfig, evaluation: EvalConfig) -> list[dict]:
     """The items of one benchmark for this suite (see the module docstring)."""

@@ -10,6 +10,7 @@ import html
 from pathlib import Path
 
 from alignx.axes import AXES
+from alignx.eval.benchmarks import HEADLINE
 from alignx.run import atomic_write_text
 
 # (benchmark, metric, column title, higher is better)
@@ -130,8 +131,6 @@ def _plots(results: dict, root: Path) -> list[str]:
     # HHH scores per method: grouped bars with CIs
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(methods)), 4))
     width = 0.8 / len(AXES)
-    from alignx.eval.runner import HEADLINE
-
     for a, axis in enumerate(AXES):
         benchmark, key = HEADLINE[axis]
         values, errors = [], [[], []]

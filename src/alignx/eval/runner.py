@@ -32,12 +32,12 @@ import numpy as np
 from alignx.axes import AXES
 from alignx.config import AlignXConfig
 from alignx.errors import AlignXError
-from alignx.eval.benchmarks import BENCHMARKS, benchmark_items
+from alignx.eval.benchmarks import BENCHMARKS, HEADLINE, benchmark_items
 from alignx.eval.judges import Judge, JudgeItem, JudgeSettings, load_judge, verdicts
+from alignx.eval.report import write_report
 from alignx.eval.statistics import length_controlled_win_rate, rate, win_outcomes, with_ci
 from alignx.run import RunDir, atomic_write_json, atomic_write_text
 
-HEADLINE = {"helpful": ("alpacaeval", "lc_win_rate"), "harmless": ("beavertails", "safe_rate"), "honest": ("truthfulqa", "ti")}
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,6 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
         _generate_method(run, config, method, benchmarks, items, paths, log)
     results = summarise(config, todo, items, paths, judges, log)
     atomic_write_json(paths.results, results)
-    from alignx.eval.report import write_report
-
     report = write_report(results, paths.root)
     log(f"[eval] results {paths.results}; report {report}")
     return results

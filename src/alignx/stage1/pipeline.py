@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from alignx import __version__
-from alignx.config import AlignXConfig, save_config
+from alignx.config import AlignXConfig
 from alignx.errors import AlignXError
 from alignx.run import RunDir, atomic_save_safetensors, load_safetensors
 
@@ -40,7 +40,7 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
     with run.lock() if state.is_main_process else contextlib.nullcontext():
         if state.is_main_process:
             _check_same_config(run, config)
-            save_config(config, run.config_path)
+            run.save_config(config)
             _write_manifest_header(run, config)
             run.update_manifest(base_model={"weights_sha256": base_sha256})
         state.wait_for_everyone()

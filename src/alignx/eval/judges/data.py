@@ -31,7 +31,7 @@ from alignx.config import DataConfig
 from alignx.data.registry import XSTEST_COMPLETION_MODELS, load_source
 from alignx.data.splits import HONEST_TRAIN_QUESTIONS, beavertails_half, normalise_prompt
 from alignx.errors import AlignXError
-from alignx.eval.judges import JudgeItem, JudgeSettings
+from alignx.eval.judges.base import JudgeItem, JudgeSettings
 
 TRAIN, VALIDATION = "train", "validation"
 HELPFULNESS_ANNOTATIONS = ("alpaca_eval_gpt4:alpaca-7b", "alpaca_eval_gpt4:llama-2-7b-chat-hf", "alpaca_eval_gpt4:zephyr-7b-beta")

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from alignx.eval.judges import JudgeItem
+from alignx.eval.judges.base import JudgeItem
 from alignx.eval.judges.encoder import TextEncoder
 
 # Phrases by which assistants decline, hedge or moralise (XSTest's refusal patterns, BeaverTails' safe answers).

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignx.errors import AlignXError
-from alignx.eval.judges import POSITIVE, Judge, JudgeItem, JudgeSettings, check_task
+from alignx.eval.judges.base import POSITIVE, Judge, JudgeItem, JudgeSettings, check_task
 from alignx.eval.judges.openai_judge import ACCURACY_NOTE
 from alignx.eval.judges.prompts import PROMPTS, JudgeQuery, reference_of, score_items
 from alignx.models import hub_offline, autocast, resolve_model_source, resolve_precision

@@ -25,7 +25,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from alignx.errors import AlignXError
-from alignx.eval.judges import JUDGE_TASKS, Judge, JudgeItem, JudgeSettings, verdicts
+from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task, verdicts
 from alignx.eval.judges.data import JudgeData, complete_item, data_dir, judge_data, word_count
 from alignx.eval.judges.encoder import MINILM, TextEncoder
 from alignx.eval.judges.features import pair_features, prompt_response_embeddings, reference_similarity, response_features
@@ -282,8 +282,7 @@ def make_encoder(spec: str, settings: JudgeSettings) -> TextEncoder:
 
 def load_offline_judge(task: str, settings: JudgeSettings) -> OfflineJudge:
     """The stored judge of ``task``, checked against the current judge data."""
-    if task not in JUDGE_TASKS:
-        raise AlignXError(f"unknown judge task {task!r}; valid tasks: {', '.join(JUDGE_TASKS)}")
+    check_task(task)
     model_path, meta_path = artifact_paths(task, settings)
     meta = read_metadata(task, settings)
     if meta is None:

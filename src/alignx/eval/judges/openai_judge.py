@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from alignx.errors import AlignXError
-from alignx.eval.judges import Judge, JudgeItem, JudgeSettings, check_task
+from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task
 from alignx.eval.judges.prompts import PROMPTS, JudgeQuery, score_items
 
 TOP_LOGPROBS = 10  # AlpacaEval asks for 5; more catches spelling variants (" yes", "Yes") of both answers

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from alignx.errors import AlignXError
-from alignx.eval.judges import JudgeItem
+from alignx.eval.judges.base import JudgeItem
 
 _FIRST_WORD = re.compile(r"[A-Za-z0-9]+")
 
