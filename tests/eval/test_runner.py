@@ -13,8 +13,11 @@ from alignx.run import RunDir
 class LengthJudge(Judge):
     """A deterministic stand-in for a trained judge: P grows with the response length; counts its calls."""
 
+    identity = ""  # a plain attribute here, so a test can name another judge behind the same spec
+
     def __init__(self, task):
         self.task, self.spec, self.calls = task, f"test-length-{task}", 0
+        self.identity = self.spec
 
     def score(self, items):
         self.calls += len(items)
@@ -90,6 +93,12 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
     third = judges()
     run_eval(run, eval_config, ["alignx", "base"], judges=third, log=lambda *_: None)
     assert third["helpfulness"].calls == 1 and third["safety"].calls == 0
+
+    # the same spec naming another judge (a retrained offline judge): its scores are not the old judge's
+    retrained = judges()
+    retrained["safety"].identity = "test-length-safety@retrained"
+    run_eval(run, eval_config, ["alignx", "base"], judges=retrained, log=lambda *_: None)
+    assert retrained["safety"].calls > 0 and retrained["truth"].calls == 0
 
 
 def test_unknown_method_is_a_clear_error(eval_config):

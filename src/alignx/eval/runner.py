@@ -9,9 +9,9 @@ Layout under ``<run>/eval/<suite>/``::
     report.md, report.html, *.png            see :mod:`alignx.eval.report`
 
 Nothing finished is redone: generation and MC files are appended one batch (one question) at a time and
-a rerun skips the ids already there; a judge's score is reused while the judge spec and the response are
-unchanged, so an expensive online judge is never asked twice. Scored files and results are written
-atomically.
+a rerun skips the ids already there; a judge's score is reused while the judge (its identity: a retrained
+offline judge is another judge) and the response are unchanged, so an expensive online judge is never asked
+twice. Scored files and results are written atomically.
 
 Axis Collapse (METHOD.md section 5): each axis's headline score of a method relative to that axis's own
 expert (``expert-<axis>``): helpful = length-controlled win rate, harmless = 1 - unsafe rate on
@@ -197,7 +197,7 @@ def _score(method: str, benchmark: str, rows: list[dict], items: dict[str, dict]
         for i, r in enumerate(rows):
             old = cached.get(r["id"], {})
             hit = old.get("scores", {}).get(task)
-            if old.get("response") == r["response"] and hit and hit.get("judge") == judge.spec:
+            if old.get("response") == r["response"] and hit and hit.get("judge_id") == judge.identity:
                 values[i] = hit["p"]
             else:
                 missing.append(i)
@@ -205,7 +205,7 @@ def _score(method: str, benchmark: str, rows: list[dict], items: dict[str, dict]
             fresh = judge.score([_judge_item(rows[i], items[rows[i]["id"]]) for i in missing])
             values[missing] = np.asarray(fresh, dtype=float)
         for i, row in enumerate(out_rows):
-            row["scores"][task] = {"judge": judge.spec, "p": float(values[i])}
+            row["scores"][task] = {"judge": judge.spec, "judge_id": judge.identity, "p": float(values[i])}
         probabilities[task] = values
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows))

@@ -106,6 +106,7 @@ def test_stored_judge_scores_like_the_fitted_one(task, tmp_path, tiny_judge_data
     assert loaded.dtype == np.float64 and ((loaded >= 0) & (loaded <= 1)).all()
     described = judge.describe()
     assert described["task"] == task and described["judge"] == "offline"
+    assert judge.identity == f"offline:{task}@{meta['model_sha256']}"  # eval's score cache keys on the trained model
     assert described["accuracy"] == meta["validation"]["accuracy"] and 0 <= described["accuracy"][task] <= 1
     assert meta["training_data_sha256"] == data.sha256(data.train_mask) and meta["spec"]["encoder"] == ENCODER
 

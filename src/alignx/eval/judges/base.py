@@ -71,6 +71,12 @@ class Judge(abc.ABC):
     def score(self, items: Sequence[JudgeItem]) -> np.ndarray:
         """P(positive) per item (see the table above), float64 in [0, 1]."""
 
+    @property
+    def identity(self) -> str:
+        """What makes two judges' scores interchangeable: cached scores are reused only under the same identity.
+        The spec, unless the same spec can name different judges (a retrained offline judge)."""
+        return self.spec
+
     def describe(self) -> dict:
         """Judge name, kind and its own validated accuracy (None when it was never validated here)."""
         return {"task": self.task, "judge": self.spec, "accuracy": None}

@@ -270,6 +270,10 @@ class OfflineJudge(Judge):
         items = [complete_item(self.task, item, root) for item in items]
         return predict(self.estimator, RECIPES[self.task].featurize(items, self.encoder))
 
+    @property
+    def identity(self) -> str:
+        return f"offline:{self.task}@{self.meta['model_sha256']}"  # each training of the judge scores anew
+
     def describe(self) -> dict:
         validation = self.meta["validation"]
         return {"task": self.task, "judge": self.spec, "recipe": self.meta["recipe"], "accuracy": validation["accuracy"],
