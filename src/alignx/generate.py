@@ -136,8 +136,8 @@ class AlignX:
 
         if self.router is not None:
             routing = self.route(prompts)
-            weights = apply_mode(routing.calibrated, self.mode, self.floor)
-            weights[routing.ood] = routing.weights[routing.ood]  # the gate's fallback wins in every mode
+            # the gate's fallback wins in every mode (torch.where: soft mode returns its input, left untouched)
+            weights = torch.where(routing.ood[:, None], routing.weights, apply_mode(routing.calibrated, self.mode, self.floor))
             return weights, _explanations(routing, weights)
         weights = None if self.fixed is None else self.fixed.expand(len(prompts), -1)
         return weights, [{} for _ in prompts]

@@ -100,21 +100,22 @@ def test_evaluation_features_are_recomputed_when_what_they_depend_on_changes(sta
     import dataclasses
 
     from alignx.run import RunDir, load_safetensors
-    from alignx.stage2.pipeline import evaluation_features, load_banks
+    from alignx.stage2.pipeline import evaluation_features, evaluation_prompts_of, load_banks
 
     run = RunDir(stage1_run.run_dir)
     banks = load_banks(run, stage1_run)
+    prompts, labels = evaluation_prompts_of(stage1_run)
     assert banks.max_length == stage1_run.features.max_length == 64
-    router, _, _ = evaluation_features(run, stage1_run, banks, log=lambda *_: None)
+    router, _, _ = evaluation_features(run, stage1_run, banks, prompts, labels, log=lambda *_: None)
     path = stage2_dir(run) / "eval_features.safetensors"
     for key, value in (("max_length", "16"), ("base_weights_sha256", "0" * 64), ("precision", "bfloat16")):
         changed = dataclasses.replace(banks, settings={**banks.settings, key: value})
-        again, _, _ = evaluation_features(run, stage1_run, changed, log=lambda *_: None)
+        again, _, _ = evaluation_features(run, stage1_run, changed, prompts, labels, log=lambda *_: None)
         assert load_safetensors(path)[1][key] == value  # recomputed under the new settings, not reused
     shorter, _, _ = evaluation_features(run, stage1_run, dataclasses.replace(banks, settings={**banks.settings, "max_length": "16"}),
-                                        log=lambda *_: None)
+                                        prompts, labels, log=lambda *_: None)
     assert not torch.allclose(shorter, router)  # truncation really changes the features of long prompts
-    restored, _, _ = evaluation_features(run, stage1_run, banks, log=lambda *_: None)
+    restored, _, _ = evaluation_features(run, stage1_run, banks, prompts, labels, log=lambda *_: None)
     assert torch.equal(restored, router)
 
 

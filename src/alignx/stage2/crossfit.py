@@ -73,7 +73,7 @@ def _balanced(groups: list[str]) -> torch.Tensor:
     return torch.tensor([fold_of[g] for g in groups])
 
 
-def out_of_fold_logits(variant: Stage2Config, rows, layers: tuple[int, int], max_length: int, log=print) -> torch.Tensor | None:
+def out_of_fold_logits(variant: Stage2Config, rows: BankRows, layers: tuple[int, int], max_length: int, log=print) -> torch.Tensor | None:
     """log w (at T_out = 1) of every fitting row (``~rows.calibration``), each predicted by a model fitted
     without its fold; None when some fold would leave an axis with too few rows to fit (then the caller
     keeps the hash split).
@@ -103,7 +103,7 @@ def out_of_fold_logits(variant: Stage2Config, rows, layers: tuple[int, int], max
     return out
 
 
-def nested_calibration_scores(variant: Stage2Config, rows, layers: tuple[int, int], max_length: int,
+def nested_calibration_scores(variant: Stage2Config, rows: BankRows, layers: tuple[int, int], max_length: int,
                               log=print) -> dict[str, dict[str, float]] | None:
     """Each calibration candidate's NLL and ECE on source groups that neither its router nor its T_out saw.
 

@@ -29,7 +29,7 @@ import torch
 from alignx.axes import AXES
 from alignx.config import AlignXConfig, Stage2Config
 from alignx.errors import AlignXError
-from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, load_safetensors
+from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, file_sha256, load_safetensors
 from alignx.stage2.crossfit import bank_folds, nested_calibration_scores, out_of_fold_logits
 from alignx.stage2.mocae import MoCaE
 from alignx.stage2.train import BankRows, RoutingData, build_model, fit_output_temperature, routing_data, train_mocae
@@ -93,7 +93,7 @@ def load_banks(run: RunDir, config: AlignXConfig) -> Banks:
                               "rerun `alignx stage1` for this run")
         settings = these
         rows[axis] = (tensors["router"], tensors["calibrator"], prompts, split.examples)
-        fingerprint[axis] = _file_sha256(path)
+        fingerprint[axis] = file_sha256(path)
     return Banks(rows, settings, fingerprint)
 
 
@@ -103,17 +103,10 @@ def _bank_settings(meta: dict[str, str], config: AlignXConfig) -> dict[str, str]
     from alignx.models import autocast_dtype
     from alignx.stage1.features import feature_settings
 
-    recorded = feature_settings(meta.get("base_weights_sha256", ""), (int(meta["router_layer"]), int(meta["calibrator_layer"])),
+    layers = (int(meta["router_layer"]), int(meta["calibrator_layer"]))
+    settings = feature_settings(meta.get("base_weights_sha256", ""), layers,
                                 int(meta.get("max_length", config.features.max_length)), autocast_dtype(config.model, "cpu"))
-    return {**recorded, **({"precision": meta["precision"]} if "precision" in meta else {})}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return {**settings, "precision": meta.get("precision", settings["precision"])}
 
 
 def evaluation_prompts_of(config: AlignXConfig) -> tuple[list[str], list[int]]:
@@ -134,15 +127,14 @@ def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256("\n\x00".join(prompts).encode()).hexdigest()
 
 
-def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, log=print):
-    """Features of every axis's evaluation prompts, computed exactly as the banks' (same base weights, layers,
-    truncation and precision) by one partial prefill, and cached under those settings."""
+def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, prompts: list[str], labels: list[int], log=print):
+    """Features of the evaluation prompts (:func:`evaluation_prompts_of`), computed exactly as the banks' (same
+    base weights, layers, truncation and precision) by one partial prefill, and cached under those settings."""
     from alignx.data.formatting import ChatFormatter
     from alignx.models import load_base_model
     from alignx.stage1.features import prompt_features
 
     path = stage2_dir(run) / "eval_features.safetensors"
-    prompts, labels = evaluation_prompts_of(config)
     key = {"prompts_sha256": prompts_sha256(prompts), **banks.settings}
     if path.is_file():
         tensors, meta = load_safetensors(path)
@@ -222,12 +214,13 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
     with run.lock():
         out = stage2_dir(run)
         banks = load_banks(run, config)
-        fitted_from = {"banks_sha256": banks.fingerprint, "evaluation_prompts_sha256": prompts_sha256(evaluation_prompts_of(config)[0])}
+        eval_prompts, eval_labels = evaluation_prompts_of(config)
+        fitted_from = {"banks_sha256": banks.fingerprint, "evaluation_prompts_sha256": prompts_sha256(eval_prompts)}
         if not force and _already_done(out, variants, fitted_from):
             log(f"[stage2] routers already trained with these settings from these banks in {out}; skipping (--force to retrain)")
             return out
         rows = stack_banks(banks, config)
-        eval_router, eval_calibrator, eval_labels = evaluation_features(run, config, banks, log)
+        eval_router, eval_calibrator, eval_labels = evaluation_features(run, config, banks, eval_prompts, eval_labels, log)
 
         report = {"axes": list(AXES), "layers": list(banks.layers), "routers": {}}
         if (out / "report.json").is_file():  # keep the routers of earlier runs (other ablations) from the same banks

@@ -16,7 +16,6 @@ printed next to a metric is always the accuracy of the data the judge was built 
 from __future__ import annotations
 
 import datetime
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +28,7 @@ from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task,
 from alignx.eval.judges.data import JudgeData, complete_item, data_dir, judge_data, word_count
 from alignx.eval.judges.encoder import MINILM, TextEncoder
 from alignx.eval.judges.features import pair_features, prompt_response_embeddings, reference_similarity, response_features
+from alignx.run import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 
 # Estimators fit and predict on one thread: on two cores shared with other work, OpenMP's second thread
@@ -173,10 +173,6 @@ def artifact_paths(task: str, settings: JudgeSettings) -> tuple[Path, Path]:
     return root / f"{task}.skops", root / f"{task}.json"
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def data_hashes(data: JudgeData) -> dict[str, str]:
     return {"training_data_sha256": data.sha256(data.train_mask),
             "validation_data_sha256": data.sha256(data.groups == data.holdout if data.holdout else data.train_mask)}
@@ -191,8 +187,6 @@ def save_judge(task: str, settings: JudgeSettings, estimator, data: JudgeData, v
     import importlib.metadata
 
     import skops.io
-
-    from alignx.run import atomic_write_bytes, atomic_write_json
 
     model_path, meta_path = artifact_paths(task, settings)
     atomic_write_bytes(model_path, skops.io.dumps(estimator))
@@ -211,7 +205,7 @@ def save_judge(task: str, settings: JudgeSettings, estimator, data: JudgeData, v
         "n_train": int(data.train_mask.sum()),
         "validation": {"method": validation.method, "accuracy": validation.accuracy, "n": validation.n, "extra": validation.extra},
         "model_file": model_path.name,
-        "model_sha256": _file_sha256(model_path),
+        "model_sha256": file_sha256(model_path),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions,
     }
@@ -238,8 +232,6 @@ def load_estimator(path: Path):
 
 def read_metadata(task: str, settings: JudgeSettings) -> dict | None:
     """The judge's metadata, or None when it is not trained yet."""
-    from alignx.run import read_json
-
     _, meta_path = artifact_paths(task, settings)
     return read_json(meta_path) if meta_path.is_file() else None
 
@@ -293,7 +285,7 @@ def load_offline_judge(task: str, settings: JudgeSettings) -> OfflineJudge:
         raise AlignXError(f"no offline {task} judge in {settings.resolved_judges_dir()}; train it with "
                           f"`alignx judge train --task {task}` (or point --judges-dir at trained judges)")
     check_current(meta, judge_data(task, settings), meta_path)
-    if not model_path.is_file() or _file_sha256(model_path) != meta.get("model_sha256"):
+    if not model_path.is_file() or file_sha256(model_path) != meta.get("model_sha256"):
         raise AlignXError(f"{model_path} is missing or does not match {meta_path}; retrain with `alignx judge train --task {task} --force`")
     return OfflineJudge(task, load_estimator(model_path), meta, make_encoder(meta["spec"]["encoder"], settings), settings)
 
