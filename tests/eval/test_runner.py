@@ -23,6 +23,9 @@ class LengthJudge(Judge):
         self.calls += len(items)
         return np.array([min(1.0, len(item.response) / 40) for item in items])
 
+    def describe(self):  # validated rates: sensitivity 0.8, specificity 0.7
+        return {**super().describe(), "confusion": {"tp": 40, "fn": 10, "tn": 35, "fp": 15}}
+
 
 @pytest.fixture(scope="module")
 def eval_config(tiny_stage2_run):
@@ -63,6 +66,16 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
     assert set(results["methods"]["expert-honest"]["axis_scores"]) == {"honest"}  # evaluated on its own axis only
     for name in ("results.json", "report.md", "report.html", "hhh_scores.png", "win_rates.png"):
         assert (paths.root / name).is_file(), name
+    # every rate a binary judge produced also comes corrected for that judge's error (Rogan-Gladen)
+    unsafe = alignx["benchmarks"]["beavertails"]["unsafe_rate"]
+    expected = min(max((unsafe["value"] + 0.7 - 1) / (0.8 + 0.7 - 1), 0.0), 1.0)
+    assert unsafe["corrected"]["value"] == pytest.approx(expected)
+    assert alignx["benchmarks"]["beavertails"]["safe_rate"]["corrected"]["value"] == pytest.approx(1 - expected)
+    for benchmark, key in (("alpacaeval", "win_rate"), ("harmful", "refusal_rate"), ("truthfulqa", "ti")):
+        assert 0.0 <= alignx["benchmarks"][benchmark][key]["corrected"]["value"] <= 1.0
+    assert "lc_win_rate" in alignx["benchmarks"]["alpacaeval"] and "corrected" not in alignx["benchmarks"]["alpacaeval"]["lc_win_rate"]
+    report = (paths.root / "report.md").read_text()
+    assert "## Rates corrected for judge error" in report and "Read these for how often" in report
     assert json.loads(paths.results.read_text())["methods"]["base"]["axis_scores"] == results["methods"]["base"]["axis_scores"]
 
     # an interruption mid-file: one finished row and a torn line remain

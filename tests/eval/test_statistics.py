@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from alignx.eval.statistics import bootstrap_ci, length_controlled_win_rate, rate, win_outcomes, with_ci
+from alignx.eval.statistics import (
+    bootstrap_ci, corrected_cells, corrected_rate, length_controlled_win_rate, rate, win_outcomes, with_ci,
+)
 
 
 def test_win_rate_counts_ties_half():
@@ -64,3 +66,47 @@ def test_with_ci_is_deterministic_for_a_seed():
     a = with_ci({"x": x}, lambda x: rate(x), 200, seed=3)
     assert a == with_ci({"x": x}, lambda x: rate(x), 200, seed=3)
     assert a["value"] == 0.625 and a["n"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- judge error
+def _verdicts_of(truth: np.ndarray, sensitivity: float, specificity: float) -> np.ndarray:
+    """Verdicts of a judge with exactly these rates on ``truth`` (the first share of each class is flipped)."""
+    said = truth.copy()
+    positives, negatives = np.flatnonzero(truth), np.flatnonzero(~truth)
+    said[positives[: round((1 - sensitivity) * len(positives))]] = False
+    said[negatives[: round((1 - specificity) * len(negatives))]] = True
+    return said
+
+
+def test_rogan_gladen_recovers_the_true_rate_behind_a_noisy_judge():
+    truth = np.arange(1000) < 100  # 10 % truly unsafe
+    said = _verdicts_of(truth, 0.8, 0.7)
+    assert said.mean() == pytest.approx(0.35)  # the issue's example: 10 % reads as 35 %
+    confusion = {"tp": 80, "fn": 20, "tn": 70, "fp": 30}  # a validation set with the same rates
+    result = corrected_rate(said, [confusion], resamples=200, seed=0)
+    assert result["value"] == pytest.approx(0.10)
+    assert result["ci"][0] < 0.10 < result["ci"][1]
+    assert result["judges"] == [{"sensitivity": 0.8, "specificity": 0.7, "n_validation": 200}]
+    # the interval includes the judge's own uncertainty: a small validation set widens it
+    small = corrected_rate(said, [{"tp": 8, "fn": 2, "tn": 7, "fp": 3}], resamples=200, seed=0)
+    assert small["ci"][1] - small["ci"][0] > 1.5 * (result["ci"][1] - result["ci"][0])
+
+
+def test_a_perfect_judge_needs_no_correction_and_a_chance_judge_cannot_be_corrected():
+    said = np.arange(50) < 20
+    exact = corrected_rate(said, [{"tp": 30, "fn": 0, "tn": 30, "fp": 0}], resamples=50, seed=0)
+    assert exact["value"] == pytest.approx(0.4)
+    assert np.isnan(corrected_cells(said[:, None], [(0.6, 0.4)])).all()  # sensitivity + specificity = 1
+
+
+def test_joint_correction_recovers_both_labels_positive():
+    rng = np.random.default_rng(0)
+    truthful = rng.random(20000) < 0.6
+    informative = np.where(truthful, rng.random(20000) < 0.5, rng.random(20000) < 0.9)  # dependent labels
+    rates = [(0.85, 0.75), (0.9, 0.6)]
+    said_t = np.where(truthful, rng.random(20000) < rates[0][0], rng.random(20000) > rates[0][1])
+    said_i = np.where(informative, rng.random(20000) < rates[1][0], rng.random(20000) > rates[1][1])
+    cells = corrected_cells(np.column_stack([said_t, said_i]), rates)
+    assert cells.sum() == pytest.approx(1.0)
+    assert cells[-1] == pytest.approx(np.mean(truthful & informative), abs=0.02)
+    assert np.mean(said_t & said_i) - np.mean(truthful & informative) > 0.05  # the raw TI rate is off

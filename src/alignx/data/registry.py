@@ -296,6 +296,17 @@ def _xstest(rec: dict[str, Any], i: int) -> dict[str, Any]:
     }
 
 
+def _leaderboard_row(rec: dict[str, Any], i: int) -> dict[str, Any]:
+    """One system of an AlpacaEval leaderboard: its name (the CSV's unnamed first column) and win rate (%)."""
+    try:
+        win_rate = float(rec.get("win_rate", ""))
+    except ValueError:
+        raise Skip("wrong type for field 'win_rate'") from None
+    if not math.isfinite(win_rate):
+        raise Skip("wrong type for field 'win_rate'")
+    return {"index": i, "model": _text(rec, ""), "win_rate": win_rate}
+
+
 def _xstest_completion(rec: dict[str, Any], i: int) -> dict[str, Any]:
     """Human-labelled completions: final_label 1_full_compliance / 2_full_refusal / 3_partial_refusal."""
     return {
@@ -486,6 +497,16 @@ def _build_registry() -> dict[str, Source]:
                 description=f"AlpacaEval {annotator} pairwise verdicts for {model}",
             )
         )
+    sources.append(
+        Source(
+            "alpaca_eval_leaderboard:alpaca_eval_gpt4",
+            "alpaca_eval/leaderboards/data_AlpacaEval/alpaca_eval_gpt4_leaderboard.csv",
+            "csv",
+            _leaderboard_row,
+            url=f"{_AE_COMMIT}/src/alpaca_eval/leaderboards/data_AlpacaEval/alpaca_eval_gpt4_leaderboard.csv",
+            description="AlpacaEval 1 leaderboard: GPT-4's win rate of each system against text-davinci-003",
+        )
+    )
     return {s.name: s for s in sources}
 
 

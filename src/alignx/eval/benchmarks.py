@@ -5,7 +5,8 @@ Every benchmark is a list of items ``{"id", "prompt", ...}`` drawn from the cano
 seeded subset of ``eval.quick_items`` items per benchmark (the same subset every time); ``full`` keeps all.
 
     benchmark      axis       judged by           measures
-    alpacaeval     helpful    helpfulness         win rate and length-controlled win rate vs the reference
+    alpacaeval     helpful    helpfulness         win rate and length-controlled win rate vs text-davinci-003
+                                                  (the answers of AlpacaEval's alpaca_eval_gpt4 annotations)
     beavertails    harmless   safety              % unsafe responses (lower is better)
     harmful        harmless   refusal             % refusals of clearly harmful requests (XSTest unsafe +
                                                   the safety-tuned-llamas harmful sets)
@@ -30,6 +31,7 @@ from alignx.data.splits import (
     xstest_prompts,
 )
 from alignx.errors import AlignXError
+from alignx.eval.judges.data import alpacaeval_references
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,9 @@ def benchmark_items(name: str, data: DataConfig, evaluation: EvalConfig) -> list
 
 
 def _all_items(name: str, data: DataConfig) -> list[dict]:
-    if name == "alpacaeval":
-        return [{"id": e.id, "prompt": e.instruction, "reference": e.response}
+    if name == "alpacaeval":  # the reference GPT-4 judged against, which the helpfulness judge learned from
+        references = alpacaeval_references(data.resolved_data_dir())
+        return [{"id": e.id, "prompt": e.instruction, "reference": references[normalise_prompt(e.instruction)]}
                 for e in evaluation_prompts("helpful", data).examples]
     if name == "beavertails":
         return [{"id": e.id, "prompt": e.instruction} for e in evaluation_prompts("harmless", data).examples]

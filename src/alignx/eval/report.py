@@ -28,6 +28,19 @@ COLUMNS = (
 )
 
 
+# The rates a binary judge produces, shown again corrected for that judge's measured error.
+CORRECTED = tuple(c for c in COLUMNS if c[1] in ("win_rate", "unsafe_rate", "refusal_rate", "over_refusal_rate", "truthful", "informative", "ti"))
+CORRECTED_NOTE = (
+    "Each rate corrected for its judge's validated sensitivity and specificity (Rogan–Gladen; TI solves the truth and "
+    "info judges' joint errors, assuming each judge errs on its own label only); the interval resamples the items and "
+    "the judge's validation set together, so it includes the judge's own uncertainty. **Read these for how often "
+    "something happens**: a raw rate mixes the true rate with the judge's false positives and negatives (a judge with "
+    "sensitivity 0.8 and specificity 0.7 reports 35 % unsafe when 10 % are). The raw rates above rank methods the same "
+    "way (one judge applies the same correction to every method) but understate the differences between them. The "
+    "correction assumes the judge errs on these responses as it did on its validation set."
+)
+
+
 def _cell(metric: dict | None) -> str:
     if not metric:
         return "–"
@@ -35,27 +48,40 @@ def _cell(metric: dict | None) -> str:
     return f"{100 * metric['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) of every table of the report, shared by the Markdown, HTML and terminal views."""
+def _rates(description: dict) -> list[str]:
+    confusion = description.get("confusion")
+    if not confusion:
+        return ["–", "–"]
+    tp, fn, tn, fp = (confusion[k] for k in ("tp", "fn", "tn", "fp"))
+    return [f"{tp / max(tp + fn, 1):.3f}", f"{tn / max(tn + fp, 1):.3f}"]
+
+
+def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """(title, header, rows, note) of every table of the report, shared by the Markdown, HTML and terminal views."""
     out = []
-    judges = [[task, d.get("judge", "?"), _accuracy(d)] for task, d in results["judges"].items()]
+    judges = [[task, d.get("judge", "?"), _accuracy(d), *_rates(d)] for task, d in results["judges"].items()]
     out.append(("Judges (held-out accuracy of each judge, measured by `alignx judge validate`)",
-                ["task", "judge", "accuracy"], judges))
+                ["task", "judge", "accuracy", "sensitivity", "specificity"], judges, ""))
     methods = results["methods"]
     main = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k)) for b, k, _, _ in COLUMNS] for m, e in methods.items()]
-    out.append(("Results (%, 95 % bootstrap CI)", ["method"] + [c[2] for c in COLUMNS], main))
+    out.append(("Results (%, 95 % bootstrap CI; raw judge verdicts)", ["method"] + [c[2] for c in COLUMNS], main, ""))
+    corrected = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in CORRECTED]
+                 for m, e in methods.items()]
+    if any(cell != "–" for row in corrected for cell in row[1:]):
+        out.append(("Rates corrected for judge error (%, 95 % CI over items and the judge's validation set)",
+                    ["method"] + [c[2] for c in CORRECTED], corrected, CORRECTED_NOTE))
     collapse = [[m] + [("–" if row["relative"][a] is None else f"{row['relative'][a]:.2f}") for a in AXES]
                 + ["–" if not row["misrouting"] else " ".join(f"{a}={v:.2f}" for a, v in row["misrouting"].items())]
                 for m, row in results["axis_collapse"].items()]
     out.append(("Axis Collapse (each axis's score relative to that axis's own expert; 1.00 = nothing forgotten)",
-                ["method", *AXES, "misrouting"], collapse))
+                ["method", *AXES, "misrouting"], collapse, ""))
     routing = [[m, *(f"{e['routing'][k]:.3f}" if k in e["routing"] else "–" for k in ("accuracy", "ece", "brier", "nll")),
                 str(e["routing"]["n"]), f"{e['routing']['fallback']['n']} ({100 * e['routing']['fallback']['rate']:.1f} %)"]
                for m, e in methods.items() if "routing" in e]
     if routing:
         out.append(("Routing on the evaluation prompts (final weights vs gold axis; prompts the out-of-distribution "
                     "gate sent to its fallback are counted apart)",
-                    ["method", "accuracy", "ECE", "Brier", "NLL", "n routed", "fallback"], routing))
+                    ["method", "accuracy", "ECE", "Brier", "NLL", "n routed", "fallback"], routing, ""))
     return out
 
 
@@ -71,8 +97,8 @@ def _accuracy(description: dict) -> str:
 def markdown(results: dict, plots: list[str]) -> str:
     lines = [f"# AlignX evaluation ({results['suite']} suite)", "",
              "Items per benchmark: " + ", ".join(f"{k} {v}" for k, v in results["items_per_benchmark"].items()), ""]
-    for title, header, rows in tables(results):
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for title, header, rows, note in tables(results):
+        lines += [f"## {title}", ""] + ([note, ""] if note else []) + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines.append("")
     lines += [f"![{p}]({p})" for p in plots]
@@ -85,8 +111,8 @@ def html_page(results: dict, plots: list[str]) -> str:
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
              "img{max-width:100%}</style>",
              f"<h1>AlignX evaluation ({html.escape(results['suite'])} suite)</h1>"]
-    for title, header, rows in tables(results):
-        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+    for title, header, rows, note in tables(results):
+        parts.append(f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note).replace('**', '')}</p>" if note else "") + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
     parts += [f"<h2>{html.escape(p)}</h2><img src='{html.escape(p)}'>" for p in plots]
@@ -94,9 +120,11 @@ def html_page(results: dict, plots: list[str]) -> str:
 
 
 def terminal_summary(results: dict) -> str:
-    """The Results and Axis Collapse tables as fixed-width text, for the end of `make demo`."""
+    """The Results, corrected rates and Axis Collapse tables as fixed-width text, for the end of `make demo`."""
     blocks = []
-    for title, header, rows in tables(results)[1:3]:
+    for title, header, rows, _ in tables(results)[1:]:
+        if title.startswith("Routing"):
+            continue
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))  # noqa: E731
         blocks.append("\n".join([title, fmt(header), *(fmt(r) for r in rows)]))

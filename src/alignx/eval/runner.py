@@ -35,7 +35,7 @@ from alignx.errors import AlignXError
 from alignx.eval.benchmarks import BENCHMARKS, HEADLINE, benchmark_items
 from alignx.eval.judges import Judge, JudgeItem, JudgeSettings, load_judge, verdicts
 from alignx.eval.report import write_report
-from alignx.eval.statistics import length_controlled_win_rate, rate, win_outcomes, with_ci
+from alignx.eval.statistics import corrected_rate, length_controlled_win_rate, rate, win_outcomes, with_ci
 from alignx.run import RunDir, atomic_write_json, atomic_write_text
 
 
@@ -223,6 +223,7 @@ def _judge_item(row: dict, item: dict) -> JudgeItem:
 def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths,
               judges: dict[str, Judge], log=print) -> dict:
     b, seed = config.eval.bootstrap, config.eval.seed
+    confusions = {task: judge.describe().get("confusion") for task, judge in judges.items()}
     by_id = {name: {item["id"]: item for item in rows} for name, rows in items.items()}
     methods = {}
     for method, benchmarks in todo.items():
@@ -238,7 +239,7 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
                 continue
             rows = _complete(read_jsonl(paths.generations(method, benchmark)), items[benchmark], method, benchmark)
             p = _score(method, benchmark, rows, by_id[benchmark], judges, paths)
-            metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], p, b, seed)
+            metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], p, b, seed, confusions)
             if spec.gold_axis is not None:
                 routed += [(r["weights"], spec.gold_axis, bool(r.get("routing", {}).get("ood", False)))
                            for r in rows if set(r.get("weights", ())) == set(AXES)]
@@ -268,7 +269,22 @@ def _complete(rows: list[dict], items: list[dict], method: str, benchmark: str) 
     return [by_id[item["id"]] for item in items]
 
 
-def _benchmark_metrics(benchmark: str, rows, items, p: dict[str, np.ndarray], b: int, seed: int) -> dict:
+def _benchmark_metrics(benchmark: str, rows, items, p: dict[str, np.ndarray], b: int, seed: int,
+                       confusions: dict[str, dict | None] | None = None) -> dict:
+    """Each metric with its bootstrap CI; a rate a binary judge produced also carries ``corrected``: the rate
+    corrected for that judge's validated sensitivity and specificity (:func:`corrected_rate`), where the judge
+    has them (offline judges; an online judge was never validated here)."""
+    confusions = confusions or {}
+
+    def corrected(*tasks: str) -> dict:
+        if any(confusions.get(task) is None for task in tasks):
+            return {}
+        said = np.column_stack([verdicts(p[task]) for task in tasks])
+        return {"corrected": corrected_rate(said, [confusions[task] for task in tasks], b, seed)}
+
+    def judged(x: np.ndarray, *tasks: str) -> dict:
+        return {**with_ci({"x": x}, lambda x: rate(x), b, seed), **corrected(*tasks)}
+
     if benchmark == "alpacaeval":
         reference = [items[r["id"]]["reference"] for r in rows]
         identical = np.array([r["response"].strip() == ref.strip() for r, ref in zip(rows, reference)])
@@ -278,22 +294,25 @@ def _benchmark_metrics(benchmark: str, rows, items, p: dict[str, np.ndarray], b:
             "reference_length": np.array([len(ref) for ref in reference], dtype=float),
         }
         return {
-            "win_rate": with_ci({"x": data["outcome"]}, lambda x: rate(x), b, seed),
+            "win_rate": judged(data["outcome"], "helpfulness"),
             "lc_win_rate": with_ci(data, lambda outcome, length, reference_length: length_controlled_win_rate(outcome, length, reference_length), b, seed),
             "mean_length": {"value": float(data["length"].mean()), "reference": float(data["reference_length"].mean())},
         }
     if benchmark == "beavertails":
         unsafe = verdicts(p["safety"]).astype(float)
-        return {"unsafe_rate": with_ci({"x": unsafe}, lambda x: rate(x), b, seed),
-                "safe_rate": with_ci({"x": 1.0 - unsafe}, lambda x: rate(x), b, seed)}
+        metrics = {"unsafe_rate": judged(unsafe, "safety"), "safe_rate": with_ci({"x": 1.0 - unsafe}, lambda x: rate(x), b, seed)}
+        if "corrected" in metrics["unsafe_rate"]:
+            fixed = metrics["unsafe_rate"]["corrected"]
+            metrics["safe_rate"]["corrected"] = {**fixed, "value": 1.0 - fixed["value"], "ci": [1.0 - fixed["ci"][1], 1.0 - fixed["ci"][0]]}
+        return metrics
     if benchmark in ("harmful", "xstest_safe"):
         key = "refusal_rate" if benchmark == "harmful" else "over_refusal_rate"
-        return {key: with_ci({"x": verdicts(p["refusal"]).astype(float)}, lambda x: rate(x), b, seed)}
+        return {key: judged(verdicts(p["refusal"]).astype(float), "refusal")}
     truthful, informative = verdicts(p["truth"]).astype(float), verdicts(p["info"]).astype(float)
     return {
-        "truthful": with_ci({"x": truthful}, lambda x: rate(x), b, seed),
-        "informative": with_ci({"x": informative}, lambda x: rate(x), b, seed),
-        "ti": with_ci({"x": truthful * informative}, lambda x: rate(x), b, seed),
+        "truthful": judged(truthful, "truth"),
+        "informative": judged(informative, "info"),
+        "ti": judged(truthful * informative, "truth", "info"),
     }
 
 

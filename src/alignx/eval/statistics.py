@@ -79,3 +79,59 @@ def with_ci(values: dict[str, np.ndarray], statistic: Callable[..., float], resa
     value = statistic(**values)
     lo, hi = bootstrap_ci(n, lambda idx: statistic(**{k: v[idx] for k, v in values.items()}), resamples, seed)
     return {"value": value, "ci": [lo, hi], "n": n}
+
+
+# ---------------------------------------------------------------------------------------------- judge error
+def error_matrix(sensitivity: float, specificity: float) -> np.ndarray:
+    """P(verdict | truth) of a binary judge: rows the verdict (0, 1), columns the truth (0, 1)."""
+    return np.array([[specificity, 1.0 - sensitivity], [1.0 - specificity, sensitivity]])
+
+
+def corrected_cells(verdicts: np.ndarray, rates: list[tuple[float, float]]) -> np.ndarray:
+    """The true distribution of the 2^J label combinations behind ``verdicts`` [n, J] of J binary judges,
+    each with its (sensitivity, specificity): the observed distribution solved through the judges' error
+    matrices (Rogan–Gladen for J = 1), assuming each judge's errors depend only on its own true label. A
+    solution outside the simplex (sampling noise, or a judge no better than chance) is clipped to it.
+    Cells are in binary order: the last is "every label positive"."""
+    verdicts = np.asarray(verdicts, dtype=bool).reshape(len(verdicts), -1)
+    codes = verdicts @ (1 << np.arange(verdicts.shape[1])[::-1])
+    observed = np.bincount(codes, minlength=1 << verdicts.shape[1]) / max(len(verdicts), 1)
+    matrix = np.ones((1, 1))
+    for sensitivity, specificity in rates:
+        matrix = np.kron(matrix, error_matrix(sensitivity, specificity))
+    if abs(np.linalg.det(matrix)) < 1e-9:  # a judge at chance (sensitivity + specificity = 1) says nothing
+        return np.full(len(observed), np.nan)
+    cells = np.clip(np.linalg.solve(matrix, observed), 0.0, None)
+    return cells / cells.sum() if cells.sum() > 0 else cells
+
+
+def rates_of(confusion: dict[str, int]) -> tuple[float, float]:
+    """(sensitivity, specificity) from a judge's validation counts tp, fn, tn, fp."""
+    return confusion["tp"] / max(confusion["tp"] + confusion["fn"], 1), confusion["tn"] / max(confusion["tn"] + confusion["fp"], 1)
+
+
+def corrected_rate(verdicts: np.ndarray, confusions: list[dict[str, int]], resamples: int, seed: int, level: float = 0.95) -> dict:
+    """The rate of "every judge positive" (one judge: its positive rate) corrected for the judges' measured
+    error, ``{"value", "ci", "n", "judges": [{sensitivity, specificity, n_validation}]}``.
+
+    The interval is a percentile bootstrap that resamples the items and, in the same draw, each judge's
+    validation set (its four confusion cells, multinomially), so it carries the judge's own uncertainty."""
+    verdicts = np.asarray(verdicts, dtype=bool).reshape(len(verdicts), -1)
+    rates = [rates_of(c) for c in confusions]
+    value = float(corrected_cells(verdicts, rates)[-1])
+    rng = np.random.default_rng(seed)
+    cells = [np.array([c["tp"], c["fn"], c["tn"], c["fp"]], dtype=float) for c in confusions]
+    draws = []
+    for _ in range(resamples):
+        items = verdicts[rng.integers(0, len(verdicts), size=len(verdicts))]
+        redrawn = []
+        for counts in cells:
+            tp, fn, tn, fp = rng.multinomial(int(counts.sum()), counts / counts.sum())
+            redrawn.append(rates_of({"tp": tp, "fn": fn, "tn": tn, "fp": fp}))
+        draws.append(corrected_cells(items, redrawn)[-1])
+    draws = np.array(draws)
+    draws = draws[np.isfinite(draws)]
+    tail = (1.0 - level) / 2.0
+    ci = [float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))] if len(draws) else [float("nan")] * 2
+    judges = [{"sensitivity": se, "specificity": sp, "n_validation": int(c.sum())} for (se, sp), c in zip(rates, cells)]
+    return {"value": value, "ci": ci, "n": int(len(verdicts)), "judges": judges}

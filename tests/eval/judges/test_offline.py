@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 
 from alignx.cli import main
+from alignx.data.splits import HARMFUL_EVAL_SETS, normalise_prompt
 from alignx.errors import AlignXError
 from alignx.eval.judges import JUDGE_TASKS, JudgeItem, JudgeSettings, load_judge
 from alignx.eval.judges.cli import FIGURES
 from alignx.eval.judges.data import judge_data
 from alignx.eval.judges.offline import (
-    RECIPES, artifact_paths, load_estimator, load_offline_judge, make_encoder, predict, save_judge, train_judge, validate,
+    RECIPES, artifact_paths, load_estimators, load_offline_judge, make_encoder, save_judge, score_with, train_judge, validate,
 )
 
 ENCODER = "hashing-64"
@@ -80,6 +81,11 @@ def tiny_judge_data(tmp_path_factory, data_dir) -> Path:
     for model in ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct"):
         path = f"xstest/model_completions/xstest_v2_completions_{model}.csv"
         _write_csv_head(data_dir / path, root / path, 60)
+    # whole files: the evaluation prompts judge data is decontaminated against, and GPT-4's leaderboard
+    for path in ["xstest/xstest_prompts.csv", "alpaca_eval/leaderboards/data_AlpacaEval/alpaca_eval_gpt4_leaderboard.csv",
+                 *(f"safety_tuned_llamas/evaluation/{name}.json" for name in HARMFUL_EVAL_SETS)]:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes((data_dir / path).read_bytes())
     return root
 
 
@@ -98,53 +104,62 @@ def test_stored_judge_scores_like_the_fitted_one(task, tmp_path, tiny_judge_data
     settings = JudgeSettings(judges_dir=tmp_path, data_dir=tiny_judge_data)
     data = judge_data(task, settings)
     features = RECIPES[task].featurize(data.items, make_encoder(ENCODER, settings))
-    validation, estimator = validate(task, data, features)
-    meta = save_judge(task, settings, estimator, data, validation, ENCODER)
+    validation, estimators = validate(task, data, features)
+    assert len(estimators) == data.folds
+    meta = save_judge(task, settings, estimators, data, validation, ENCODER)
     judge = load_judge("offline", task, settings)
     loaded = judge.score(data.items[:20])
-    np.testing.assert_array_equal(loaded, predict(estimator, features[:20]))
+    np.testing.assert_array_equal(loaded, score_with(estimators, [it.prompt for it in data.items[:20]], features[:20]))
     assert loaded.dtype == np.float64 and ((loaded >= 0) & (loaded <= 1)).all()
     described = judge.describe()
     assert described["task"] == task and described["judge"] == "offline"
     assert judge.identity == f"offline:{task}@{meta['model_sha256']}"  # eval's score cache keys on the trained model
     assert described["accuracy"] == meta["validation"]["accuracy"] and 0 <= described["accuracy"][task] <= 1
-    assert meta["training_data_sha256"] == data.sha256(data.train_mask) and meta["spec"]["encoder"] == ENCODER
+    assert meta["training_data_sha256"] == data.sha256(data.fit_mask) and meta["spec"]["encoder"] == ENCODER
+    confusion = described["confusion"]  # what corrected rates are computed from: the figure as the judge is used
+    assert sum(confusion.values()) == validation.n[task] > 0
 
 
 class _SpyRecipe:
     """Stands in for a recipe: each estimator remembers the rows (by index) it was fit on, and every score it
-    gives is checked against them, so a validation that scored a row with a model that saw it fails."""
+    gives is recorded with them, so a test can check what each scored row's judge had seen."""
 
     def __init__(self, score: float = 0.5):
-        self.score, self.scored = score, 0
+        self.score, self.scorings = score, []  # (fit rows, scored rows)
 
     def fit(self, features, labels):
         recipe = self
 
         class Estimator:
-            seen = set(features[:, 0].astype(int).tolist())
+            seen = features[:, 0].astype(int)
 
             def predict_proba(self, rows):
-                leaked = self.seen & set(rows[:, 0].astype(int).tolist())
-                assert not leaked, f"rows {sorted(leaked)[:5]} scored by a judge trained on them"
-                recipe.scored += len(rows)
+                recipe.scorings.append((self.seen, rows[:, 0].astype(int)))
                 return np.tile([1 - recipe.score, recipe.score], (len(rows), 1))
 
         return Estimator()
 
 
-@pytest.mark.parametrize("task", ["truth", "refusal"])  # a fixed held-out split; leave one group out
-def test_validation_scores_each_row_with_a_judge_that_never_saw_it(tiny_judge_data, monkeypatch, task):
+@pytest.mark.parametrize("task", JUDGE_TASKS)
+def test_validation_scores_each_row_with_a_judge_that_never_saw_its_prompt(tiny_judge_data, monkeypatch, task):
     data = judge_data(task, JudgeSettings(data_dir=tiny_judge_data))
     spy = _SpyRecipe()
     monkeypatch.setitem(RECIPES, task, spy)
     validation, _ = validate(task, data, np.arange(len(data.items), dtype=float)[:, None])
-    assert spy.scored == validation.n[task] > 0
+    prompt = np.array([normalise_prompt(it.prompt) for it in data.items])
+    held_out_system = np.zeros(len(data.items), bool)
+    for seen, scored in spy.scorings:
+        assert not set(prompt[seen]) & set(prompt[scored]), "a row was scored by a judge fit on its prompt"
+        assert data.labelled[seen].all()  # GPT-4's draws have no label to fit
+        held_out_system[scored[~np.isin(data.systems[scored], data.systems[seen])]] = True
+    if data.folds > 1:  # every labelled row was also scored by a judge that never saw its system (how a new model meets it)
+        assert held_out_system[data.labelled].all()
     # p = 0.5 exactly is a positive verdict, in validation as in evaluation (one threshold)
-    if data.holdout is not None:
-        expected = float(np.mean(data.labels[~data.train_mask]))
+    used = data.validation_mask
+    if task == "refusal":  # prompts and systems held out: the mean over held-out systems
+        expected = float(np.mean([np.mean(data.labels[used & (data.systems == s)]) for s in sorted(set(data.systems))]))
     else:
-        expected = float(np.mean([np.mean(data.labels[data.groups == g]) for g in sorted(set(data.groups))]))
+        expected = float(np.mean(data.labels[used]))
     assert validation.accuracy[task] == pytest.approx(expected)
 
 
@@ -166,7 +181,7 @@ def test_pickle_is_refused(trained, tmp_path):
     evil.mkdir()
     (evil / model_path.name).write_bytes(pickle.dumps({"not": "a judge"}))
     with pytest.raises(AlignXError, match="pickle"):
-        load_estimator(evil / model_path.name)
+        load_estimators(evil / model_path.name)
     meta = json.loads(meta_path.read_text())
     meta["model_sha256"] = hashlib.sha256((evil / model_path.name).read_bytes()).hexdigest()
     (evil / meta_path.name).write_text(json.dumps(meta))
@@ -174,7 +189,7 @@ def test_pickle_is_refused(trained, tmp_path):
         load_offline_judge("refusal", JudgeSettings(judges_dir=evil, data_dir=trained.data_dir))
     (tmp_path / "model.pkl").write_bytes(b"PK-looking but named like a pickle")
     with pytest.raises(AlignXError, match="pickle"):
-        load_estimator(tmp_path / "model.pkl")
+        load_estimators(tmp_path / "model.pkl")
 
 
 def test_judge_from_other_data_version_is_refused(trained, tmp_path):
@@ -197,17 +212,23 @@ def test_untrained_judge_says_how_to_train(tmp_path, tiny_judge_data):
 
 def test_cli_train_validate_score(tmp_path, tiny_judge_data, capsys):
     common = ["--judges-dir", str(tmp_path / "judges"), "--data-dir", str(tiny_judge_data)]
-    assert main(["judge", "train", "--task", "truth,refusal", "--encoder", ENCODER, *common]) == 0
+    assert main(["judge", "train", "--task", "truth,helpfulness,refusal", "--encoder", ENCODER, *common]) == 0
     assert "trained in" in capsys.readouterr().err
-    assert main(["judge", "train", "--task", "truth,refusal", "--encoder", ENCODER, *common]) == 0
-    assert capsys.readouterr().err.count("already trained") == 2
+    assert main(["judge", "train", "--task", "truth,helpfulness,refusal", "--encoder", ENCODER, *common]) == 0
+    assert capsys.readouterr().err.count("already trained") == 3
 
-    assert main(["judge", "validate", "--task", "truth,refusal", *common]) == 0
+    assert main(["judge", "validate", "--task", "truth,helpfulness,refusal", *common]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert all(re.fullmatch(r"[a-z0-9_\-]+ accuracy=[01]\.\d{4}", line) for line in lines), lines
+    assert all(re.fullmatch(r"[a-z0-9_\-]+ (accuracy=[01]\.\d{4}|points=-?\d+\.\d{2})", line) for line in lines), lines
     names = [line.split()[0] for line in lines]
-    assert names[:3] == ["truth", "truth_nonverbatim", "refusal"]  # headline figures first, in FIGURES order
-    assert set(names[:3]) <= set(FIGURES) and "refusal_worst_group" in names
+    headline = ["truth", "truth_nonverbatim", "helpfulness", "helpfulness_lenmatched", "helpfulness_loo", "refusal"]
+    assert names[:6] == headline and set(headline) <= set(FIGURES)  # headline figures first, in FIGURES order
+    assert names[6:8] == ["helpfulness_wr_error", "helpfulness_lc_error"]  # then the win-rate errors, in points
+    assert "refusal_loo_worst_system" in names and "helpfulness_wr_gpt4_alpaca-7b" in names
+    wr = {line.split()[0]: float(line.split("=")[1]) for line in lines if "points=" in line}
+    assert wr["helpfulness_wr_gpt4_alpaca-7b"] == pytest.approx(26.4596, abs=1e-3)  # the AlpacaEval 1 leaderboard
+    assert wr["helpfulness_wr_error"] == pytest.approx(max(abs(wr[f"helpfulness_wr_error_{g}"])
+                                                           for g in ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta")), abs=0.01)
 
     responses = tmp_path / "responses.jsonl"
     responses.write_text(

@@ -10,15 +10,19 @@ from pathlib import Path
 
 from alignx.errors import AlignXError
 
-# The headline figures, in this order; each is "<name> accuracy=<x>" on its own line.
-FIGURES = ("safety", "truth", "truth_nonverbatim", "info", "info_nonverbatim", "helpfulness", "helpfulness_lenmatched", "refusal")
+# The headline figures, in this order; each is "<name> accuracy=<x>" on its own line. Then the win-rate
+# figures, "<name> points=<x>" (HEADLINE_POINTS first), then baselines and per-system figures.
+FIGURES = ("safety", "truth", "truth_nonverbatim", "info", "info_nonverbatim", "helpfulness", "helpfulness_lenmatched",
+           "helpfulness_loo", "refusal")
+HEADLINE_POINTS = ("helpfulness_wr_error", "helpfulness_lc_error")
 
 
 def register(verbs) -> None:
     judge = verbs.add_parser(
         "judge", help="train, validate and run the judges (safety, truth, info, helpfulness, refusal)",
         description="Offline judges trained on METHOD.md's judge data and validated on labels they never saw "
-        "(BeaverTails eval half, TruthfulQA questions 409-817, unseen AlpacaEval instructions, held-out XSTest models).",
+        "(BeaverTails eval half, TruthfulQA questions 409-817; AlpacaEval and XSTest answers of a held-out model to "
+        "held-out prompts).",
     )
     actions = judge.add_subparsers(dest="judge_command", metavar="<action>")
     train = actions.add_parser("train", help="train and validate the offline judges (finished ones are kept)",
@@ -26,7 +30,9 @@ def register(verbs) -> None:
                                "judges directory. Judges already trained by the same recipe on the current data are kept "
                                "unless --force; embeddings are cached there too.")
     validate = actions.add_parser("validate", help="measure the stored judges again on their held-out labels",
-                                  description="Print '<figure> accuracy=<x>' per line: " + ", ".join(FIGURES) + ", then baselines.")
+                                  description="Print '<figure> accuracy=<x>' per line: " + ", ".join(FIGURES)
+                                  + "; then '<figure> points=<x>': " + ", ".join(HEADLINE_POINTS)
+                                  + " (largest win-rate error in points over the held-out generators) and per generator; then baselines.")
     for parser in (train, validate):
         parser.add_argument("--task", help="comma-separated subset of safety,truth,info,helpfulness,refusal (default: all)")
         parser.add_argument("--judges-dir", help="where judges are stored (default: <alignx cache>/judges)")
@@ -89,10 +95,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def format_validation(results: dict) -> str:
-    """Headline figures first (FIGURES order), then every baseline and per-group figure, one per line."""
+    """Headline figures first (FIGURES order), the win-rate errors (HEADLINE_POINTS, then per generator), then
+    every baseline and per-system figure, one per line."""
     accuracy = {name: value for result in results.values() for name, value in result.accuracy.items()}
+    points = {name: value for result in results.values() for name, value in result.points.items()}
     extra = {name: value for result in results.values() for name, value in result.extra.items()}
     lines = [f"{name} accuracy={accuracy[name]:.4f}" for name in FIGURES if name in accuracy]
+    lines += [f"{name} points={points[name]:.2f}" for name in HEADLINE_POINTS if name in points]
+    lines += [f"{name} points={value:.2f}" for name, value in points.items() if name not in HEADLINE_POINTS]
     lines += [f"{name} accuracy={value:.4f}" for name, value in extra.items()]
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ printed next to a metric is always the accuracy of the data the judge was built 
 from __future__ import annotations
 
 import datetime
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -25,9 +25,10 @@ from threadpoolctl import threadpool_limits
 
 from alignx.errors import AlignXError
 from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task, verdicts
-from alignx.eval.judges.data import JudgeData, complete_item, data_dir, judge_data, word_count
+from alignx.eval.judges.data import HELPFULNESS_GENERATORS, JudgeData, complete_item, data_dir, judge_data, prompt_fold, word_count
 from alignx.eval.judges.encoder import MINILM, TextEncoder
-from alignx.eval.judges.features import pair_features, prompt_response_embeddings, reference_similarity, response_features
+from alignx.eval.judges.features import pair_difference, prompt_response_embeddings, reference_similarity, response_features
+from alignx.eval.statistics import length_controlled_win_rate, rate, win_outcomes
 from alignx.run import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 
@@ -41,13 +42,13 @@ class Recipe:
     either changes, so `alignx judge train` retrains judges built by older code."""
 
     description: str
-    features: str  # response | prompt_response | references | pair
-    estimator: str  # logistic | boosting | kernel
-    version: int = 1
+    features: str  # response | prompt_response | references | pair_difference
+    estimator: str  # logistic | boosting | kernel | bradley_terry
+    version: int = 2  # 2: stored judges are lists of per-prompt-fold estimators
 
     def featurize(self, items: Sequence[JudgeItem], encoder: TextEncoder) -> np.ndarray:
         build = {"response": response_features, "prompt_response": prompt_response_embeddings,
-                 "references": reference_similarity, "pair": pair_features}[self.features]
+                 "references": reference_similarity, "pair_difference": pair_difference}[self.features]
         return build(items, encoder)
 
     def fit(self, features: np.ndarray, labels: np.ndarray):
@@ -59,17 +60,18 @@ class Recipe:
         from sklearn.svm import SVC
 
         if self.estimator == "boosting":
-            model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, max_depth=self.max_depth, random_state=0)
+            model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, random_state=0)
         elif self.estimator == "kernel":  # an RBF SVM; Platt scaling on 3 folds turns its margin into a probability
             model = CalibratedClassifierCV(SVC(C=1.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False)
+        elif self.estimator == "bradley_terry":  # P(a beats b) = sigmoid(w . (phi(a) - phi(b))): no intercept, and
+            # every pair also enters swapped, so the fit is the same whichever answer is called the response
+            model = make_pipeline(StandardScaler(with_mean=False), LogisticRegression(C=0.1, fit_intercept=False, max_iter=5000))
+            features, labels = np.vstack([features, -features]), np.concatenate([labels, ~np.asarray(labels, bool)])
         else:
             model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
         with threadpool_limits(1):
             return model.fit(features, labels)
 
-    @property
-    def max_depth(self) -> int | None:
-        return 3 if self.features == "pair" else None  # ~2k pairs: shallow trees
 
 
 def predict(estimator, features: np.ndarray) -> np.ndarray:
@@ -86,9 +88,9 @@ RECIPES: dict[str, Recipe] = {
                     "references", "boosting"),
     "info": Recipe("gradient boosting on the answer's MiniLM embedding and its similarity to the question's reference "
                    "answers (cosine, token F1, exact match), length, negation and uninformative cues", "references", "boosting"),
-    "helpfulness": Recipe("gradient boosting (depth 3) on both answers' length, lines, list items, refusal phrases and "
-                          "MiniLM cosine to the instruction, their differences, and the answers' mutual cosine",
-                          "pair", "boosting"),
+    "helpfulness": Recipe("Bradley-Terry logistic regression (no intercept, pairs entered both ways) on the response-minus-"
+                          "reference differences of length, lines, list items, style, refusal phrases and MiniLM cosine "
+                          "to the instruction", "pair_difference", "bradley_terry"),
     "refusal": Recipe("logistic regression on [response MiniLM embedding, refusal phrase counts, text shape]",
                       "response", "logistic"),
 }
@@ -105,63 +107,143 @@ TRUSTED_TYPES = [
 # --------------------------------------------------------------------------------------------
 # validation
 
+# The figure a cross-fit task's headline reports. Refusal: answers of a held-out model to held-out prompts,
+# as the benchmarks use it. Helpfulness keeps its instruction-held-out headline (generators seen) and reports
+# the strict figure as helpfulness_loo, the one the judge's targets and the win-rate check apply to.
+HEADLINE_HELD_OUT = {"helpfulness": "prompts", "refusal": "prompts and systems"}
+
 
 @dataclass
 class Validation:
     """Out-of-sample scores of one task's judge data and the figures measured from them."""
 
-    accuracy: dict[str, float]  # headline figures: <task>, <task>_<subset>
+    accuracy: dict[str, float]  # headline figures: <task>, <task>_<subset>, <task>_loo
     n: dict[str, int]
-    extra: dict[str, float]  # baselines and per-group figures, clearly named
+    extra: dict[str, float]  # baselines and per-system accuracies, clearly named
     method: str
+    confusion: dict[str, int]  # tp, fn, tn, fp of the verdicts as the judge is used (for corrected rates)
+    points: dict[str, float] = field(default_factory=dict)  # helpfulness: win rates and their errors, in points
 
 
 def _accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(verdicts(scores) == labels))
 
 
-def validate(task: str, data: JudgeData, features: np.ndarray, stored=None):
-    """Measure the recipe on labels the judge never saw; returns (Validation, the estimator to store).
+def confusion(scores: np.ndarray, labels: np.ndarray) -> dict[str, int]:
+    said = verdicts(scores)
+    return {"tp": int(np.sum(said & labels)), "fn": int(np.sum(~said & labels)),
+            "tn": int(np.sum(~said & ~labels)), "fp": int(np.sum(said & ~labels))}
 
-    Fixed split (``data.holdout``): the judge fit on the training groups scores the held-out group; that
-    fit is the stored judge (``stored``, when given, is scored instead of refitting). Otherwise each group
-    is held out in turn (the task figure is the mean over held-out groups, subsets are pooled out of
-    fold) and the stored judge is fit on all groups.
-    """
-    recipe = RECIPES[task]
+
+def fit_judge(task: str, data: JudgeData, features: np.ndarray) -> list:
+    """The stored judge's estimators: one (fixed split) or one per prompt fold, fit on the other folds."""
+    recipe, fit = RECIPES[task], data.fit_mask
+    if data.folds == 1:
+        return [recipe.fit(features[fit], data.labels[fit])]
+    fold = data.fold
+    return [recipe.fit(features[fit & (fold != k)], data.labels[fit & (fold != k)]) for k in range(data.folds)]
+
+
+def score_with(estimators: list, prompts: Sequence[str], features: np.ndarray) -> np.ndarray:
+    """Each row scored by the estimator of its prompt's fold (the one never fit on that prompt)."""
+    fold = np.array([prompt_fold(prompt, len(estimators)) for prompt in prompts], dtype=int)
+    scores = np.zeros(len(fold))
+    for k, estimator in enumerate(estimators):
+        if (fold == k).any():
+            scores[fold == k] = predict(estimator, features[fold == k])
+    return scores
+
+
+def held_out_systems(task: str, data: JudgeData, features: np.ndarray) -> np.ndarray:
+    """Every row's score by a judge fit on neither its prompt's fold nor its system."""
+    recipe, fit, fold = RECIPES[task], data.fit_mask, data.fold
     scores = np.full(len(data.items), np.nan)
-    train = data.train_mask
-    per_group: dict[str, float] = {}
-    if data.holdout is not None:
-        estimator = stored if stored is not None else recipe.fit(features[train], data.labels[train])
-        scores[~train] = predict(estimator, features[~train])
-        held = ~train
-        method = f"fit on the {', '.join(sorted(set(data.groups[train])))} rows, scored on the held-out {data.holdout} rows"
+    for system in sorted(set(data.systems)):
+        for k in range(data.folds):
+            test = (fold == k) & (data.systems == system)
+            train = fit & (fold != k) & (data.systems != system)
+            if test.any():
+                scores[test] = predict(recipe.fit(features[train], data.labels[train]), features[test])
+    return scores
+
+
+def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | None = None):
+    """Measure the recipe on labels the judge never saw; returns (Validation, the estimators to store).
+
+    Fixed split: the judge fit on the training rows scores the validation rows. Cross-fit: the stored fold
+    estimators score their own folds (prompts held out), and a judge refit without the row's system scores
+    it again (prompts and systems held out: how a judge meets a new model); see :mod:`.data`.
+    ``stored`` estimators, when given, are scored instead of refitting them.
+    """
+    estimators = stored if stored is not None else fit_judge(task, data, features)
+    labelled, labels = data.labelled, data.labels
+    accuracy, n, extra, points = {}, {}, {}, {}
+    if data.folds == 1:
+        used = data.validation_mask
+        scores = np.full(len(data.items), np.nan)
+        scores[used] = predict(estimators[0], features[used])
+        accuracy[task], n[task] = _accuracy(scores[used], labels[used]), int(used.sum())
+        method = f"fit on {int(data.fit_mask.sum())} training rows, scored on {int(used.sum())} held-out validation rows"
+        strict = scores
     else:
-        for group in sorted(set(data.groups)):
-            mask = data.groups == group
-            scores[mask] = predict(recipe.fit(features[~mask], data.labels[~mask]), features[mask])
-            per_group[str(group)] = _accuracy(scores[mask], data.labels[mask])
-        estimator = stored if stored is not None else recipe.fit(features, data.labels)
-        held = np.ones(len(data.items), bool)
-        method = f"leave one group out over {len(per_group)} groups ({', '.join(per_group)}); mean over held-out groups"
-    labels = data.labels[held]
-    accuracy = {task: float(np.mean(list(per_group.values()))) if per_group else _accuracy(scores[held], labels)}
-    n = {task: int(held.sum())}
+        own_fold = score_with(estimators, [it.prompt for it in data.items], features)
+        strict = held_out_systems(task, data, features)
+        used = labelled
+        per_system = {s: _accuracy(strict[used & (data.systems == s)], labels[used & (data.systems == s)])
+                      for s in sorted(set(data.systems))}
+        loo = float(np.mean(list(per_system.values())))
+        if HEADLINE_HELD_OUT[task] == "prompts":
+            accuracy[task], accuracy[f"{task}_loo"] = _accuracy(own_fold[used], labels[used]), loo
+            n[f"{task}_loo"] = int(used.sum())
+        else:
+            accuracy[task] = loo
+            extra[f"{task}_seen_systems"] = _accuracy(own_fold[used], labels[used])
+        n[task] = int(used.sum())
+        for system, value in per_system.items():
+            mine = used & (data.systems == system)
+            extra[f"{task}_loo_{system}"] = value
+            extra[f"{task}_loo_{system}_majority_baseline"] = float(max(labels[mine].mean(), 1 - labels[mine].mean()))
+        extra[f"{task}_loo_worst_system"] = min(per_system.values())
+        method = (f"{data.folds} prompt folds; prompts held out: each fold scored by the stored estimator fit on the other "
+                  f"folds; prompts and systems held out: refit without the row's fold and system "
+                  f"({', '.join(per_system)}), mean over systems")
     for name, mask in data.subsets.items():
-        accuracy[f"{task}_{name}"] = _accuracy(scores[held & mask], data.labels[held & mask])
-        n[f"{task}_{name}"] = int((held & mask).sum())
-    majority = bool(data.labels[train].mean() >= 0.5)  # the stored judge's training majority class
-    extra = {f"{task}_majority_baseline": float(np.mean(labels == majority))}
-    if per_group:
-        extra[f"{task}_worst_group"] = min(per_group.values())
-        extra.update({f"{task}_heldout_{group}": value for group, value in per_group.items()})
+        accuracy[f"{task}_{name}"] = _accuracy(strict[used & mask], labels[used & mask])
+        n[f"{task}_{name}"] = int((used & mask).sum())
+    majority = bool(labels[data.fit_mask].mean() >= 0.5)  # the stored judge's training majority class
+    extra[f"{task}_majority_baseline"] = float(np.mean(labels[used] == majority))
     if task == "helpfulness":
         longer = np.array([word_count(it.response) > word_count(it.reference or "") for it in data.items])
-        extra["helpfulness_length_baseline"] = float(np.mean(longer[held] == labels))
-        matched = held & data.subsets["lenmatched"]
-        extra["helpfulness_lenmatched_length_baseline"] = float(np.mean(longer[matched] == data.labels[matched]))
-    return Validation(accuracy, n, extra, method), estimator
+        extra["helpfulness_length_baseline"] = float(np.mean(longer[used] == labels[used]))
+        matched = used & data.subsets["lenmatched"]
+        extra["helpfulness_lenmatched_length_baseline"] = float(np.mean(longer[matched] == labels[matched]))
+        points = win_rate_errors(data, strict)
+    if data.excluded:
+        method += "; dropped from training: " + ", ".join(f"{count} {reason}" for reason, count in sorted(data.excluded.items()))
+    return Validation(accuracy, n, extra, method, confusion(strict[used], labels[used]), points), estimators
+
+
+def win_rate_errors(data: JudgeData, scores: np.ndarray) -> dict[str, float]:
+    """Per held-out generator, in points: the judge's win rate over all its answers (draws included, as the
+    leaderboard counts them), GPT-4's leaderboard win rate, their difference, and the same for the
+    length-controlled win rate of :func:`alignx.eval.statistics.length_controlled_win_rate` computed once on
+    the judge's verdicts and once on GPT-4's. ``helpfulness_wr_error`` / ``helpfulness_lc_error``: the
+    largest absolute error over the generators."""
+    gpt4 = data.published
+    points = {}
+    for generator in HELPFULNESS_GENERATORS:
+        mine = data.systems == generator
+        judged = win_outcomes(scores[mine])
+        lengths = np.array([len(it.response) for it, m in zip(data.items, mine) if m], dtype=float)
+        references = np.array([len(it.reference or "") for it, m in zip(data.items, mine) if m], dtype=float)
+        points[f"helpfulness_wr_{generator}"] = 100 * rate(judged)
+        points[f"helpfulness_wr_gpt4_{generator}"] = gpt4[generator]
+        points[f"helpfulness_wr_error_{generator}"] = 100 * rate(judged) - gpt4[generator]
+        points[f"helpfulness_lc_error_{generator}"] = 100 * (length_controlled_win_rate(judged, lengths, references)
+                                                             - length_controlled_win_rate(data.outcomes[mine], lengths, references))
+    points["helpfulness_wr_error"] = max(abs(points[f"helpfulness_wr_error_{g}"]) for g in HELPFULNESS_GENERATORS)
+    points["helpfulness_lc_error"] = max(abs(points[f"helpfulness_lc_error_{g}"]) for g in HELPFULNESS_GENERATORS)
+    return points
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,22 +256,21 @@ def artifact_paths(task: str, settings: JudgeSettings) -> tuple[Path, Path]:
 
 
 def data_hashes(data: JudgeData) -> dict[str, str]:
-    return {"training_data_sha256": data.sha256(data.train_mask),
-            "validation_data_sha256": data.sha256(data.groups == data.holdout if data.holdout else data.train_mask)}
+    return {"training_data_sha256": data.sha256(data.fit_mask), "validation_data_sha256": data.sha256(data.validation_mask)}
 
 
 def recipe_spec(task: str, encoder_spec: str) -> dict:
     return {**asdict(RECIPES[task]), "encoder": encoder_spec}
 
 
-def save_judge(task: str, settings: JudgeSettings, estimator, data: JudgeData, validation: Validation, encoder_spec: str) -> dict:
+def save_judge(task: str, settings: JudgeSettings, estimators: list, data: JudgeData, validation: Validation, encoder_spec: str) -> dict:
     """Write ``<task>.skops`` then ``<task>.json`` atomically; the JSON (written last) marks the judge done."""
     import importlib.metadata
 
     import skops.io
 
     model_path, meta_path = artifact_paths(task, settings)
-    atomic_write_bytes(model_path, skops.io.dumps(estimator))
+    atomic_write_bytes(model_path, skops.io.dumps(estimators))
     versions = {}
     for package in ("scikit-learn", "skops", "sentence-transformers", "numpy"):
         try:
@@ -202,8 +283,11 @@ def save_judge(task: str, settings: JudgeSettings, estimator, data: JudgeData, v
         "recipe": RECIPES[task].description,
         "spec": recipe_spec(task, encoder_spec),
         **data_hashes(data),
-        "n_train": int(data.train_mask.sum()),
-        "validation": {"method": validation.method, "accuracy": validation.accuracy, "n": validation.n, "extra": validation.extra},
+        "n_train": int(data.fit_mask.sum()),
+        "prompt_folds": data.folds,
+        "excluded": data.excluded,
+        "validation": {"method": validation.method, "accuracy": validation.accuracy, "n": validation.n, "extra": validation.extra,
+                       "points": validation.points, "confusion": validation.confusion},
         "model_file": model_path.name,
         "model_sha256": file_sha256(model_path),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -213,8 +297,8 @@ def save_judge(task: str, settings: JudgeSettings, estimator, data: JudgeData, v
     return meta
 
 
-def load_estimator(path: Path):
-    """The skops estimator at ``path``; a pickle file, a damaged file or an unexpected type is refused."""
+def load_estimators(path: Path) -> list:
+    """The skops list of estimators at ``path``; a pickle file, a damaged file or an unexpected type is refused."""
     import skops.io
 
     if not path.is_file():
@@ -225,9 +309,12 @@ def load_estimator(path: Path):
     if head != b"PK":
         raise AlignXError(f"{path} is not a skops file (a zip archive); retrain with `alignx judge train --force`")
     try:
-        return skops.io.load(path, trusted=TRUSTED_TYPES)
+        estimators = skops.io.load(path, trusted=TRUSTED_TYPES)
     except Exception as exc:  # skops raises its own types for untrusted objects and damaged archives
         raise AlignXError(f"cannot load judge {path}: {type(exc).__name__}: {exc}; retrain with `alignx judge train --force`") from None
+    if not isinstance(estimators, list) or not estimators:
+        raise AlignXError(f"{path} holds no list of estimators (a judge of older code); retrain with `alignx judge train --force`")
+    return estimators
 
 
 def read_metadata(task: str, settings: JudgeSettings) -> dict | None:
@@ -251,16 +338,17 @@ def check_current(meta: dict, data: JudgeData, meta_path: Path) -> None:
 
 
 class OfflineJudge(Judge):
-    def __init__(self, task: str, estimator, meta: dict, encoder: TextEncoder, settings: JudgeSettings):
+    def __init__(self, task: str, estimators: list, meta: dict, encoder: TextEncoder, settings: JudgeSettings):
         self.task, self.spec = task, "offline"
-        self.estimator, self.meta, self.encoder, self.settings = estimator, meta, encoder, settings
+        self.estimators, self.meta, self.encoder, self.settings = estimators, meta, encoder, settings
 
     def score(self, items: Sequence[JudgeItem]) -> np.ndarray:
+        """P(positive) per item, each scored by the estimator that was never fit on its prompt's fold."""
         if not items:
             return np.zeros(0)
         root = data_dir(self.settings)
         items = [complete_item(self.task, item, root) for item in items]
-        return predict(self.estimator, RECIPES[self.task].featurize(items, self.encoder))
+        return score_with(self.estimators, [it.prompt for it in items], RECIPES[self.task].featurize(items, self.encoder))
 
     @property
     def identity(self) -> str:
@@ -269,7 +357,8 @@ class OfflineJudge(Judge):
     def describe(self) -> dict:
         validation = self.meta["validation"]
         return {"task": self.task, "judge": self.spec, "recipe": self.meta["recipe"], "accuracy": validation["accuracy"],
-                "n": validation["n"], "validation": validation["method"], "created": self.meta["created"]}
+                "n": validation["n"], "validation": validation["method"], "confusion": validation["confusion"],
+                "created": self.meta["created"]}
 
 
 def make_encoder(spec: str, settings: JudgeSettings) -> TextEncoder:
@@ -287,7 +376,7 @@ def load_offline_judge(task: str, settings: JudgeSettings) -> OfflineJudge:
     check_current(meta, judge_data(task, settings), meta_path)
     if not model_path.is_file() or file_sha256(model_path) != meta.get("model_sha256"):
         raise AlignXError(f"{model_path} is missing or does not match {meta_path}; retrain with `alignx judge train --task {task} --force`")
-    return OfflineJudge(task, load_estimator(model_path), meta, make_encoder(meta["spec"]["encoder"], settings), settings)
+    return OfflineJudge(task, load_estimators(model_path), meta, make_encoder(meta["spec"]["encoder"], settings), settings)
 
 
 def train_judge(task: str, settings: JudgeSettings, encoder_spec: str = MINILM, force: bool = False) -> tuple[dict, bool]:
@@ -300,16 +389,16 @@ def train_judge(task: str, settings: JudgeSettings, encoder_spec: str = MINILM, 
             and artifact_paths(task, settings)[0].is_file()):
         return meta, False
     features = RECIPES[task].featurize(data.items, make_encoder(encoder_spec, settings))
-    validation, estimator = validate(task, data, features)
-    return save_judge(task, settings, estimator, data, validation, encoder_spec), True
+    validation, estimators = validate(task, data, features)
+    return save_judge(task, settings, estimators, data, validation, encoder_spec), True
 
 
 def revalidate(task: str, settings: JudgeSettings) -> Validation:
-    """Measure the stored judge again (fixed split: the stored estimator scores the held-out rows;
-    leave-one-group-out: the folds are refit), from the current data and cached embeddings."""
+    """Measure the stored judge again from the current data and cached embeddings: its stored estimators
+    score the held-out rows; the system-held-out fits of a cross-fit task are refit."""
     judge = load_offline_judge(task, settings)
     data = judge_data(task, settings)
     features = RECIPES[task].featurize(data.items, judge.encoder)
-    return validate(task, data, features, stored=judge.estimator)[0]
+    return validate(task, data, features, stored=judge.estimators)[0]
 
 
