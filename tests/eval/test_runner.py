@@ -75,7 +75,7 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
         assert 0.0 <= alignx["benchmarks"][benchmark][key]["corrected"]["value"] <= 1.0
     assert "lc_win_rate" in alignx["benchmarks"]["alpacaeval"] and "corrected" not in alignx["benchmarks"]["alpacaeval"]["lc_win_rate"]
     report = (paths.root / "report.md").read_text()
-    assert "## Rates corrected for judge error" in report and "Read these for how often" in report
+    assert "## Rates corrected for judge error" in report and "- safety: **corrected**, unchecked" in report
     assert json.loads(paths.results.read_text())["methods"]["base"]["axis_scores"] == results["methods"]["base"]["axis_scores"]
 
     # an interruption mid-file: one finished row and a torn line remain

@@ -33,12 +33,30 @@ CORRECTED = tuple(c for c in COLUMNS if c[1] in ("win_rate", "unsafe_rate", "ref
 CORRECTED_NOTE = (
     "Each rate corrected for its judge's validated sensitivity and specificity (Rogan–Gladen; TI solves the truth and "
     "info judges' joint errors, assuming each judge errs on its own label only); the interval resamples the items and "
-    "the judge's validation set together, so it includes the judge's own uncertainty. **Read these for how often "
-    "something happens**: a raw rate mixes the true rate with the judge's false positives and negatives (a judge with "
-    "sensitivity 0.8 and specificity 0.7 reports 35 % unsafe when 10 % are). The raw rates above rank methods the same "
-    "way (one judge applies the same correction to every method) but understate the differences between them. The "
-    "correction assumes the judge errs on these responses as it did on its validation set."
+    "the judge's validation set together, so it includes the judge's own uncertainty. A raw rate mixes the true rate "
+    "with the judge's false positives and negatives (a judge with sensitivity 0.8 and specificity 0.7 reports 35 % "
+    "unsafe when 10 % are); the correction undoes that only if the judge errs on these answers as it did on its "
+    "validation set. Which to read, per judge:"
 )
+
+
+def reading_advice(results: dict) -> str:
+    """Per judge, which of its rates the evidence supports: where validation held a system out, the one that
+    came closer to the held-out systems' true rates; otherwise the corrected rate, saying it is unchecked."""
+    lines = []
+    for task, description in results["judges"].items():
+        points = description.get("points") or {}
+        if not description.get("confusion"):
+            lines.append(f"- {task}: raw only (this judge was not validated here, so there is nothing to correct with).")
+        elif f"{task}_rate_error" in points:
+            raw, fixed = points[f"{task}_rate_error"], points[f"{task}_rate_corrected_error"]
+            better = "corrected" if fixed <= raw else "raw"
+            lines.append(f"- {task}: **{better}**. On held-out systems the corrected rate missed the true rate by up to "
+                         f"{fixed:.1f} points, the raw rate by up to {raw:.1f}.")
+        else:
+            lines.append(f"- {task}: **corrected**, unchecked: its validation data come from one source, so no held-out "
+                         f"system could test whether its error rates transfer.")
+    return "\n".join(lines)
 
 
 def _cell(metric: dict | None) -> str:
@@ -69,7 +87,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                  for m, e in methods.items()]
     if any(cell != "–" for row in corrected for cell in row[1:]):
         out.append(("Rates corrected for judge error (%, 95 % CI over items and the judge's validation set)",
-                    ["method"] + [c[2] for c in CORRECTED], corrected, CORRECTED_NOTE))
+                    ["method"] + [c[2] for c in CORRECTED], corrected, CORRECTED_NOTE + "\n\n" + reading_advice(results)))
     collapse = [[m] + [("–" if row["relative"][a] is None else f"{row['relative'][a]:.2f}") for a in AXES]
                 + ["–" if not row["misrouting"] else " ".join(f"{a}={v:.2f}" for a, v in row["misrouting"].items())]
                 for m, row in results["axis_collapse"].items()]
@@ -112,7 +130,8 @@ def html_page(results: dict, plots: list[str]) -> str:
              "img{max-width:100%}</style>",
              f"<h1>AlignX evaluation ({html.escape(results['suite'])} suite)</h1>"]
     for title, header, rows, note in tables(results):
-        parts.append(f"<h2>{html.escape(title)}</h2>" + (f"<p>{html.escape(note).replace('**', '')}</p>" if note else "") + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        parts.append(f"<h2>{html.escape(title)}</h2>" + "".join(f"<p>{html.escape(line).replace('**', '')}</p>" for line in note.splitlines() if line)
+                     + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
     parts += [f"<h2>{html.escape(p)}</h2><img src='{html.escape(p)}'>" for p in plots]

@@ -223,7 +223,7 @@ def test_cli_train_validate_score(tmp_path, tiny_judge_data, capsys):
     names = [line.split()[0] for line in lines]
     headline = ["truth", "truth_nonverbatim", "helpfulness", "helpfulness_lenmatched", "helpfulness_loo", "refusal"]
     assert names[:6] == headline and set(headline) <= set(FIGURES)  # headline figures first, in FIGURES order
-    assert names[6:8] == ["helpfulness_wr_error", "helpfulness_lc_error"]  # then the win-rate errors, in points
+    assert names[6:9] == ["helpfulness_wr_error", "helpfulness_lc_error", "helpfulness_wr_corrected_error"]  # then the win-rate errors, in points
     assert "refusal_loo_worst_system" in names and "helpfulness_wr_gpt4_alpaca-7b" in names
     wr = {line.split()[0]: float(line.split("=")[1]) for line in lines if "points=" in line}
     assert wr["helpfulness_wr_gpt4_alpaca-7b"] == pytest.approx(26.4596, abs=1e-3)  # the AlpacaEval 1 leaderboard

@@ -14,7 +14,7 @@ from alignx.errors import AlignXError
 # figures, "<name> points=<x>" (HEADLINE_POINTS first), then baselines and per-system figures.
 FIGURES = ("safety", "truth", "truth_nonverbatim", "info", "info_nonverbatim", "helpfulness", "helpfulness_lenmatched",
            "helpfulness_loo", "refusal")
-HEADLINE_POINTS = ("helpfulness_wr_error", "helpfulness_lc_error")
+HEADLINE_POINTS = ("helpfulness_wr_error", "helpfulness_lc_error", "helpfulness_wr_corrected_error")
 
 
 def register(verbs) -> None:

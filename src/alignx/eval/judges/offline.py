@@ -28,7 +28,7 @@ from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task,
 from alignx.eval.judges.data import HELPFULNESS_GENERATORS, JudgeData, complete_item, data_dir, judge_data, prompt_fold, word_count
 from alignx.eval.judges.encoder import MINILM, TextEncoder
 from alignx.eval.judges.features import pair_difference, prompt_response_embeddings, reference_similarity, response_features
-from alignx.eval.statistics import length_controlled_win_rate, rate, win_outcomes
+from alignx.eval.statistics import corrected_cells, length_controlled_win_rate, rate, rates_of, win_outcomes
 from alignx.run import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 
@@ -204,6 +204,7 @@ def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | No
             extra[f"{task}_loo_{system}"] = value
             extra[f"{task}_loo_{system}_majority_baseline"] = float(max(labels[mine].mean(), 1 - labels[mine].mean()))
         extra[f"{task}_loo_worst_system"] = min(per_system.values())
+        points.update(rate_errors(task, data, strict))
         method = (f"{data.folds} prompt folds; prompts held out: each fold scored by the stored estimator fit on the other "
                   f"folds; prompts and systems held out: refit without the row's fold and system "
                   f"({', '.join(per_system)}), mean over systems")
@@ -217,10 +218,28 @@ def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | No
         extra["helpfulness_length_baseline"] = float(np.mean(longer[used] == labels[used]))
         matched = used & data.subsets["lenmatched"]
         extra["helpfulness_lenmatched_length_baseline"] = float(np.mean(longer[matched] == labels[matched]))
-        points = win_rate_errors(data, strict)
+        points.update(win_rate_errors(data, strict))
     if data.excluded:
         method += "; dropped from training: " + ", ".join(f"{count} {reason}" for reason, count in sorted(data.excluded.items()))
     return Validation(accuracy, n, extra, method, confusion(strict[used], labels[used]), points), estimators
+
+
+def rate_errors(task: str, data: JudgeData, scores: np.ndarray) -> dict[str, float]:
+    """Per held-out system, in points: how far the judge's positive rate on its labelled answers is from the
+    true rate, raw and corrected for judge error with the sensitivity and specificity measured on the other
+    systems (how an evaluation corrects a new model's rate); then the largest absolute error of each. This is
+    the check of the correction's one assumption, that the judge errs on a new model as it did on others."""
+    points = {}
+    for system in sorted(set(data.systems)):
+        mine, others = data.labelled & (data.systems == system), data.labelled & (data.systems != system)
+        truth = 100 * float(data.labels[mine].mean())
+        said = verdicts(scores[mine])
+        corrected = corrected_cells(said[:, None], [rates_of(confusion(scores[others], data.labels[others]))])[-1]
+        points[f"{task}_rate_error_{system}"] = 100 * float(said.mean()) - truth
+        points[f"{task}_rate_corrected_error_{system}"] = 100 * float(corrected) - truth
+    for kind in ("rate_error", "rate_corrected_error"):
+        points[f"{task}_{kind}"] = max(abs(v) for k, v in points.items() if k.startswith(f"{task}_{kind}_"))
+    return points
 
 
 def win_rate_errors(data: JudgeData, scores: np.ndarray) -> dict[str, float]:
@@ -228,11 +247,16 @@ def win_rate_errors(data: JudgeData, scores: np.ndarray) -> dict[str, float]:
     leaderboard counts them), GPT-4's leaderboard win rate, their difference, and the same for the
     length-controlled win rate of :func:`alignx.eval.statistics.length_controlled_win_rate` computed once on
     the judge's verdicts and once on GPT-4's. ``helpfulness_wr_error`` / ``helpfulness_lc_error``: the
-    largest absolute error over the generators."""
+    largest absolute error over the generators. ``helpfulness_wr_corrected_error``: the same for the win rate
+    corrected for judge error (:func:`alignx.eval.statistics.corrected_cells`) with the sensitivity and
+    specificity measured on the other generators, as an evaluation corrects a new model's win rate."""
     gpt4 = data.published
     points = {}
     for generator in HELPFULNESS_GENERATORS:
         mine = data.systems == generator
+        others = data.labelled & ~mine
+        corrected = corrected_cells(verdicts(scores[mine])[:, None], [rates_of(confusion(scores[others], data.labels[others]))])[-1]
+        points[f"helpfulness_wr_corrected_error_{generator}"] = 100 * corrected - gpt4[generator]
         judged = win_outcomes(scores[mine])
         lengths = np.array([len(it.response) for it, m in zip(data.items, mine) if m], dtype=float)
         references = np.array([len(it.reference or "") for it, m in zip(data.items, mine) if m], dtype=float)
@@ -243,6 +267,7 @@ def win_rate_errors(data: JudgeData, scores: np.ndarray) -> dict[str, float]:
                                                              - length_controlled_win_rate(data.outcomes[mine], lengths, references))
     points["helpfulness_wr_error"] = max(abs(points[f"helpfulness_wr_error_{g}"]) for g in HELPFULNESS_GENERATORS)
     points["helpfulness_lc_error"] = max(abs(points[f"helpfulness_lc_error_{g}"]) for g in HELPFULNESS_GENERATORS)
+    points["helpfulness_wr_corrected_error"] = max(abs(points[f"helpfulness_wr_corrected_error_{g}"]) for g in HELPFULNESS_GENERATORS)
     return points
 
 
@@ -358,7 +383,7 @@ class OfflineJudge(Judge):
         validation = self.meta["validation"]
         return {"task": self.task, "judge": self.spec, "recipe": self.meta["recipe"], "accuracy": validation["accuracy"],
                 "n": validation["n"], "validation": validation["method"], "confusion": validation["confusion"],
-                "created": self.meta["created"]}
+                "points": validation["points"], "created": self.meta["created"]}
 
 
 def make_encoder(spec: str, settings: JudgeSettings) -> TextEncoder:
