@@ -1,12 +1,13 @@
-"""Offline judges: small scikit-learn models on cached MiniLM features, trained on METHOD.md's judge data.
+"""Offline judges: small scikit-learn models on cached text embeddings (MiniLM, or the embedded SmolLM2's hidden states), trained on METHOD.md's judge data.
 
 One recipe per task (:data:`RECIPES`); ``alignx judge train`` fits it, validates it on labels it never
 saw (``data.py`` says which) and stores, in the judges directory::
 
-    <task>.skops   the fitted scikit-learn estimator (skops format, loaded with an explicit list of
-                   trusted types; never pickle)
+    <task>.skops   the fitted scikit-learn estimators: one, or one per prompt fold for a cross-fit task
+                   (skops format, loaded with an explicit list of trusted types; never pickle)
     <task>.json    task, recipe, feature spec, encoder, hashes of the exact training and validation
-                   rows, validated accuracy figures with their n, baselines, creation time, versions
+                   rows, validated accuracy figures with their n, baselines, the confusion counts that
+                   corrected rates use, win-rate and rate errors in points, creation time, versions
     embeddings-<encoder>.safetensors   the per-text embedding cache shared by all judges
 
 Loading re-hashes the judge data and refuses a judge trained on another data version, so an accuracy
