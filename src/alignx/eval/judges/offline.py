@@ -1,4 +1,5 @@
-"""Offline judges: small scikit-learn models on cached text embeddings (MiniLM, or the embedded SmolLM2's hidden states), trained on METHOD.md's judge data.
+"""Offline judges: small scikit-learn models on cached text embeddings (MiniLM, or the embedded SmolLM2's
+hidden states), trained on METHOD.md's judge data.
 
 One recipe per task (:data:`RECIPES`); ``alignx judge train`` fits it, validates it on labels it never
 saw (``data.py`` says which) and stores, in the judges directory::
