@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alignx.axes import AXES
 from alignx.eval.benchmarks import HEADLINE
+from alignx.eval.statistics import rates_of
 from alignx.run import atomic_write_text
 
 # (benchmark, metric, column title, higher is better)
@@ -70,8 +71,7 @@ def _rates(description: dict) -> list[str]:
     confusion = description.get("confusion")
     if not confusion:
         return ["–", "–"]
-    tp, fn, tn, fp = (confusion[k] for k in ("tp", "fn", "tn", "fp"))
-    return [f"{tp / max(tp + fn, 1):.3f}", f"{tn / max(tn + fp, 1):.3f}"]
+    return [f"{rate:.3f}" for rate in rates_of(confusion)]
 
 
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:

@@ -31,6 +31,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -76,9 +77,9 @@ class JudgeData:
         if self.labelled is None:
             self.labelled = np.ones(len(self.items), bool)
 
-    @property
+    @cached_property
     def fold(self) -> np.ndarray:
-        """The prompt fold of every row (all 0 for a fixed split)."""
+        """The prompt fold of every row (all 0 for a fixed split); hashed once per data set."""
         return np.array([prompt_fold(item.prompt, self.folds) for item in self.items], dtype=int)
 
     @property

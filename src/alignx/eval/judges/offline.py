@@ -227,6 +227,13 @@ def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | No
     return Validation(accuracy, n, extra, method, confusion(strict[used], labels[used]), points), estimators
 
 
+def corrected_as_new_system(data: JudgeData, scores: np.ndarray, rows: np.ndarray, system: str) -> float:
+    """The positive rate of ``rows`` corrected for judge error with the sensitivity and specificity measured
+    on the other systems' labelled rows: how an evaluation corrects the rate of a model the judge never saw."""
+    others = data.labelled & (data.systems != system)
+    return float(corrected_cells(verdicts(scores[rows])[:, None], [rates_of(confusion(scores[others], data.labels[others]))])[-1])
+
+
 def rate_errors(task: str, data: JudgeData, scores: np.ndarray) -> dict[str, float]:
     """Per held-out system, in points: how far the judge's positive rate on its labelled answers is from the
     true rate, raw and corrected for judge error with the sensitivity and specificity measured on the other
@@ -234,12 +241,10 @@ def rate_errors(task: str, data: JudgeData, scores: np.ndarray) -> dict[str, flo
     the check of the correction's one assumption, that the judge errs on a new model as it did on others."""
     points = {}
     for system in sorted(set(data.systems)):
-        mine, others = data.labelled & (data.systems == system), data.labelled & (data.systems != system)
+        mine = data.labelled & (data.systems == system)
         truth = 100 * float(data.labels[mine].mean())
-        said = verdicts(scores[mine])
-        corrected = corrected_cells(said[:, None], [rates_of(confusion(scores[others], data.labels[others]))])[-1]
-        points[f"{task}_rate_error_{system}"] = 100 * float(said.mean()) - truth
-        points[f"{task}_rate_corrected_error_{system}"] = 100 * float(corrected) - truth
+        points[f"{task}_rate_error_{system}"] = 100 * float(verdicts(scores[mine]).mean()) - truth
+        points[f"{task}_rate_corrected_error_{system}"] = 100 * corrected_as_new_system(data, scores, mine, system) - truth
     for kind in ("rate_error", "rate_corrected_error"):
         points[f"{task}_{kind}"] = max(abs(v) for k, v in points.items() if k.startswith(f"{task}_{kind}_"))
     return points
@@ -257,9 +262,7 @@ def win_rate_errors(data: JudgeData, scores: np.ndarray) -> dict[str, float]:
     points = {}
     for generator in HELPFULNESS_GENERATORS:
         mine = data.systems == generator
-        others = data.labelled & ~mine
-        corrected = corrected_cells(verdicts(scores[mine])[:, None], [rates_of(confusion(scores[others], data.labels[others]))])[-1]
-        points[f"helpfulness_wr_corrected_error_{generator}"] = 100 * corrected - gpt4[generator]
+        points[f"helpfulness_wr_corrected_error_{generator}"] = 100 * corrected_as_new_system(data, scores, mine, generator) - gpt4[generator]
         judged = win_outcomes(scores[mine])
         lengths = np.array([len(it.response) for it, m in zip(data.items, mine) if m], dtype=float)
         references = np.array([len(it.reference or "") for it, m in zip(data.items, mine) if m], dtype=float)
