@@ -63,8 +63,8 @@ def test_fold_models_early_stop_outside_the_fold_they_leave_out(monkeypatch):
     real_data = BankRows.data
     monkeypatch.setattr(BankRows, "data", lambda self, model, mask: masks.append(mask.clone()) or real_data(self, model, mask))
     config = Stage2Config(latent_dim=4, router_hidden=16, max_epochs=1)
-    logits = crossfit.out_of_fold_logits(config, rows, (1, 2), 64, log=lambda *_: None)
-    assert logits is not None and logits.shape == (int((~rows.calibration).sum()), 3)
+    parts = crossfit.out_of_fold_parts(config, rows, (1, 2), 64, log=lambda *_: None)
+    assert parts is not None and parts.router.shape == parts.fractal.shape == (int((~rows.calibration).sum()), 3)
     stopping = masks[0::2]  # per fold: the early-stopping rows, then the rows it predicts
     predicted = masks[1::2]
     for k, (stop, unseen) in enumerate(zip(stopping, predicted)):

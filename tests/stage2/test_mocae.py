@@ -7,7 +7,7 @@ import torch
 
 from alignx.config import Stage2Config
 from alignx.stage2.mocae import MoCaE
-from alignx.stage2.train import build_model, calibration_nll, fit_output_temperature, routing_data, train_mocae
+from alignx.stage2.train import build_model, calibration_nll, fit_head, train_mocae
 
 LAYERS = (1, 2)
 MAX_LENGTH = 64
@@ -33,12 +33,12 @@ def _trained(config, spread=1.0):
     router, calibrator, labels = _bank(120, seed=0, spread=spread)
     model, train = build_model(config, router, calibrator, labels, LAYERS, MAX_LENGTH)
     cal_router, cal_calibrator, cal_labels = _bank(40, seed=1, spread=spread)
-    calibration = routing_data(model, cal_router, cal_calibrator, cal_labels)
+    calibration = model.data_for(cal_router, cal_calibrator, cal_labels)
     train_mocae(model, train, calibration, config, log=lambda *_: None)
     if config.output_calibration:
         with torch.no_grad():
-            logits = model(calibration.h, calibration.log_fractal, calibrated=False)
-        fit_output_temperature(model, logits, calibration.labels)
+            parts = model.parts(calibration)
+        fit_head(model, parts, calibration.labels)
     return model, calibration
 
 
@@ -57,7 +57,7 @@ def test_output_temperature_lowers_calibration_nll():
     model, calibration = _trained(_config(), spread=2.5)  # overlapping clusters: calibration matters
     before = calibration_nll(model, calibration, calibrated=False)
     after = calibration_nll(model, calibration, calibrated=True)
-    assert float(model.log_t_out.exp()) != pytest.approx(1.0)
+    assert model.head.temperature != pytest.approx(1.0)
     assert after < before
 
 
@@ -65,7 +65,7 @@ def test_uncalibrated_variant_is_the_router_alone():
     model, calibration = _trained(_config(use_fractal=False, use_natural=False, output_calibration=False))
     assert model.fractal is None and model.natural is None
     with torch.no_grad():
-        assert torch.allclose(model(calibration.h, None).exp(), model.router.log_probs(calibration.h).exp())
+        assert torch.allclose(model(calibration).exp(), model.router.log_probs(calibration.h).exp())
 
 
 def test_off_manifold_prompts_fall_back(tmp_path):
@@ -75,11 +75,33 @@ def test_off_manifold_prompts_fall_back(tmp_path):
     assert routing.ood.all() and torch.equal(routing.weights, torch.zeros(20, 3))  # base model: experts off
 
 
-def test_save_and_load_route_identically(tmp_path):
-    model, _ = _trained(_config())
+@pytest.mark.parametrize("changes", [{}, {"combination": "pooled", "output_head": "dirichlet", "typicality_temperature": True}])
+def test_save_and_load_route_identically(tmp_path, changes):
+    model, _ = _trained(_config(**changes))
     model.save(tmp_path)
     loaded = MoCaE.load(tmp_path)
     router, calibrator, _ = _bank(10, seed=4)
     a, b = model.route(router, calibrator), loaded.route(router, calibrator)
     assert torch.allclose(a.weights, b.weights, atol=1e-6) and torch.equal(a.ood, b.ood)
     assert loaded.layers == LAYERS and loaded.max_length == MAX_LENGTH
+
+
+def test_a_pooled_router_trains_on_log_p_alone_whatever_the_calibrators():
+    """The benchmark shares one trunk between every variant whose router trains alone (crossfit.trunk_of)."""
+    routers = [_trained(_config(**changes))[0].router.state_dict() for changes in (
+        {"combination": "pooled"}, {"combination": "pooled", "use_natural": False},
+        {"use_fractal": False, "use_natural": False})]
+    for other in routers[1:]:
+        assert all(torch.equal(routers[0][k], other[k]) for k in routers[0])
+
+
+def test_pooled_head_fits_exponents_and_beats_the_router_alone_when_the_calibrators_know_more():
+    model, calibration = _trained(_config(combination="pooled"), spread=2.5)
+    assert model.head.terms == ("fractal", "natural")
+    assert calibration_nll(model, calibration, calibrated=True) < calibration_nll(model, calibration, calibrated=False)
+    assert model.head.exponents.abs().sum() > 0
+
+
+def test_a_zero_lambda_keeps_a_calibrator_out_of_the_pooled_head():
+    model, _ = _trained(_config(combination="pooled", lambda_fractal=0.0))
+    assert model.head.terms == ("natural",) and model.fractal is not None  # the fractal calibrator still gates

@@ -7,7 +7,8 @@ router is right less often. Cross-fitting over source groups imitates that shift
 evaluation prompt: each fold leaves out whole sources, the model is refitted on the rest, and the held-out
 fold is scored as unseen data. T_out is then fitted on those out-of-fold predictions.
 
-Which calibration to use is itself chosen without evaluation prompts: :func:`nested_calibration_scores`
+The same folds choose between whole designs (:func:`nested_scores`, used by ``benchmarks/routing_quality.py``)
+and between ways of fitting the head. Which calibration to use is itself chosen without evaluation prompts: :func:`nested_calibration_scores`
 holds out each source-group fold in turn, runs every candidate on the other folds alone (the inner
 cross-fit over the remaining groups), and scores the calibrated router on the held-out fold.
 ``stage2.calibration: auto`` makes Stage 2 pick the candidate with the lower nested NLL and record the
@@ -24,11 +25,14 @@ import dataclasses
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 
 from alignx.axes import AXES
 from alignx.config import DataConfig, Stage2Config
 from alignx.eval.metrics import expected_calibration_error, negative_log_likelihood
-from alignx.stage2.train import BankRows, build_model, nll_temperature, train_mocae
+from alignx.stage2.heads import OutputHead, Parts
+from alignx.stage2.mocae import MoCaE, base_logits, head_for, log_weights, parts_for
+from alignx.stage2.train import BankRows, build_model, train_mocae
 
 FOLDS = 3
 CANDIDATES = ("hash", "cross-fit")  # what ``stage2.calibration: auto`` chooses between
@@ -73,18 +77,43 @@ def _balanced(groups: list[str]) -> torch.Tensor:
     return torch.tensor([fold_of[g] for g in groups])
 
 
-def out_of_fold_logits(variant: Stage2Config, rows: BankRows, layers: tuple[int, int], max_length: int, log=print) -> torch.Tensor | None:
-    """log w (at T_out = 1) of every fitting row (``~rows.calibration``), each predicted by a model fitted
-    without its fold; None when some fold would leave an axis with too few rows to fit (then the caller
-    keeps the hash split).
+def trunk_of(variant: Stage2Config) -> Stage2Config:
+    """The fit whose router and calibrators ``variant``'s predictions come from (everything but the head).
+
+    Every variant whose router trains on log p alone (``pooled``, or no calibrators at all) shares one trunk:
+    the router trained alone, with both calibrators fitted beside it; each variant then reads the parts it
+    uses (:func:`~.mocae.parts_for`). Neither calibrator touches the router's training or its random state,
+    so this is the same router each of those variants would fit on its own (tested).
+    """
+    plain = dict(name="trunk", output_calibration=False, output_head="temperature", typicality_temperature=False,
+                 calibration="cross-fit")
+    if variant.combination == "pooled" or not (variant.use_fractal or variant.use_natural):
+        return dataclasses.replace(variant, combination="pooled", use_fractal=True, use_natural=True,
+                                   lambda_fractal=1.0, lambda_natural=1.0, **plain)
+    return dataclasses.replace(variant, **plain)
+
+
+def fit_trunk(trunk: Stage2Config, rows: BankRows, train: torch.Tensor, stopping: torch.Tensor,
+              layers: tuple[int, int], max_length: int) -> MoCaE:
+    """A model fitted as Stage 2 fits it, on the ``train`` rows, early-stopping on the ``stopping`` rows."""
+    model, data = build_model(trunk, rows.router[train], rows.calibrator[train], rows.labels[train], layers, max_length)
+    train_mocae(model, data, rows.data(model, stopping), trunk, log=_silent)
+    return model
+
+
+def out_of_fold_parts(variant: Stage2Config, rows: BankRows, layers: tuple[int, int], max_length: int,
+                      log=print) -> Parts | None:
+    """The parts (log p, log q^frac, log q^nat, log u_max) of every fitting row (``~rows.calibration``), each
+    predicted by a model fitted without its fold; None when some fold would leave an axis with too few rows to
+    fit (then the caller keeps the hash split).
 
     A fold model early-stops on the hash calibration rows *outside* its left-out fold: rows of the left-out
     sources would tell it when it does well on them, and weaken the very shift the folds imitate.
     """
-    quiet = dataclasses.replace(variant, output_calibration=False)
+    trunk = trunk_of(variant)
     fitting = ~rows.calibration
-    labels, folds = rows.labels[fitting], rows.folds[fitting]
-    out = torch.empty(len(labels), len(AXES))
+    folds = rows.folds[fitting]
+    out = None
     for k in range(FOLDS):
         held = folds == k
         if not held.any():
@@ -94,28 +123,40 @@ def out_of_fold_logits(variant: Stage2Config, rows: BankRows, layers: tuple[int,
         counts = torch.bincount(rows.labels[train], minlength=len(AXES))
         if int(counts.min()) < 8 or not stopping.any():
             return None
-        model, data = build_model(quiet, rows.router[train], rows.calibrator[train], rows.labels[train], layers, max_length)
-        train_mocae(model, data, rows.data(model, stopping), quiet, log=lambda *_: None)
-        unseen = rows.data(model, fitting & (rows.folds == k))
+        model = fit_trunk(trunk, rows, train, stopping, layers, max_length)
         with torch.no_grad():
-            out[held] = model(unseen.h, unseen.log_fractal, calibrated=False)
-    log(f"[stage2] {variant.name}: out-of-fold predictions over {FOLDS} source-group folds for T_out")
+            out = model.parts(rows.data(model, fitting & (rows.folds == k))).scatter(len(folds), held, out)
+    log(f"[stage2] {variant.name}: out-of-fold predictions over {FOLDS} source-group folds for the output head")
     return out
 
 
-def nested_calibration_scores(variant: Stage2Config, rows: BankRows, layers: tuple[int, int], max_length: int,
-                              log=print) -> dict[str, dict[str, float]] | None:
-    """Each calibration candidate's NLL and ECE on source groups that neither its router nor its T_out saw.
+def fitted_head(variant: Stage2Config, parts: Parts, labels: torch.Tensor) -> OutputHead:
+    """``variant``'s output head fitted on ``parts`` (predictions on rows their models never saw)."""
+    head = head_for(variant, parts.router.shape[1])
+    used = parts_for(variant, parts)
+    return head.fit(base_logits(variant, used), used, labels, variant.class_balanced)
 
-    For each source-group fold k: the router is fitted exactly as Stage 2 fits it, on the other folds' rows
-    (early stopping on their calibration rows); each candidate fits T_out from those folds alone (``hash``:
-    their calibration rows; ``cross-fit``: out-of-fold predictions over the remaining groups); every row of
-    fold k then scores the calibrated router. Returns the mean over folds per candidate, or None when the
-    banks are too small to nest.
+
+def routing_scores(log_w: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """NLL, ECE (15 bins) and the class-balanced NLL (the mean over axes of each axis's NLL)."""
+    probs = log_w.exp()
+    per_axis = [float(F.nll_loss(log_w[labels == a], labels[labels == a])) for a in labels.unique().tolist()]
+    return {"nll": negative_log_likelihood(probs, labels), "ece": expected_calibration_error(probs, labels),
+            "balanced_nll": sum(per_axis) / len(per_axis)}
+
+
+def nested_scores(variants: list[Stage2Config], rows: BankRows, layers: tuple[int, int], max_length: int,
+                  sources: tuple[str, ...] = ("cross-fit",), log=print) -> dict[tuple[str, str], dict[str, float]] | None:
+    """Each variant's scores on source groups that neither its router nor its head saw, per way of fitting the
+    head (``sources``: ``cross-fit`` = out-of-fold predictions over the remaining groups, ``hash`` = their hash
+    calibration rows).
+
+    For each source-group fold k: each trunk (:func:`trunk_of`) is fitted exactly as Stage 2 fits it, on the
+    other folds' rows (early stopping on their calibration rows); each variant's head is fitted from those
+    folds alone; every row of fold k then scores the calibrated router. Returns the mean over folds per
+    (variant name, source), or None when the banks are too small to nest. Trunks are shared between variants.
     """
-    quiet = dataclasses.replace(variant, output_calibration=False)
-    silent = lambda *_: None  # noqa: E731
-    scores: dict[str, dict[str, list[float]]] = {c: {"nll": [], "ece": []} for c in CANDIDATES}
+    totals: dict[tuple[str, str], dict[str, list[float]]] = {}
     for k in range(FOLDS):
         held = rows.folds == k
         if not held.any():
@@ -124,23 +165,43 @@ def nested_calibration_scores(variant: Stage2Config, rows: BankRows, layers: tup
         fitting = ~inner.calibration
         if int(torch.bincount(inner.labels[fitting], minlength=len(AXES)).min()) < 8 or not inner.calibration.any():
             return None
-        model, data = build_model(quiet, inner.router[fitting], inner.calibrator[fitting], inner.labels[fitting],
-                                  layers, max_length)
-        train_mocae(model, data, inner.data(model, inner.calibration), quiet, log=silent)
-        unseen = rows.data(model, held)
-        calibration = inner.data(model, inner.calibration)
-        with torch.no_grad():
-            test_logits = model(unseen.h, unseen.log_fractal, calibrated=False)
-            candidates = {"hash": (model(calibration.h, calibration.log_fractal, calibrated=False), calibration.labels)}
-        inner_logits = out_of_fold_logits(variant, inner, layers, max_length, log=silent)
-        if inner_logits is None:
-            return None
-        candidates["cross-fit"] = (inner_logits, inner.labels[fitting])
-        for name, (logits, labels) in candidates.items():
-            probs = torch.softmax(test_logits / nll_temperature(logits, labels), dim=-1)
-            scores[name]["nll"].append(negative_log_likelihood(probs, unseen.labels))
-            scores[name]["ece"].append(expected_calibration_error(probs, unseen.labels))
-    summary = {name: {metric: round(sum(v) / len(v), 5) for metric, v in values.items()} for name, values in scores.items()}
+        fits = {}
+        for trunk in {_key(trunk_of(v)): trunk_of(v) for v in variants}.values():
+            model = fit_trunk(trunk, inner, fitting, inner.calibration, layers, max_length)
+            inner_parts = out_of_fold_parts(trunk, inner, layers, max_length, log=_silent) if "cross-fit" in sources else None
+            if "cross-fit" in sources and inner_parts is None:
+                return None
+            with torch.no_grad():
+                fits[_key(trunk)] = {"unseen": model.parts(rows.data(model, held)),
+                               "cross-fit": (inner_parts, inner.labels[fitting]),
+                               "hash": (model.parts(inner.data(model, inner.calibration)), inner.labels[inner.calibration])}
+        for variant in variants:
+            fit = fits[_key(trunk_of(variant))]
+            for source in sources:
+                parts, labels = fit[source]
+                head = fitted_head(variant, parts, labels)
+                with torch.no_grad():
+                    scores = routing_scores(log_weights(variant, head, fit["unseen"]), rows.labels[held])
+                for metric, value in scores.items():
+                    totals.setdefault((variant.name, source), {}).setdefault(metric, []).append(value)
+    return {key: {metric: round(sum(v) / len(v), 5) for metric, v in values.items()} for key, values in totals.items()}
+
+
+def nested_calibration_scores(variant: Stage2Config, rows: BankRows, layers: tuple[int, int], max_length: int,
+                              log=print) -> dict[str, dict[str, float]] | None:
+    """Each way of fitting the head (:data:`CANDIDATES`) scored on unseen source groups (:func:`nested_scores`)."""
+    scores = nested_scores([variant], rows, layers, max_length, CANDIDATES, log=log)
+    if scores is None:
+        return None
+    summary = {source: scores[(variant.name, source)] for source in CANDIDATES}
     log(f"[stage2] {variant.name}: nested source-group folds, calibrated NLL / ECE on unseen groups: "
         + ", ".join(f"{name} {s['nll']:.3f} / {s['ece']:.3f}" for name, s in summary.items()))
     return summary
+
+
+def _key(config: Stage2Config) -> tuple:
+    return tuple(sorted(dataclasses.asdict(config).items()))
+
+
+def _silent(*_) -> None:
+    pass

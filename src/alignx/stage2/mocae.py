@@ -1,10 +1,17 @@
 """MoCaE: the router's distribution calibrated by geometry (fractal) and semantics (natural).
 
-c = λ₁·q^frac + λ₂·q^nat (λ₁ = 0.6, λ₂ = 0.4 [paper]), w = softmax((log p + log c) / T_out), where T_out is
-fitted on a held-out calibration split by NLL (output calibration). Then the out-of-distribution gate:
-a prompt whose max typicality is below α fits no axis and gets the configured fallback (a uniform mix,
-or the base model = all-zero expert weights). Each part can be switched off for ablations; with both
-calibrators and T_out off this is exactly ``moe-uncalibrated`` (w = p).
+Two combinations (``stage2.combination``; see :mod:`.heads`):
+
+* ``mixture`` [paper]: c = λ₁·q^frac + λ₂·q^nat (λ₁ = 0.6, λ₂ = 0.4 [paper]), w = softmax((log p + log c) / T_out),
+  the router trained through log c;
+* ``pooled`` [ours]: the router trained alone, then w = softmax(a·log p + b·log q^frac + c·log q^nat), the
+  exponents fitted out of fold like T_out (log-linear pooling).
+
+The output head (T_out, or vector / Dirichlet scaling) is fitted after training on predictions the pipeline
+chooses (:mod:`.crossfit`). Then the out-of-distribution gate: a prompt whose max typicality is below α fits
+no axis and gets the configured fallback (a uniform mix, or the base model = all-zero expert weights). Each
+part can be switched off for ablations; with both calibrators and the head off this is exactly
+``moe-uncalibrated`` (w = p).
 """
 
 from __future__ import annotations
@@ -21,8 +28,27 @@ from alignx.errors import AlignXError
 from alignx.run import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from alignx.stage2.feature_space import FeatureSpace
 from alignx.stage2.fractal import FractalCalibrator
+from alignx.stage2.heads import TERMS, OutputHead, Parts
 from alignx.stage2.natural import NaturalCalibrator
 from alignx.stage2.router import Router
+
+
+@dataclass
+class RoutingData:
+    """Standardised router features, the fractal calibrator's typicality u and log q^frac (None without it), and
+    gold axes (None at inference)."""
+
+    h: torch.Tensor
+    typicality: torch.Tensor | None
+    labels: torch.Tensor | None = None
+
+    @property
+    def log_fractal(self) -> torch.Tensor | None:
+        return None if self.typicality is None else FractalCalibrator.distribution(self.typicality).log()
+
+    def subset(self, index: torch.Tensor) -> "RoutingData":
+        return RoutingData(self.h[index], None if self.typicality is None else self.typicality[index],
+                           None if self.labels is None else self.labels[index])
 
 
 @dataclass
@@ -36,6 +62,55 @@ class Routing:
     calibrated: torch.Tensor  # w before the gate
     weights: torch.Tensor  # w after the gate (all zeros = the base model)
     ood: torch.Tensor  # [Q] bool: flagged by the gate
+
+
+def base_logits(config: Stage2Config, parts: Parts) -> torch.Tensor:
+    """What the head maps: log p + log c (``mixture``), or log p alone (``pooled``: the calibrators are the
+    head's own terms). ``parts`` holds only the calibrators that are on."""
+    if config.combination == "pooled":
+        return parts.router
+    log_c = log_calibration(config, parts)
+    return parts.router if log_c is None else parts.router + log_c
+
+
+def log_calibration(config: Stage2Config, parts: Parts) -> torch.Tensor | None:
+    """log c = log(λ₁·q^frac + λ₂·q^nat) with λ renormalised over the calibrators that are on."""
+    terms = [(weight, log_q) for weight, log_q in ((config.lambda_fractal, parts.fractal),
+                                                   (config.lambda_natural, parts.natural)) if log_q is not None]
+    if not terms:
+        return None
+    total = sum(weight for weight, _ in terms)
+    if total <= 0:
+        raise AlignXError("stage2.lambda_fractal + stage2.lambda_natural must be > 0 for the calibrators that are on")
+    stacked = torch.stack([math.log(weight / total) + log_q if weight > 0 else torch.full_like(log_q, -math.inf)
+                           for weight, log_q in terms])
+    return torch.logsumexp(stacked, dim=0)
+
+
+def head_for(config: Stage2Config, num_axes: int) -> OutputHead:
+    """The (unfitted) output head ``config`` asks for: a pooled head takes each calibrator that is on and whose
+    λ is > 0 as a term."""
+    terms = ()
+    if config.combination == "pooled":
+        terms = tuple(t for t, on, weight in zip(TERMS, (config.use_fractal, config.use_natural),
+                                                 (config.lambda_fractal, config.lambda_natural)) if on and weight > 0)
+    return OutputHead(num_axes, config.output_head, terms, config.typicality_temperature and config.use_fractal)
+
+
+def log_weights(config: Stage2Config, head: OutputHead, parts: Parts, *, calibrated: bool = True) -> torch.Tensor:
+    """log w from ``parts`` (restricted to ``config``'s calibrators): the head on the base logits, or without
+    ``calibrated`` (or with ``output_calibration`` off) the base logits normalised."""
+    parts = parts_for(config, parts)
+    base = base_logits(config, parts)
+    if calibrated and config.output_calibration:
+        return head(base, parts)
+    return torch.log_softmax(base, dim=-1)
+
+
+def parts_for(config: Stage2Config, parts: Parts) -> Parts:
+    """``parts`` with the calibrators ``config`` switches off removed (the typicality stays: it gates)."""
+    return Parts(parts.router, parts.fractal if config.use_fractal else None,
+                 parts.natural if config.use_natural else None, parts.typicality if config.use_fractal else None)
 
 
 class MoCaE(nn.Module):
@@ -56,53 +131,49 @@ class MoCaE(nn.Module):
         self.router = router
         self.natural = natural if config.use_natural else None
         self.fractal = fractal if config.use_fractal else None
-        self.register_buffer("log_t_out", torch.zeros(()))
+        self.head = head_for(config, len(self.axes))
+
+    def data_for(self, router_features: torch.Tensor, calibrator_features: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> RoutingData:
+        """Raw pooled features of fresh prompts (scored against the full clouds) as the model's inputs."""
+        u = self.fractal.typicality(self.space.latent(calibrator_features)) if self.fractal is not None else None
+        return RoutingData(self.space.router(router_features), u, labels)
 
     # ---- the combination ----------------------------------------------------------------------------
-    def log_calibration(self, h: torch.Tensor, log_fractal: torch.Tensor | None) -> torch.Tensor | None:
-        """log c = log(λ₁·q^frac + λ₂·q^nat) with λ renormalised over the calibrators that are on."""
-        parts = []
-        if self.fractal is not None and log_fractal is not None:
-            parts.append((self.config.lambda_fractal, log_fractal))
-        if self.natural is not None:
-            parts.append((self.config.lambda_natural, self.natural.log_probs(h)))
-        if not parts:
-            return None
-        total = sum(weight for weight, _ in parts)
-        if total <= 0:
-            raise AlignXError("stage2.lambda_fractal + stage2.lambda_natural must be > 0 for the calibrators that are on")
-        stacked = torch.stack([math.log(weight / total) + log_q if weight > 0 else torch.full_like(log_q, -math.inf)
-                               for weight, log_q in parts])
-        return torch.logsumexp(stacked, dim=0)
+    def parts(self, data) -> Parts:
+        """log p, log q^frac, log q^nat and log u_max of ``data`` (a :class:`~.train.RoutingData`)."""
+        return Parts(
+            router=self.router.log_probs(data.h),
+            fractal=data.log_fractal if self.fractal is not None else None,
+            natural=self.natural.log_probs(data.h) if self.natural is not None else None,
+            typicality=data.typicality.max(dim=1).values.log() if self.fractal is not None else None,
+        )
 
-    def forward(self, h: torch.Tensor, log_fractal: torch.Tensor | None, *, calibrated: bool = True) -> torch.Tensor:
-        """log w for standardised router features ``h`` and precomputed log q^frac."""
-        logits = self.router.log_probs(h)
-        log_c = self.log_calibration(h, log_fractal)
-        if log_c is not None:
-            logits = logits + log_c
-        temperature = self.log_t_out.exp() if (calibrated and self.config.output_calibration) else 1.0
-        return torch.log_softmax(logits / temperature, dim=-1)
+    def base_logits(self, parts: Parts) -> torch.Tensor:
+        return base_logits(self.config, parts)
+
+    def forward(self, data, *, calibrated: bool = True) -> torch.Tensor:
+        """log w of ``data`` (standardised router features, log q^frac and log u_max: a RoutingData). Without
+        ``calibrated`` it is what the router is trained on: the base logits, normalised, with no head."""
+        return log_weights(self.config, self.head, self.parts(data), calibrated=calibrated)
 
     @torch.no_grad()
     def route(self, router_features: torch.Tensor, calibrator_features: torch.Tensor) -> Routing:
         """Route raw (unstandardised) pooled features of a batch of prompts."""
-        h = self.space.router(router_features)
-        u = self.fractal.typicality(self.space.latent(calibrator_features)) if self.fractal is not None else None
-        q_frac = FractalCalibrator.distribution(u) if u is not None else None
-        log_w = self.forward(h, q_frac.log() if q_frac is not None else None)
-        calibrated = log_w.exp()
+        data = self.data_for(router_features, calibrator_features)
+        u = data.typicality
+        calibrated = self.forward(data).exp()
         weights = calibrated.clone()
-        ood = torch.zeros(len(h), dtype=torch.bool)
+        ood = torch.zeros(len(data.h), dtype=torch.bool)
         if u is not None:
             ood = u.max(dim=1).values < self.config.ood_alpha
             fallback = 0.0 if self.config.ood_fallback == "base" else 1.0 / len(self.axes)
             weights[ood] = fallback
         return Routing(
-            router=self.router.log_probs(h).exp(),
-            fractal=q_frac,
+            router=self.router.log_probs(data.h).exp(),
+            fractal=data.log_fractal.exp() if data.log_fractal is not None else None,
             typicality=u,
-            natural=self.natural.log_probs(h).exp() if self.natural is not None else None,
+            natural=self.natural.log_probs(data.h).exp() if self.natural is not None else None,
             calibrated=calibrated,
             weights=weights,
             ood=ood,
@@ -111,7 +182,7 @@ class MoCaE(nn.Module):
     # ---- persistence --------------------------------------------------------------------------------
     def save(self, directory: Path, fitted_from: dict | None = None) -> None:
         """Write the router; ``fitted_from`` records what it was fitted from (Stage 2 skips a refit while it matches)."""
-        tensors = {**self.space.state(), "log_t_out": self.log_t_out}
+        tensors = {**self.space.state(), **{f"head.{k}": v for k, v in self.head.state_dict().items()}}
         tensors.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
         if self.natural is not None:
             tensors.update({f"natural.{k}": v for k, v in self.natural.state_dict().items()})
@@ -126,7 +197,8 @@ class MoCaE(nn.Module):
                 "calibrator_layer": self.layers[1],
                 "feature_max_length": self.max_length,
                 "router_in_dim": self.router.phi.in_features,
-                "output_temperature": float(self.log_t_out.exp()),
+                "output_temperature": self.head.temperature if self.config.output_calibration else None,
+                "output_head": self.head.describe(),
                 "stage2": asdict(self.config),
                 **({"fitted_from": fitted_from} if fitted_from is not None else {}),
             },
@@ -155,5 +227,8 @@ class MoCaE(nn.Module):
         model = cls(config, axes, FeatureSpace.from_state(tensors), router, natural, fractal,
                     (meta["router_layer"], meta["calibrator_layer"]),
                     meta.get("feature_max_length", FeatureConfig().max_length))  # older files: the default they used
-        model.log_t_out.copy_(tensors["log_t_out"])
+        if "log_t_out" in tensors:  # files before output heads: a temperature T_out
+            model.head.matrix.copy_(torch.eye(len(axes)) / tensors["log_t_out"].exp())
+        else:
+            model.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         return model.eval()

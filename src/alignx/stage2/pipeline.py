@@ -30,11 +30,20 @@ from alignx.axes import AXES
 from alignx.config import AlignXConfig, Stage2Config
 from alignx.errors import AlignXError
 from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, file_sha256, load_safetensors
-from alignx.stage2.crossfit import bank_folds, nested_calibration_scores, out_of_fold_logits
-from alignx.stage2.mocae import MoCaE
-from alignx.stage2.train import BankRows, RoutingData, build_model, fit_output_temperature, routing_data, train_mocae
+from alignx.stage2.crossfit import bank_folds, nested_calibration_scores, out_of_fold_parts
+from alignx.stage2.mocae import MoCaE, RoutingData
+from alignx.stage2.train import BankRows, build_model, fit_head, train_mocae
 
 BASELINE = "moe-uncalibrated"
+PAPER = "paper"  # the paper's combination, kept as a named ablation beside whatever the default is
+
+
+def paper_variant(stage2: Stage2Config) -> Stage2Config:
+    """``stage2`` with the paper's combination: log p + log(0.6·q^frac + 0.4·q^nat), the router trained through
+    it, then T_out; no local-dimension term, no typicality temperature."""
+    return dataclasses.replace(stage2, name=PAPER, use_fractal=True, use_natural=True, combination="mixture",
+                               output_calibration=True, output_head="temperature", typicality_temperature=False,
+                               lambda_fractal=0.6, lambda_natural=0.4, dimension_weight=0.0)
 
 
 def stage2_dir(run: RunDir) -> Path:
@@ -197,7 +206,8 @@ def stack_banks(banks: Banks, config: AlignXConfig) -> BankRows:
 
 
 def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
-    """Train ``config.stage2`` (and the uncalibrated baseline), evaluate routing, write the report.
+    """Train ``config.stage2`` (and the uncalibrated baseline and the paper's combination), evaluate routing,
+    write the report.
 
     A run whose report already covers the same routers, fitted with the same settings from the same bank
     files and evaluated on the same prompts, is left as it is unless ``force``.
@@ -211,6 +221,9 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
         variants.append(dataclasses.replace(
             config.stage2, name=BASELINE, use_fractal=False, use_natural=False, output_calibration=False
         ))
+    paper = paper_variant(config.stage2)
+    if config.stage2.name not in (BASELINE, PAPER) and dataclasses.replace(paper, name=config.stage2.name) != config.stage2:
+        variants.append(paper)
     with run.lock():
         out = stage2_dir(run)
         banks = load_banks(run, config)
@@ -253,34 +266,34 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
 
 
 def _calibrate_output(model: MoCaE, variant: Stage2Config, rows: BankRows, log) -> dict:
-    """Fit T_out: on out-of-fold predictions over source groups (``cross-fit``), on the hash split, or by
-    whichever of the two nested source-group folds prefer (``auto``). Returns what was done, for the report."""
+    """Fit the output head: on out-of-fold predictions over source groups (``cross-fit``), on the hash split, or
+    by whichever of the two nested source-group folds prefer (``auto``). Returns what was done, for the report."""
     method, selection = variant.calibration, None
     if method == "auto":
         selection = nested_calibration_scores(variant, rows, model.layers, model.max_length, log)
         method = "cross-fit" if selection is None else min(selection, key=lambda name: selection[name]["nll"])
-    logits = None
+    parts = None
     if method == "cross-fit":
-        logits = out_of_fold_logits(variant, rows, model.layers, model.max_length, log)
-        if logits is None:
-            log(f"[stage2] {variant.name}: banks too small for source-group cross-fitting; T_out from the hash split")
+        parts = out_of_fold_parts(variant, rows, model.layers, model.max_length, log)
+        if parts is None:
+            log(f"[stage2] {variant.name}: banks too small for source-group cross-fitting; the head from the hash split")
             method = "hash"
         target = rows.labels[~rows.calibration]
-    if logits is None:
+    if parts is None:
         calibration = rows.data(model, rows.calibration)
         with torch.no_grad():
-            logits = model(calibration.h, calibration.log_fractal, calibrated=False)
+            parts = model.parts(calibration)
         target = calibration.labels
-    temperature = fit_output_temperature(model, logits, target)
-    log(f"[stage2] {variant.name}: output temperature T_out = {temperature:.3f} ({method})")
-    return {"method": method, **({"nested_selection": selection} if variant.calibration == "auto" else {})}
+    head = fit_head(model, parts, target)
+    log(f"[stage2] {variant.name}: output head {head} ({method})")
+    return {"method": method, "head": head, **({"nested_selection": selection} if variant.calibration == "auto" else {})}
 
 
 def _write_trinityx(model: MoCaE, calibration: RoutingData, path: Path, log) -> None:
     """TrinityX baseline: one global weight vector for every prompt, the mean of MoCaE's calibrated
     weights over the calibration split (held-out prompts of all axes, in their natural proportions)."""
     with torch.no_grad():
-        weights = model(calibration.h, calibration.log_fractal).exp().mean(0)
+        weights = model(calibration).exp().mean(0)
     atomic_write_json(path, {"weights": {axis: round(float(w), 6) for axis, w in zip(AXES, weights)},
                              "from": "alignx", "prompts": int(len(calibration.labels))})
     log(f"[stage2] trinityx global weights {dict(zip(AXES, [round(float(w), 3) for w in weights]))} -> {path}")
@@ -289,14 +302,14 @@ def _write_trinityx(model: MoCaE, calibration: RoutingData, path: Path, log) -> 
 def _evaluate(model: MoCaE, router_features, calibrator_features, labels, routing_metrics) -> dict:
     from alignx.eval.metrics import reliability_bins
 
-    data = routing_data(model, router_features, calibrator_features, labels)
+    data = model.data_for(router_features, calibrator_features, labels)
     with torch.no_grad():
-        raw = model(data.h, data.log_fractal, calibrated=False).exp()
-        final = model(data.h, data.log_fractal, calibrated=True).exp()
+        raw = model(data, calibrated=False).exp()
+        final = model(data, calibrated=True).exp()
     result = {
         "before_output_calibration": routing_metrics(raw, labels, list(AXES)),
         "after_output_calibration": routing_metrics(final, labels, list(AXES)),
-        "output_temperature": float(model.log_t_out.exp()) if model.config.output_calibration else None,
+        "output_temperature": model.head.temperature if model.config.output_calibration else None,
         "reliability": reliability_bins(final, labels),
     }
     if model.fractal is not None:

@@ -4,14 +4,13 @@ cross-entropy of w against each prompt's gold axis (:func:`train_mocae`).
 AdamW, batch 64 and weight decay 0.01 [paper]; class-balanced weights (the helpful bank is ~13× the
 honest one); early stopping on the calibration split's NLL. The experts stay frozen: training touches
 only the router and the natural calibrator, on precomputed features, so an epoch over 25,000 prompts
-takes about a second on a CPU. Output calibration (T_out) is fitted afterwards, by
-:func:`fit_output_temperature`, on the predictions the pipeline chooses (see :mod:`.crossfit`).
+takes about a second on a CPU. The output head (T_out, or the pooled exponents) is fitted afterwards, by
+:func:`fit_head`, on the predictions the pipeline chooses (see :mod:`.crossfit`).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -21,21 +20,10 @@ from alignx.axes import AXES
 from alignx.config import Stage2Config
 from alignx.stage2.feature_space import FeatureSpace
 from alignx.stage2.fractal import FractalCalibrator
-from alignx.stage2.mocae import MoCaE
+from alignx.stage2.heads import Parts
+from alignx.stage2.mocae import MoCaE, RoutingData
 from alignx.stage2.natural import NaturalCalibrator
 from alignx.stage2.router import Router
-
-
-@dataclass
-class RoutingData:
-    """Standardised router features, log q^frac (None without the fractal calibrator) and gold axes."""
-
-    h: torch.Tensor
-    log_fractal: torch.Tensor | None
-    labels: torch.Tensor
-
-    def subset(self, index: torch.Tensor) -> "RoutingData":
-        return RoutingData(self.h[index], None if self.log_fractal is None else self.log_fractal[index], self.labels[index])
 
 
 def build_model(config: Stage2Config, train_router, train_calibrator, train_labels, layers: tuple[int, int],
@@ -45,7 +33,7 @@ def build_model(config: Stage2Config, train_router, train_calibrator, train_labe
     space = FeatureSpace.fit(train_router, train_calibrator, config.latent_dim, config.seed)
     h = space.router(train_router)
     fractal = None
-    log_fractal = None
+    typicality = None
     if config.use_fractal:
         z = space.latent(train_calibrator)
         fractal = FractalCalibrator.fit(
@@ -55,23 +43,13 @@ def build_model(config: Stage2Config, train_router, train_calibrator, train_labe
             dimension_weight=config.dimension_weight, bank_dtype=config.bank_dtype,
         )
         # training points are bank points: score each against its own cloud leave-one-out (labels are sorted)
-        log_fractal = FractalCalibrator.distribution(fractal.typicality(z, own_axis=train_labels)).log()
+        typicality = fractal.typicality(z, own_axis=train_labels)
     router = Router(h.shape[1], len(AXES), config.router_hidden, config.router_phi, config.router_temperature)
     if config.router_phi == "linear":
         router.init_from_logistic_regression(h, train_labels, config.router_init_c, config.seed)
     natural = NaturalCalibrator.fit(h, train_labels, len(AXES), config.natural_tau_init) if config.use_natural else None
     model = MoCaE(config, list(AXES), space, router, natural, fractal, layers, max_length)
-    return model, RoutingData(h, log_fractal, train_labels)
-
-
-def routing_data(model: MoCaE, router_features, calibrator_features, labels) -> RoutingData:
-    """Standardised features and log q^frac of held-out prompts (scored against the full clouds)."""
-    h = model.space.router(router_features)
-    log_fractal = None
-    if model.fractal is not None:
-        u = model.fractal.typicality(model.space.latent(calibrator_features))
-        log_fractal = (u / u.sum(1, keepdim=True)).log()
-    return RoutingData(h, log_fractal, labels)
+    return model, RoutingData(h, typicality, train_labels)
 
 
 @dataclass(frozen=True)
@@ -85,7 +63,7 @@ class BankRows:
     folds: torch.Tensor  # source-group fold of each row (see crossfit)
 
     def data(self, model: MoCaE, mask: torch.Tensor) -> RoutingData:
-        return routing_data(model, self.router[mask], self.calibrator[mask], self.labels[mask])
+        return model.data_for(self.router[mask], self.calibrator[mask], self.labels[mask])
 
     def subset(self, mask: torch.Tensor) -> "BankRows":
         return BankRows(self.router[mask], self.calibrator[mask], self.labels[mask], self.calibration[mask], self.folds[mask])
@@ -93,7 +71,7 @@ class BankRows:
 
 def calibration_nll(model: MoCaE, data: RoutingData, *, calibrated: bool = False) -> float:
     with torch.no_grad():
-        return float(F.nll_loss(model(data.h, data.log_fractal, calibrated=calibrated), data.labels))
+        return float(F.nll_loss(model(data, calibrated=calibrated), data.labels))
 
 
 def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, config: Stage2Config, log=print) -> list[dict]:
@@ -113,7 +91,7 @@ def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, conf
         total, seen = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             batch = train.subset(order[start : start + config.batch_size])
-            loss = F.nll_loss(model(batch.h, batch.log_fractal, calibrated=False), batch.labels, weight=class_weights)
+            loss = F.nll_loss(model(batch, calibrated=False), batch.labels, weight=class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -133,19 +111,8 @@ def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, conf
     return history
 
 
-def nll_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature minimising the NLL of ``logits / T`` against ``labels`` (a bounded 1-D search)."""
-    from scipy.optimize import minimize_scalar
-
-    def nll(log_t: float) -> float:
-        return float(F.cross_entropy(logits / math.exp(log_t), labels))
-
-    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
-    return math.exp(float(result.x))
-
-
-def fit_output_temperature(model: MoCaE, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Set T_out to :func:`nll_temperature` of ``logits`` (log w at T_out = 1) against ``labels``; returns it."""
-    temperature = nll_temperature(logits, labels)
-    model.log_t_out.fill_(math.log(temperature))
-    return temperature
+def fit_head(model: MoCaE, parts: Parts, labels: torch.Tensor) -> dict:
+    """Fit ``model``'s output head on ``parts`` (predictions of models fitted like it, on rows they never saw)
+    against ``labels``, class-balanced when the router was; returns the fitted values."""
+    model.head.fit(model.base_logits(parts), parts, labels, model.config.class_balanced)
+    return model.head.describe()
