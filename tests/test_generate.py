@@ -37,7 +37,7 @@ def test_batch_equals_one_at_a_time(run_dir):
     assert together == alone
 
 
-@pytest.mark.parametrize("method", ["base", "expert-honest", "merge-linear", "moe-uncalibrated"])
+@pytest.mark.parametrize("method", ["base", "expert-honest", "merge-linear", "moe-uncalibrated", "arrow"])
 def test_every_method_generates(run_dir, method):
     results = AlignX.from_run(run_dir, method=method).generate(PROMPTS[:2], max_new_tokens=3)
     assert len(results) == 2 and all(r.method == method for r in results)

@@ -17,7 +17,8 @@ the three task vectors averaged into the base weights), ``trinityx`` (one global
 for every prompt, written by Stage 2), the trained baselines of :mod:`alignx.baselines`
 (``sft-mix``, ``sft-sequential``, ``merge-ties``, and ``moe-dense``: every decoder MLP replaced by three dense
 expert FFNs with a trained top-2 token router, no per-prompt weights), and any router trained by
-``alignx stage2``: ``alignx``, ``moe-uncalibrated`` and ablations saved under their ``stage2.name``.
+``alignx stage2``: ``alignx``, ``moe-uncalibrated``, ``paper`` and ablations saved under their ``stage2.name``;
+and ``arrow``, PEFT's training-free Arrow router mixing the three experts per token (:mod:`alignx.baselines.arrow`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from alignx.errors import AlignXError
 from alignx.run import RunDir
 
 FIXED_METHODS = ("base", "merge-linear", "trinityx", *(f"expert-{axis}" for axis in AXES))
+ARROW = "arrow"  # PEFT's Arrow router over the three experts, per token (alignx.baselines.arrow)
 
 
 @dataclass
@@ -72,9 +74,10 @@ class AlignX:
 
         routers = sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
         singles = [m for m in TRAINED_METHODS if is_trained(run, m)]
-        if method not in FIXED_METHODS and method not in routers and method not in singles:
+        if method not in (*FIXED_METHODS, ARROW) and method not in routers and method not in singles:
             raise AlignXError(
-                f"unknown method {method!r} for {run.root}; available: {', '.join([*FIXED_METHODS, *singles, *routers])}"
+                f"unknown method {method!r} for {run.root}; available: "
+                f"{', '.join([*FIXED_METHODS, ARROW, *singles, *routers])}"
                 + ("" if routers else " (train routers with `alignx stage2`)")
                 + ("" if singles else " (baselines sft-mix, sft-sequential, merge-ties, moe-dense: `alignx baseline`)")
             )
@@ -92,7 +95,11 @@ class AlignX:
         if dtype is not None:  # projections and LM head in the compute dtype (expert factors stay fp32: see mixing)
             store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         mixture = None
-        if dense is None:
+        if method == ARROW:  # PEFT mixes inside the model, per token; there is no per-prompt weight vector
+            from alignx.baselines.arrow import load_arrow
+
+            loaded.model = load_arrow(run, loaded.model)
+        elif dense is None:
             experts = list(method_adapters(method)) if method in singles else list(AXES)
             mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
@@ -149,7 +156,7 @@ class AlignX:
 
     def experts(self, weights: torch.Tensor | None):
         """Context in which the model runs with these per-example expert weights (a shared vector is merged)."""
-        if self.mixture is None:  # moe-dense: the token routers inside the model do all the mixing
+        if self.mixture is None:  # moe-dense, arrow: the token routers inside the model do all the mixing
             return contextlib.nullcontext()
         if weights is None:
             return self.mixture.using(None)

@@ -145,8 +145,33 @@ def routing_scores(log_w: torch.Tensor, labels: torch.Tensor) -> dict[str, float
             "balanced_nll": sum(per_axis) / len(per_axis)}
 
 
+def fold_fits(trunk: Stage2Config, rows: BankRows, k: int, layers: tuple[int, int], max_length: int,
+              sources: tuple[str, ...] = CANDIDATES) -> dict | None:
+    """What :func:`nested_scores` needs of one trunk for outer fold ``k``: the parts of fold k's rows from a model
+    fitted on the other folds (``unseen``), and for each head source the parts and labels to fit a head on, from
+    those other folds alone. None when the other folds are too small to fit."""
+    held = rows.folds == k
+    inner = rows.subset(~held)
+    fitting = ~inner.calibration
+    if int(torch.bincount(inner.labels[fitting], minlength=len(AXES)).min()) < 8 or not inner.calibration.any():
+        return None
+    model = fit_trunk(trunk, inner, fitting, inner.calibration, layers, max_length)
+    out = {}
+    if "cross-fit" in sources:
+        inner_parts = out_of_fold_parts(trunk, inner, layers, max_length, log=_silent)
+        if inner_parts is None:
+            return None
+        out["cross-fit"] = (inner_parts, inner.labels[fitting])
+    with torch.no_grad():
+        out["unseen"] = model.parts(rows.data(model, held))
+        if "hash" in sources:
+            out["hash"] = (model.parts(inner.data(model, inner.calibration)), inner.labels[inner.calibration])
+    return out
+
+
 def nested_scores(variants: list[Stage2Config], rows: BankRows, layers: tuple[int, int], max_length: int,
-                  sources: tuple[str, ...] = ("cross-fit",), log=print) -> dict[tuple[str, str], dict[str, float]] | None:
+                  sources: tuple[str, ...] = ("cross-fit",), log=print,
+                  fits=None) -> dict[tuple[str, str], dict[str, float]] | None:
     """Each variant's scores on source groups that neither its router nor its head saw, per way of fitting the
     head (``sources``: ``cross-fit`` = out-of-fold predictions over the remaining groups, ``hash`` = their hash
     calibration rows).
@@ -154,29 +179,21 @@ def nested_scores(variants: list[Stage2Config], rows: BankRows, layers: tuple[in
     For each source-group fold k: each trunk (:func:`trunk_of`) is fitted exactly as Stage 2 fits it, on the
     other folds' rows (early stopping on their calibration rows); each variant's head is fitted from those
     folds alone; every row of fold k then scores the calibrated router. Returns the mean over folds per
-    (variant name, source), or None when the banks are too small to nest. Trunks are shared between variants.
+    (variant name, source), or None when the banks are too small to nest. Trunks are shared between variants;
+    ``fits(trunk, k)`` may stand in for :func:`fold_fits` (a benchmark caches it).
     """
+    fits = fits or (lambda trunk, k: fold_fits(trunk, rows, k, layers, max_length, sources))
+    trunks = {_key(trunk_of(v)): trunk_of(v) for v in variants}
     totals: dict[tuple[str, str], dict[str, list[float]]] = {}
     for k in range(FOLDS):
         held = rows.folds == k
         if not held.any():
             continue
-        inner = rows.subset(~held)
-        fitting = ~inner.calibration
-        if int(torch.bincount(inner.labels[fitting], minlength=len(AXES)).min()) < 8 or not inner.calibration.any():
+        by_trunk = {key: fits(trunk, k) for key, trunk in trunks.items()}
+        if any(fit is None for fit in by_trunk.values()):
             return None
-        fits = {}
-        for trunk in {_key(trunk_of(v)): trunk_of(v) for v in variants}.values():
-            model = fit_trunk(trunk, inner, fitting, inner.calibration, layers, max_length)
-            inner_parts = out_of_fold_parts(trunk, inner, layers, max_length, log=_silent) if "cross-fit" in sources else None
-            if "cross-fit" in sources and inner_parts is None:
-                return None
-            with torch.no_grad():
-                fits[_key(trunk)] = {"unseen": model.parts(rows.data(model, held)),
-                               "cross-fit": (inner_parts, inner.labels[fitting]),
-                               "hash": (model.parts(inner.data(model, inner.calibration)), inner.labels[inner.calibration])}
         for variant in variants:
-            fit = fits[_key(trunk_of(variant))]
+            fit = by_trunk[_key(trunk_of(variant))]
             for source in sources:
                 parts, labels = fit[source]
                 head = fitted_head(variant, parts, labels)
@@ -184,6 +201,7 @@ def nested_scores(variants: list[Stage2Config], rows: BankRows, layers: tuple[in
                     scores = routing_scores(log_weights(variant, head, fit["unseen"]), rows.labels[held])
                 for metric, value in scores.items():
                     totals.setdefault((variant.name, source), {}).setdefault(metric, []).append(value)
+        log(f"[stage2] nested source-group fold {k + 1}/{FOLDS} scored for {len(variants)} variant(s)")
     return {key: {metric: round(sum(v) / len(v), 5) for metric, v in values.items()} for key, values in totals.items()}
 
 

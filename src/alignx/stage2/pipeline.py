@@ -137,18 +137,25 @@ def prompts_sha256(prompts: list[str]) -> str:
 
 
 def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, prompts: list[str], labels: list[int], log=print):
-    """Features of the evaluation prompts (:func:`evaluation_prompts_of`), computed exactly as the banks' (same
-    base weights, layers, truncation and precision) by one partial prefill, and cached under those settings."""
+    """Features of the evaluation prompts (:func:`evaluation_prompts_of`) and their gold axes (see
+    :func:`prompt_set_features`), cached in ``<run>/stage2/eval_features.safetensors``."""
+    router, calibrator = prompt_set_features(config, banks, prompts, stage2_dir(run) / "eval_features.safetensors",
+                                             "stage2 eval features", log)
+    return router, calibrator, torch.tensor(labels)
+
+
+def prompt_set_features(config: AlignXConfig, banks: Banks, prompts: list[str], path: Path, progress: str, log=print):
+    """Router and calibrator features of ``prompts``, computed exactly as the banks' (same base weights, layers,
+    truncation and precision) by one partial prefill, and cached at ``path`` under those settings."""
     from alignx.data.formatting import ChatFormatter
     from alignx.models import load_base_model
     from alignx.stage1.features import prompt_features
 
-    path = stage2_dir(run) / "eval_features.safetensors"
     key = {"prompts_sha256": prompts_sha256(prompts), **banks.settings}
     if path.is_file():
         tensors, meta = load_safetensors(path)
         if all(meta.get(k) == v for k, v in key.items()):
-            return tensors["router"], tensors["calibrator"], tensors["labels"]
+            return tensors["router"], tensors["calibrator"]
     loaded = load_base_model(config.model)
     layers = banks.layers
     precision = banks.settings["precision"]
@@ -156,12 +163,12 @@ def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, prompts
         loaded.model, ChatFormatter(loaded.tokenizer), prompts, layers,
         batch_size=config.features.batch_size, max_length=banks.max_length,
         autocast_dtype=None if precision == "float32" else getattr(torch, precision),  # as the banks were computed
-        progress="stage2 eval features",
+        progress=progress,
     )
-    tensors = {"router": features[layers[0]], "calibrator": features[layers[1]], "labels": torch.tensor(labels)}
+    tensors = {"router": features[layers[0]], "calibrator": features[layers[1]]}
     atomic_save_safetensors(tensors, path, key)
-    log(f"[stage2] evaluation features of {len(prompts)} held-out prompts -> {path}")
-    return tensors["router"], tensors["calibrator"], tensors["labels"]
+    log(f"[stage2] features of {len(prompts)} prompts -> {path}")
+    return tensors["router"], tensors["calibrator"]
 
 
 def _already_done(out: Path, variants: list[Stage2Config], fitted_from: dict) -> bool:
