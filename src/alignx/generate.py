@@ -24,6 +24,7 @@ and ``arrow``, PEFT's training-free Arrow router mixing the three experts per to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +92,10 @@ class AlignX:
             from alignx.baselines.moe_dense import load_dense_moe
 
             dense = load_dense_moe(run, loaded.model)
-        dtype = autocast_dtype(config.model, next(loaded.model.parameters()).device)
+        precision = config.model
+        if method == ARROW:  # PEFT's Arrow layer fails under bf16 autocast on CPU (see alignx.baselines.arrow)
+            precision = dataclasses.replace(config.model, precision="fp32")
+        dtype = autocast_dtype(precision, next(loaded.model.parameters()).device)
         if dtype is not None:  # projections and LM head in the compute dtype (expert factors stay fp32: see mixing)
             store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         mixture = None
@@ -103,7 +107,7 @@ class AlignX:
             experts = list(method_adapters(method)) if method in singles else list(AXES)
             mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
-        return cls(run, loaded, mixture, method, config.model, router, mode, floor, fixed, dense)
+        return cls(run, loaded, mixture, method, precision, router, mode, floor, fixed, dense)
 
     # ---- routing ------------------------------------------------------------------------------------
     def route(self, prompts: list[str]):

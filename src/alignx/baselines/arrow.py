@@ -8,6 +8,9 @@ and per layer, where MoCaE chooses one weight vector per prompt.
 
 :class:`ArrowShares` reads the weights Arrow gives each expert, so routing benchmarks can score Arrow against
 the gold axis like any router: per prompt, the mean over its tokens and over all Arrow layers.
+
+Arrow runs in fp32: under CPU bf16 autocast PEFT's Arrow layer (peft 0.18–0.21) computes its top-k scores in bf16
+and scatters them into an fp32 tensor, which raises ``scatter(): Expected self.dtype to be equal to src.dtype``.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def nested_scores(variants: list[Stage2Config], rows: BankRows, layers: tuple[in
     ``fits(trunk, k)`` may stand in for :func:`fold_fits` (a benchmark caches it).
     """
     fits = fits or (lambda trunk, k: fold_fits(trunk, rows, k, layers, max_length, sources))
-    trunks = {_key(trunk_of(v)): trunk_of(v) for v in variants}
+    trunks = {config_key(trunk_of(v)): trunk_of(v) for v in variants}
     totals: dict[tuple[str, str], dict[str, list[float]]] = {}
     for k in range(FOLDS):
         held = rows.folds == k
@@ -193,7 +193,7 @@ def nested_scores(variants: list[Stage2Config], rows: BankRows, layers: tuple[in
         if any(fit is None for fit in by_trunk.values()):
             return None
         for variant in variants:
-            fit = by_trunk[_key(trunk_of(variant))]
+            fit = by_trunk[config_key(trunk_of(variant))]
             for source in sources:
                 parts, labels = fit[source]
                 head = fitted_head(variant, parts, labels)
@@ -217,7 +217,7 @@ def nested_calibration_scores(variant: Stage2Config, rows: BankRows, layers: tup
     return summary
 
 
-def _key(config: Stage2Config) -> tuple:
+def config_key(config: Stage2Config) -> tuple:
     return tuple(sorted(dataclasses.asdict(config).items()))
 
 
