@@ -7,8 +7,11 @@ source groups, exactly as ``alignx stage2`` fits it; see ``alignx.stage2.crossfi
 * ``paper``: log p + log(0.6·q^frac + 0.4·q^nat), the router trained through it, then T_out; ``paper+dimension``
   with the local-dimension term (β = 1);
 * ``pooled``: the router alone, then a·log p + b·log q^frac + c·log q^nat (log-linear pooling); ``pooled-natural``
-  and ``pooled-fractal`` with one term; ``pooled+typicality`` (logits × u_max^g); ``pooled-dirichlet``;
-  ``router+T+typicality`` (typicality-weighted temperature, no calibrator term);
+  and ``pooled-fractal`` with one term; ``pooled-dirichlet``;
+* adaptive temperatures (a per-prompt T(x) from the calibrators' signals, which never changes the top axis; see
+  ``alignx.stage2.heads``): ``router+adaptive-T`` (the router's decision, the calibrators' confidence),
+  ``router+typicality-T`` (the fractal signals only: a prompt far from every cloud gets a flatter distribution),
+  ``pooled+adaptive-T``, ``paper+adaptive-T``;
 * ``alignx``: the library's default settings (``Stage2Config()``), whichever of the above they are;
 * ``arrow``: PEFT's training-free Arrow router on the experts' LoRA factors, its per-prompt expert shares (mean
   over tokens and layers); ``oracle``: the gold axis, one-hot (the ceiling).
@@ -64,9 +67,9 @@ PARTS = ("router", "fractal", "natural", "typicality")
 
 def routers(stage2: Stage2Config) -> dict[str, Stage2Config]:
     """Every learned router, as the Stage 2 settings that train it (the run's seed and split kept)."""
-    plain = dict(use_fractal=False, use_natural=False, combination="mixture", typicality_temperature=False)
+    plain = dict(use_fractal=False, use_natural=False, combination="mixture", adaptive_temperature=False)
     pooled = dict(use_fractal=True, use_natural=True, combination="pooled", output_head="temperature",
-                  typicality_temperature=False, lambda_fractal=1.0, lambda_natural=1.0, dimension_weight=0.0)
+                  adaptive_temperature=False, lambda_fractal=1.0, lambda_natural=1.0, dimension_weight=0.0)
     paper = paper_variant(stage2)
     table = {
         "moe-uncalibrated": dict(plain, output_calibration=False),
@@ -78,9 +81,12 @@ def routers(stage2: Stage2Config) -> dict[str, Stage2Config]:
         "pooled": pooled,
         "pooled-natural": dict(pooled, lambda_fractal=0.0),
         "pooled-fractal": dict(pooled, lambda_natural=0.0),
-        "pooled+typicality": dict(pooled, typicality_temperature=True),
+        "pooled+adaptive-T": dict(pooled, adaptive_temperature=True),
         "pooled-dirichlet": dict(pooled, output_head="dirichlet"),
-        "router+T+typicality": dict(pooled, lambda_fractal=0.0, lambda_natural=0.0, typicality_temperature=True),
+        "paper+adaptive-T": dict(dataclasses.asdict(paper), adaptive_temperature=True),
+        "router+adaptive-T": dict(pooled, lambda_fractal=0.0, lambda_natural=0.0, adaptive_temperature=True),
+        "router+typicality-T": dict(pooled, lambda_fractal=0.0, lambda_natural=0.0, use_natural=False,
+                                    adaptive_temperature=True),
     }
     base = dataclasses.replace(stage2, output_calibration=True, calibration="cross-fit")
     out = {name: dataclasses.replace(base, **{**changes, "name": name}) for name, changes in table.items()}

@@ -144,7 +144,8 @@ class Stage2Config:
     # pooled: router alone, then a log p + b log q_frac + c log q_nat with the exponents fitted like T_out (stage2/heads.py)
     output_calibration: bool = True  # fit the output head by NLL (see calibration)
     output_head: str = "temperature"  # temperature (T_out) | vector | dirichlet (Kull et al. 2019)
-    typicality_temperature: bool = False  # multiply the head's logits by u_max^g (g fitted): atypical prompts flatter
+    adaptive_temperature: bool = False  # a per-prompt temperature from the calibrators' signals (log u_max, and
+    # log q_frac, log q_nat of the top axis), fitted like T_out; it never changes the top axis (stage2/heads.py)
     calibration: str = "cross-fit"  # cross-fit: T_out on out-of-fold predictions over source groups | hash |
     # auto: whichever has the lower NLL on nested source-group folds (never the evaluation prompts; see stage2/crossfit.py)
     lambda_fractal: float = 0.6  # [paper]
@@ -180,8 +181,8 @@ class Stage2Config:
         _check_choice("stage2.bank_dtype", self.bank_dtype, ("float16", "float32"))
         _check_choice("stage2.combination", self.combination, ("mixture", "pooled"))
         _check_choice("stage2.output_head", self.output_head, ("temperature", "vector", "dirichlet"))
-        if self.typicality_temperature and not self.use_fractal:
-            raise AlignXError("stage2.typicality_temperature needs the fractal calibrator (stage2.use_fractal=true)")
+        if self.adaptive_temperature and not (self.use_fractal or self.use_natural):
+            raise AlignXError("stage2.adaptive_temperature reads the calibrators: switch one on (stage2.use_fractal or use_natural)")
         for name in ("latent_dim", "router_hidden", "min_neighbours", "dimension_neighbours", "batch_size",
                      "max_epochs", "patience"):
             _check_positive(f"stage2.{name}", getattr(self, name))

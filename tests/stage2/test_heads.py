@@ -48,16 +48,19 @@ def test_pooled_exponents_recover_a_product_of_experts():
     assert head.exponents.tolist() == pytest.approx([1.5, 0.0], abs=0.1)
 
 
-def test_typicality_power_flattens_atypical_prompts():
+def test_adaptive_temperature_flattens_atypical_prompts_and_keeps_every_top_axis():
     g = torch.Generator().manual_seed(3)
     base = 4 * torch.randn(20_000, 3, generator=g)
     log_u = torch.log(torch.rand(20_000, generator=g).clamp_min(1e-3))
+    natural = torch.log_softmax(torch.randn(20_000, 3, generator=g), -1)  # carries nothing: its power stays ~0
     labels = _sample(base * torch.exp(0.5 * log_u)[:, None])  # atypical prompts' labels are noisier
-    parts = Parts(base, typicality=log_u)
-    head = OutputHead(3, "temperature", typicality=True).fit(base, parts, labels, class_balanced=False)
+    parts = Parts(base, natural=natural, typicality=log_u)
+    head = OutputHead(3, "temperature", signals=("typicality", "natural")).fit(base, parts, labels, class_balanced=False)
     plain = OutputHead(3, "temperature").fit(base, parts, labels, class_balanced=False)
-    assert float(head.typicality_power) == pytest.approx(0.5, abs=0.08)
+    assert head.powers.tolist() == pytest.approx([0.5, 0.0], abs=0.08)
     assert _nll(head, base, parts, labels) < _nll(plain, base, parts, labels)
+    with torch.no_grad():
+        assert torch.equal(head(base, parts).argmax(1), base.argmax(1))
 
 
 def test_class_balanced_fit_weighs_each_axis_alike():

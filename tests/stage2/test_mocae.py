@@ -75,7 +75,7 @@ def test_off_manifold_prompts_fall_back(tmp_path):
     assert routing.ood.all() and torch.equal(routing.weights, torch.zeros(20, 3))  # base model: experts off
 
 
-@pytest.mark.parametrize("changes", [{}, {"combination": "pooled", "output_head": "dirichlet", "typicality_temperature": True}])
+@pytest.mark.parametrize("changes", [{}, {"combination": "pooled", "output_head": "dirichlet", "adaptive_temperature": True}])
 def test_save_and_load_route_identically(tmp_path, changes):
     model, _ = _trained(_config(**changes))
     model.save(tmp_path)
@@ -105,3 +105,11 @@ def test_pooled_head_fits_exponents_and_beats_the_router_alone_when_the_calibrat
 def test_a_zero_lambda_keeps_a_calibrator_out_of_the_pooled_head():
     model, _ = _trained(_config(combination="pooled", lambda_fractal=0.0))
     assert model.head.terms == ("natural",) and model.fractal is not None  # the fractal calibrator still gates
+
+
+def test_an_adaptive_temperature_over_the_router_alone_keeps_the_routers_decision():
+    model, calibration = _trained(_config(combination="pooled", lambda_fractal=0.0, lambda_natural=0.0,
+                                          adaptive_temperature=True), spread=2.5)
+    assert model.head.terms == () and model.head.signals == ("typicality", "fractal", "natural")
+    with torch.no_grad():
+        assert torch.equal(model(calibration).argmax(1), model.router.log_probs(calibration.h).argmax(1))

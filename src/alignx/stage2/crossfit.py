@@ -85,7 +85,7 @@ def trunk_of(variant: Stage2Config) -> Stage2Config:
     uses (:func:`~.mocae.parts_for`). Neither calibrator touches the router's training or its random state,
     so this is the same router each of those variants would fit on its own (tested).
     """
-    plain = dict(name="trunk", output_calibration=False, output_head="temperature", typicality_temperature=False,
+    plain = dict(name="trunk", output_calibration=False, output_head="temperature", adaptive_temperature=False,
                  calibration="cross-fit")
     if variant.combination == "pooled" or not (variant.use_fractal or variant.use_natural):
         return dataclasses.replace(variant, combination="pooled", use_fractal=True, use_natural=True,

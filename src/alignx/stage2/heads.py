@@ -15,8 +15,11 @@ they meet before the head:
 * ``vector``: diag(s)·base + β (vector scaling, Kull et al. 2019);
 * ``dirichlet``: W·base + β with off-diagonal and bias L2 (ODIR, Kull et al. 2019).
 
-``stage2.typicality_temperature`` multiplies the head's logits by u_max^g (g fitted): a prompt far from every
-axis's cloud gets a flatter distribution.
+``stage2.adaptive_temperature`` divides the head's logits by a per-prompt temperature T(x) = exp(−Σ_j g_j·c_j(x))
+from the calibrators' signals c: log u_max (how typical the prompt is of any axis; a prompt far from every cloud
+gets a flatter distribution), and log q^frac and log q^nat of the head's top axis (whether the calibrators agree
+with it). The g_j are fitted; T(x) > 0 never changes the top axis, so the calibrators set the confidence and the
+router alone the decision.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 HEADS = ("temperature", "vector", "dirichlet")
 TERMS = ("fractal", "natural")  # the calibrators a pooled head can take as terms
+SIGNALS = ("typicality", "fractal", "natural")  # what an adaptive temperature reads
 ODIR_LAMBDA = 1e-3  # off-diagonal and bias L2 of the Dirichlet head (per mean-NLL unit)
 
 
@@ -65,27 +69,30 @@ class Parts:
 
 
 class OutputHead(nn.Module):
-    """z = W·base + β + Σ_t e_t·log q_t, then z·u_max^g; log w = log_softmax(z). Starts as the identity."""
+    """z = W·base + β + Σ_t e_t·log q_t, then z / T(x); log w = log_softmax(z). Starts as the identity."""
 
-    def __init__(self, num_axes: int, kind: str = "temperature", terms: tuple[str, ...] = (), typicality: bool = False):
+    def __init__(self, num_axes: int, kind: str = "temperature", terms: tuple[str, ...] = (), signals: tuple[str, ...] = ()):
         super().__init__()
         if kind not in HEADS:
             raise ValueError(f"output head must be one of {', '.join(HEADS)}, got {kind!r}")
-        self.kind, self.terms, self.typicality = kind, tuple(terms), bool(typicality)
+        self.kind, self.terms, self.signals = kind, tuple(terms), tuple(signals)
         self.register_buffer("matrix", torch.eye(num_axes))
         self.register_buffer("bias", torch.zeros(num_axes))
         self.register_buffer("exponents", torch.ones(len(self.terms)))
-        self.register_buffer("typicality_power", torch.zeros(()))
+        self.register_buffer("powers", torch.zeros(len(self.signals)))
 
     def forward(self, base: torch.Tensor, parts: Parts) -> torch.Tensor:
-        return torch.log_softmax(self._logits(base, parts, self.matrix, self.bias, self.exponents, self.typicality_power), -1)
+        return torch.log_softmax(self._logits(base, parts, self.matrix, self.bias, self.exponents, self.powers), -1)
 
-    def _logits(self, base, parts, matrix, bias, exponents, power):
+    def _logits(self, base, parts, matrix, bias, exponents, powers):
         z = base @ matrix.T + bias
         for exponent, term in zip(exponents, self.terms):
             z = z + exponent * getattr(parts, term)
-        if self.typicality:
-            z = z * torch.exp(power * parts.typicality)[:, None]
+        if self.signals:
+            top = z.argmax(dim=1, keepdim=True)
+            signals = torch.stack([parts.typicality if name == "typicality" else getattr(parts, name).gather(1, top)[:, 0]
+                                   for name in self.signals], dim=1)
+            z = z * torch.exp(signals @ powers)[:, None]  # z / T(x), T(x) = exp(-g·c) > 0
         return z
 
     @property
@@ -102,15 +109,14 @@ class OutputHead(nn.Module):
             out["matrix"] = [[round(float(v), 4) for v in row] for row in self.matrix]
             out["bias"] = [round(float(v), 4) for v in self.bias]
         out.update({f"exponent_{t}": round(float(e), 4) for t, e in zip(self.terms, self.exponents)})
-        if self.typicality:
-            out["typicality_power"] = round(float(self.typicality_power), 4)
+        out.update({f"power_{s}": round(float(g), 4) for s, g in zip(self.signals, self.powers)})
         return out
 
     def fit(self, base: torch.Tensor, parts: Parts, labels: torch.Tensor, class_balanced: bool = True) -> "OutputHead":
         """Fit the free parameters by (class-balanced) NLL of out-of-fold predictions, with L-BFGS in float64.
 
         The temperature starts at the 1-D optimum of the temperature alone, so every head starts no worse than
-        plain temperature scaling. The exponents start at 0 (the calibrators off) and the typicality power at 0.
+        plain temperature scaling. The exponents and the adaptive temperature's powers start at 0 (calibrators off).
         """
         num_axes = base.shape[1]
         base, labels = base.double(), labels.long()
@@ -126,9 +132,9 @@ class OutputHead(nn.Module):
         bias = torch.zeros(num_axes, dtype=torch.float64, requires_grad=True)
         no_bias = torch.zeros(num_axes, dtype=torch.float64)  # a temperature has none
         exponents = torch.zeros(len(self.terms), dtype=torch.float64, requires_grad=True)
-        power = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        powers = torch.zeros(len(self.signals), dtype=torch.float64, requires_grad=True)
         free = {"temperature": [scale], "vector": [diagonal, bias], "dirichlet": [full, bias]}[self.kind]
-        free = free + ([exponents] if self.terms else []) + ([power] if self.typicality else [])
+        free = free + ([exponents] if self.terms else []) + ([powers] if self.signals else [])
 
         def matrix():
             if self.kind == "temperature":
@@ -136,7 +142,7 @@ class OutputHead(nn.Module):
             return torch.diag(diagonal.exp()) if self.kind == "vector" else full
 
         def loss():
-            z = self._logits(base, parts, matrix(), bias if self.kind != "temperature" else no_bias, exponents, power)
+            z = self._logits(base, parts, matrix(), bias if self.kind != "temperature" else no_bias, exponents, powers)
             value = F.cross_entropy(z, labels, weight=weight)
             if self.kind == "dirichlet":
                 off = full - torch.diag(torch.diagonal(full))
@@ -157,7 +163,7 @@ class OutputHead(nn.Module):
             self.matrix.copy_(matrix().float())
             self.bias.copy_(bias.float() if self.kind != "temperature" else no_bias.float())
             self.exponents.copy_(exponents.float())
-            self.typicality_power.copy_(power.float())
+            self.powers.copy_(powers.float())
         return self
 
 

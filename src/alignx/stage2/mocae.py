@@ -28,7 +28,7 @@ from alignx.errors import AlignXError
 from alignx.run import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from alignx.stage2.feature_space import FeatureSpace
 from alignx.stage2.fractal import FractalCalibrator
-from alignx.stage2.heads import TERMS, OutputHead, Parts
+from alignx.stage2.heads import SIGNALS, TERMS, OutputHead, Parts
 from alignx.stage2.natural import NaturalCalibrator
 from alignx.stage2.router import Router
 
@@ -89,12 +89,16 @@ def log_calibration(config: Stage2Config, parts: Parts) -> torch.Tensor | None:
 
 def head_for(config: Stage2Config, num_axes: int) -> OutputHead:
     """The (unfitted) output head ``config`` asks for: a pooled head takes each calibrator that is on and whose
-    λ is > 0 as a term."""
+    λ is > 0 as a term; an adaptive temperature reads the signals of every calibrator that is on."""
     terms = ()
     if config.combination == "pooled":
         terms = tuple(t for t, on, weight in zip(TERMS, (config.use_fractal, config.use_natural),
                                                  (config.lambda_fractal, config.lambda_natural)) if on and weight > 0)
-    return OutputHead(num_axes, config.output_head, terms, config.typicality_temperature and config.use_fractal)
+    signals = ()
+    if config.adaptive_temperature:
+        on = {"typicality": config.use_fractal, "fractal": config.use_fractal, "natural": config.use_natural}
+        signals = tuple(s for s in SIGNALS if on[s])
+    return OutputHead(num_axes, config.output_head, terms, signals)
 
 
 def log_weights(config: Stage2Config, head: OutputHead, parts: Parts, *, calibrated: bool = True) -> torch.Tensor:
