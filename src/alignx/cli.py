@@ -92,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate with the experts: routed by MoCaE, or any baseline method",
         description="Generate answers with a run's experts. --method alignx routes each prompt with MoCaE "
         "(one partial prefill, then per-example expert weights in one batch); other methods: base, "
-        "expert-<axis>, merge-linear, trinityx, the baselines of `alignx baseline` (sft-mix, sft-sequential, "
-        "merge-ties, moe-dense), and every router trained by `alignx stage2` (moe-uncalibrated, ablations). "
+        "expert-<axis>, merge-linear, trinityx, arrow (PEFT's training-free per-token Arrow router over the experts), "
+        "the baselines of `alignx baseline` (sft-mix, sft-sequential, merge-ties, moe-dense), and every router "
+        "trained by `alignx stage2` (moe-uncalibrated, paper, ablations). "
         "Output lines add response, method and, for weighted methods, the final weights per axis. An existing "
         "--output is resumed: ids already there are not generated again.",
     )
     generate.add_argument("--run", required=True, help="run directory")
-    generate.add_argument("--method", default="alignx", help="alignx (default), base, expert-<axis>, merge-linear, trinityx, sft-mix, sft-sequential, merge-ties, moe-dense, moe-uncalibrated, ...")
+    generate.add_argument("--method", default="alignx", help="alignx (default), base, expert-<axis>, merge-linear, trinityx, arrow, sft-mix, sft-sequential, merge-ties, moe-dense, moe-uncalibrated, paper, ...")
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--input", help='JSONL file of {"id": ..., "prompt": ...} lines')

@@ -43,6 +43,16 @@ def judges():
     return {task: LengthJudge(task) for task in ("safety", "truth", "info", "helpfulness", "refusal")}
 
 
+def test_peft_arrow_is_evaluated_like_any_method(eval_config):
+    import dataclasses
+
+    config = dataclasses.replace(eval_config, eval=dataclasses.replace(eval_config.eval, axis_collapse=False))
+    results = run_eval(RunDir(config.run_dir), config, ["arrow"], judges=judges(), log=lambda *_: None)
+    arrow = results["methods"]["arrow"]
+    assert set(arrow["benchmarks"]) == {"alpacaeval", "beavertails", "harmful", "xstest_safe", "truthfulqa", "truthfulqa_mc"}
+    assert "routing" not in arrow  # Arrow mixes per token: there is no per-prompt weight vector to score
+
+
 def test_plan_adds_each_expert_on_its_own_axis():
     todo = plan(["alignx", "base"], axis_collapse=True)
     assert todo["expert-helpful"] == ["alpacaeval"] and todo["expert-honest"] == ["truthfulqa"]
