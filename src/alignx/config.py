@@ -155,8 +155,8 @@ class Stage2Config:
     neighbour_fraction: float = 0.01  # k_a = max(min_neighbours, ceil(fraction * N_a)) for the radius r_a
     min_neighbours: int = 3
     dimension_neighbours: int = 20  # m of the Levina-Bickel local dimension
-    dimension_weight: float = 0.0  # weight beta of the local-dimension term; 0 = off: at beta = 1 the full banks'
-    # calibration-split NLL rose from 0.139 to 0.148 (README, Stage 2), so it stays off
+    dimension_weight: float = 1.0  # weight beta of the local-dimension term (0 = off); on because nested source-group
+    # folds of the full banks chose it over every other design (benchmarks/routing_quality.py, docs/method.md)
     bank_dtype: str = "float32"  # float32 | float16: storage of the fractal banks (queries compute in float32).
     # float16 halves them (~29 MB less for 3 x 20k x 256) for ~6 ms more per routed batch; kept only where it
     # moves log C by <= 0.01 (see stage2/fractal.py)

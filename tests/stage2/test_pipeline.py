@@ -18,10 +18,12 @@ def stage1_run(tiny_stage1_run):
     return tiny_stage1_run
 
 
-def test_stage2_trains_both_routers_and_reports(stage1_run):
+def test_stage2_trains_the_default_the_baseline_and_the_papers_combination_and_reports(stage1_run):
     out = run_stage2(stage1_run, log=lambda *_: None)
     report = json.loads((out / "report.json").read_text())
-    assert set(report["routers"]) == {"alignx", "moe-uncalibrated"}
+    assert set(report["routers"]) == {"alignx", "moe-uncalibrated", "paper"}
+    paper = MoCaE.load(out / "paper").config
+    assert (paper.combination, paper.lambda_fractal, paper.lambda_natural, paper.dimension_weight) == ("mixture", 0.6, 0.4, 0.0)
     for name, result in report["routers"].items():
         for phase in ("before_output_calibration", "after_output_calibration"):
             metrics = result[phase]
