@@ -4,6 +4,7 @@ Routers (every learned one fitted on the run's training banks only, its head on 
 source groups, exactly as ``alignx stage2`` fits it; see ``alignx.stage2.crossfit``):
 
 * ``moe-uncalibrated`` (p), ``router+T`` (p / T), ``vector`` and ``dirichlet`` scaling of log p (Kull et al. 2019);
+  every head is fitted with the axes weighted alike, and ``-unweighted`` rows fit it on the banks' own mix;
 * ``paper``: log p + log(0.6·q^frac + 0.4·q^nat), the router trained through it, then T_out; ``paper+dimension``
   with the local-dimension term (β = 1);
 * ``pooled``: the router alone, then a·log p + b·log q^frac + c·log q^nat (log-linear pooling); ``pooled-natural``
@@ -74,10 +75,13 @@ def routers(stage2: Stage2Config) -> dict[str, Stage2Config]:
     table = {
         "moe-uncalibrated": dict(plain, output_calibration=False),
         "router+T": dict(plain, output_head="temperature"),
+        "router+T-unweighted": dict(plain, output_head="temperature", head_class_balanced=False),
         "vector": dict(plain, output_head="vector"),
         "dirichlet": dict(plain, output_head="dirichlet"),
         "paper": dataclasses.asdict(paper),
         "paper+dimension": dict(dataclasses.asdict(paper), dimension_weight=1.0),
+        "paper-unweighted": dict(dataclasses.asdict(paper), head_class_balanced=False),
+        "paper+dimension-unweighted": dict(dataclasses.asdict(paper), dimension_weight=1.0, head_class_balanced=False),
         "pooled": pooled,
         "pooled-natural": dict(pooled, lambda_fractal=0.0),
         "pooled-fractal": dict(pooled, lambda_natural=0.0),
@@ -217,14 +221,17 @@ def arrow_shares(run: RunDir, prompt_sets: dict[str, list[str]], directory: Path
             loaded = load_base_model(config.model)
             model, tokenizer = load_arrow(run, loaded.model), loaded.tokenizer
             formatter = ChatFormatter(tokenizer)
-        rows = []
-        for start in tqdm(range(0, len(prompts), batch_size), desc=f"arrow {name}", leave=False):
-            batch = tokenizer([formatter.prompt_text(p) for p in prompts[start : start + batch_size]],
-                              return_tensors="pt", padding=True, truncation=True, max_length=256, add_special_tokens=False)
+        texts = [formatter.prompt_text(p) for p in prompts]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
+        shares_of = torch.empty(len(texts), len(AXES))
+        for start in tqdm(range(0, len(order), batch_size), desc=f"arrow {name}", leave=False):
+            index = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in index], return_tensors="pt", padding=True, truncation=True,
+                              max_length=256, add_special_tokens=False)
             with torch.inference_mode(), ArrowShares(model) as shares:
                 model(**batch)
-            rows.append(shares.per_prompt(batch["attention_mask"]))
-        out[name] = torch.cat(rows)
+            shares_of[torch.tensor(index)] = shares.per_prompt(batch["attention_mask"])
+        out[name] = shares_of
         atomic_save_safetensors({"shares": out[name]}, path)
     return out
 

@@ -144,6 +144,7 @@ class Stage2Config:
     # pooled: router alone, then a log p + b log q_frac + c log q_nat with the exponents fitted like T_out (stage2/heads.py)
     output_calibration: bool = True  # fit the output head by NLL (see calibration)
     output_head: str = "temperature"  # temperature (T_out) | vector | dirichlet (Kull et al. 2019)
+    head_class_balanced: bool = True  # fit the head with each axis weighted alike (the banks are ~78 % helpful)
     adaptive_temperature: bool = False  # a per-prompt temperature from the calibrators' signals (log u_max, and
     # log q_frac, log q_nat of the top axis), fitted like T_out; it never changes the top axis (stage2/heads.py)
     calibration: str = "cross-fit"  # cross-fit: T_out on out-of-fold predictions over source groups | hash |

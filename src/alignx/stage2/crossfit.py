@@ -86,7 +86,7 @@ def trunk_of(variant: Stage2Config) -> Stage2Config:
     so this is the same router each of those variants would fit on its own (tested).
     """
     plain = dict(name="trunk", output_calibration=False, output_head="temperature", adaptive_temperature=False,
-                 calibration="cross-fit")
+                 head_class_balanced=True, calibration="cross-fit")
     if variant.combination == "pooled" or not (variant.use_fractal or variant.use_natural):
         return dataclasses.replace(variant, combination="pooled", use_fractal=True, use_natural=True,
                                    lambda_fractal=1.0, lambda_natural=1.0, **plain)
@@ -134,7 +134,7 @@ def fitted_head(variant: Stage2Config, parts: Parts, labels: torch.Tensor) -> Ou
     """``variant``'s output head fitted on ``parts`` (predictions on rows their models never saw)."""
     head = head_for(variant, parts.router.shape[1])
     used = parts_for(variant, parts)
-    return head.fit(base_logits(variant, used), used, labels, variant.class_balanced)
+    return head.fit(base_logits(variant, used), used, labels, variant.head_class_balanced)
 
 
 def routing_scores(log_w: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -40,7 +40,7 @@ PAPER = "paper"  # the paper's combination, kept as a named ablation beside what
 
 def paper_variant(stage2: Stage2Config) -> Stage2Config:
     """``stage2`` with the paper's combination: log p + log(0.6·q^frac + 0.4·q^nat), the router trained through
-    it, then T_out; no local-dimension term, no typicality temperature."""
+    it, then T_out; no local-dimension term, no adaptive temperature."""
     return dataclasses.replace(stage2, name=PAPER, use_fractal=True, use_natural=True, combination="mixture",
                                output_calibration=True, output_head="temperature", adaptive_temperature=False,
                                lambda_fractal=0.6, lambda_natural=0.4, dimension_weight=0.0)

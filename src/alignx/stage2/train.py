@@ -113,6 +113,6 @@ def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, conf
 
 def fit_head(model: MoCaE, parts: Parts, labels: torch.Tensor) -> dict:
     """Fit ``model``'s output head on ``parts`` (predictions of models fitted like it, on rows they never saw)
-    against ``labels``, class-balanced when the router was; returns the fitted values."""
-    model.head.fit(model.base_logits(parts), parts, labels, model.config.class_balanced)
+    against ``labels`` (class-balanced with ``stage2.head_class_balanced``); returns the fitted values."""
+    model.head.fit(model.base_logits(parts), parts, labels, model.config.head_class_balanced)
     return model.head.describe()
