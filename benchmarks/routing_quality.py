@@ -28,7 +28,9 @@ there, on XSTest's safe prompts and on random strings.
 
 Everything expensive is cached under ``<run>/routing-quality/`` (features, every fold's fits), so an interrupted
 run resumes where it stopped. Last line:
-``nll_alignx=<x> nll_temperature=<x> acc_alignx=<x> acc_uncalibrated=<x> ece_alignx=<x> ece_temperature=<x>``.
+``nll_alignx=<x> nll_temperature=<x> acc_alignx=<x> acc_uncalibrated=<x> ece_alignx=<x> ece_temperature=<x>``
+(``temperature`` = ``router+T``, its head fitted as alignx's is), then the same two figures of
+``router+T-unweighted``, the stronger temperature baseline on these prompts.
 
     python benchmarks/routing_quality.py --quick                                       # the demo run, < 5 min
     python benchmarks/routing_quality.py --run runs/routing-full --experts-run runs/demo
@@ -391,9 +393,10 @@ def main() -> None:
         print(f"  {group} (n={m['n']}): {m['accuracy']:.3f}/{m['ece']:.3f}/{m['nll']:.3f} vs "
               f"{t['accuracy']:.3f}/{t['ece']:.3f}/{t['nll']:.3f}")
     print(f"report {out_dir / 'report.json'}, diagrams {out_dir / 'reliability.png'}; {time.time() - started:.0f} s")
-    a, t, u = (report["routers"][n]["held_out"] for n in ("alignx", "router+T", "moe-uncalibrated"))
+    a, t, w, u = (report["routers"][n]["held_out"] for n in ("alignx", "router+T", "router+T-unweighted", "moe-uncalibrated"))
     print(f"nll_alignx={a['nll']:.4f} nll_temperature={t['nll']:.4f} acc_alignx={a['accuracy']:.4f} "
-          f"acc_uncalibrated={u['accuracy']:.4f} ece_alignx={a['ece']:.4f} ece_temperature={t['ece']:.4f}")
+          f"acc_uncalibrated={u['accuracy']:.4f} ece_alignx={a['ece']:.4f} ece_temperature={t['ece']:.4f} "
+          f"nll_temperature_unweighted={w['nll']:.4f} ece_temperature_unweighted={w['ece']:.4f}")
 
 
 if __name__ == "__main__":
