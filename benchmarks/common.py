@@ -30,7 +30,7 @@ PROMPTS = [
 
 
 def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20), latent: int = 256,
-                     bank_dtype: str | None = None):
+                     bank_dtype: str | None = None, dimension_weight: float | None = None):
     """A MoCaE with banks of ``bank_size`` random points per axis, reading hidden states at ``layers``; the latent
     space has ``latent`` dimensions (fewer on a model narrower than that); banks stored in ``bank_dtype``
     (default: ``stage2.bank_dtype``'s)."""
@@ -42,7 +42,9 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
     from alignx.stage2.router import Router
 
     latent = min(latent, dim)
-    config = Stage2Config() if bank_dtype is None else Stage2Config(bank_dtype=bank_dtype)
+    config = Stage2Config()
+    config = Stage2Config(bank_dtype=bank_dtype or config.bank_dtype,
+                          dimension_weight=config.dimension_weight if dimension_weight is None else dimension_weight)
     generator = torch.Generator().manual_seed(0)
     clouds = []
     for _ in range(3):
@@ -57,7 +59,9 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
         Projection(torch.zeros(dim), torch.linalg.qr(torch.randn(dim, latent, generator=generator))[0].T.contiguous()),
     )
     return MoCaE(config, list(AXES), space, Router(dim, 3), NaturalCalibrator(torch.randn(3, dim)),
-                 FractalCalibrator(clouds), layers, FeatureConfig().max_length).eval()
+                 FractalCalibrator(clouds, dimension_neighbours=config.dimension_neighbours,
+                                   dimension_weight=config.dimension_weight),  # the default design's full cost
+                 layers, FeatureConfig().max_length).eval()
 
 
 def distinct_weight_rows(rows: int = len(PROMPTS)) -> torch.Tensor:

@@ -128,7 +128,7 @@ def shift_sets(config, seen: list[str], quick: bool) -> dict[str, list[str]]:
         "xstest-unsafe": [r["prompt"] for r in xstest if r["label"] == "unsafe"],
         "xstest-safe": [r["prompt"] for r in xstest if r["label"] == "safe"],
     }
-    limit = 150 if quick else None
+    limit = 100 if quick else None
     out = {}
     for name, prompts in sets.items():
         distinct = list(dict.fromkeys(p for p in prompts if p.strip()))
@@ -138,7 +138,7 @@ def shift_sets(config, seen: list[str], quick: bool) -> dict[str, list[str]]:
     rng = random.Random(0)
     alphabet = string.ascii_letters + string.digits + string.punctuation + "     "
     out["random-strings"] = ["".join(rng.choice(alphabet) for _ in range(rng.randint(20, 120)))
-                             for _ in range(50 if quick else 200)]
+                             for _ in range(50 if quick else 200)]  # quick: subsets, so it fits 5 minutes on the slower CPUs
     return out
 
 
@@ -342,7 +342,7 @@ def main() -> None:
         experts = RunDir(args.experts_run or args.run)
         prompts = {"held_out": eval_prompts, **{n: extra[n] for n in SHIFT_SETS}}
         if args.quick:  # a seeded subset of the held-out prompts, the same for Arrow as for the table's Arrow row
-            keep = sorted(random.Random(0).sample(range(len(eval_prompts)), min(300, len(eval_prompts))))
+            keep = sorted(random.Random(0).sample(range(len(eval_prompts)), min(240, len(eval_prompts))))
             prompts["held_out"] = [eval_prompts[i] for i in keep]
         shares = arrow_shares(experts, prompts, out_dir)
         results["arrow"] = {"probs": shares, "flags": {}, "head": None, "subset": len(prompts["held_out"])}

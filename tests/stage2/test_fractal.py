@@ -144,3 +144,15 @@ def test_float16_is_refused_where_it_would_move_the_scores():
     # 4-d clouds with tight neighbour radii: rounding to float16 moves log C by ~0.02 there
     compact = FractalCalibrator.fit(_clouds(), bank_dtype="float16")
     assert all(c.centred.dtype == torch.float32 for c in compact.clouds)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_fresh_queries_share_one_distance_pass_and_score_as_the_separate_paths(weight):
+    calibrator = FractalCalibrator.fit(_clouds(), dimension_weight=weight)
+    z = torch.cat(_clouds(seed=9, n=40))
+    counts, deviation = calibrator.query_scores(z)
+    torch.testing.assert_close(counts, calibrator.log_correlation_integrals(z))
+    if weight:
+        torch.testing.assert_close(deviation, calibrator.dimension_deviation(z))
+    else:
+        assert deviation is None

@@ -221,15 +221,38 @@ class FractalCalibrator:
 
     def typicality(self, z: torch.Tensor, own_axis: torch.Tensor | None = None) -> torch.Tensor:
         """Conformal typicality u_a(z) ∈ (0, 1] for every axis: [Q, A]."""
-        scores = self.log_correlation_integrals(z, own_axis)
+        if own_axis is None:
+            scores, deviation = self.query_scores(z)
+        else:
+            scores = self.log_correlation_integrals(z, own_axis)
+            deviation = self.dimension_deviation(z, own_axis) if self.dimension_weight > 0 else None
         columns = []
         for a, cloud in enumerate(self.clouds):
             rank = torch.searchsorted(cloud.loo_scores, scores[:, a].contiguous(), right=True)
             columns.append((rank + 1).float() / (len(cloud.loo_scores) + 1))
         u = torch.stack(columns, dim=1)
-        if self.dimension_weight > 0:
-            u = u * torch.exp(-self.dimension_weight * self.dimension_deviation(z, own_axis))
+        if deviation is not None:
+            u = u * torch.exp(-self.dimension_weight * deviation)
         return u
+
+    def query_scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log C_a(z) and, with the local-dimension term on, |D̂_a(z) − D̄_a| / D̄_a for fresh queries (not bank
+        points), both from *one* distance block per cloud and chunk: the same values as
+        :meth:`log_correlation_integrals` and :meth:`dimension_deviation`, at the cost of one of them."""
+        counts, deviations = [], []
+        for cloud in self.clouds:
+            m = min(self.dimension_neighbours, len(cloud))
+            count_blocks, neighbour_blocks = [], []
+            for s in range(0, len(z), _CHUNK):
+                distances = cloud.query_distances(z[s : s + _CHUNK])
+                count_blocks.append(soft_log_count(distances, cloud.radius, cloud.epsilon, len(cloud)))
+                if self.dimension_weight > 0:
+                    neighbour_blocks.append(distances.topk(m, dim=1, largest=False).values)
+            counts.append(torch.cat(count_blocks) if count_blocks else torch.empty(0))
+            if self.dimension_weight > 0:
+                local = levina_bickel_dimension(torch.cat(neighbour_blocks)).float()
+                deviations.append((local - cloud.mean_dimension).abs() / cloud.mean_dimension)
+        return torch.stack(counts, dim=1), torch.stack(deviations, dim=1) if deviations else None
 
     def dimension_deviation(self, z: torch.Tensor, own_axis: torch.Tensor | None = None) -> torch.Tensor:
         """|D̂_a(z) − D̄_a| / D̄_a for every axis: [Q, A] (the optional local-dimension term).
