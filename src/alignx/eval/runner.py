@@ -240,11 +240,11 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
             rows = _complete(read_jsonl(paths.generations(method, benchmark)), items[benchmark], method, benchmark)
             p = _score(method, benchmark, rows, by_id[benchmark], judges, paths)
             metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], p, b, seed, confusions)
-            if spec.gold_axis is not None:
-                routed += [(r["weights"], spec.gold_axis, bool(r.get("routing", {}).get("ood", False)))
-                           for r in rows if set(r.get("weights", ())) == set(AXES)]
+            if spec.gold_axis is not None:  # a routed method's rows carry its routing (fixed weights route nothing)
+                routed += [(r["weights"], spec.gold_axis, bool(r["routing"].get("ood", False)))
+                           for r in rows if "routing" in r and set(r.get("weights", ())) == set(AXES)]
         entry = {"benchmarks": metrics, "axis_scores": _axis_scores(metrics)}
-        if len({tuple(w.values()) for w, _, _ in routed}) > 1:  # routed per prompt (fixed weights route nothing)
+        if routed:
             entry["routing"] = _routing(routed)
         methods[method] = entry
         log(f"[eval] {method}: " + ", ".join(f"{a}={v:.3f}" for a, v in entry["axis_scores"].items()))
