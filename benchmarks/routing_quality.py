@@ -53,7 +53,7 @@ import torch
 from alignx.axes import AXES
 from alignx.config import Stage2Config
 from alignx.data.registry import load_source
-from alignx.data.splits import evaluation_prompts, harmful_eval_prompts, normalise_prompt, xstest_prompts
+from alignx.data.splits import evaluation_prompts, harmful_eval_prompts, xstest_prompts
 from alignx.eval.judges.data import near_duplicates
 from alignx.eval.metrics import reliability_bins, routing_metrics
 from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, load_safetensors

@@ -49,14 +49,6 @@ class Parts:
     def subset(self, index) -> "Parts":
         return Parts(*(None if t is None else t[index] for t in (self.router, self.fractal, self.natural, self.typicality)))
 
-    @staticmethod
-    def cat(parts: list["Parts"]) -> "Parts":
-        def join(name):
-            values = [getattr(p, name) for p in parts]
-            return None if any(v is None for v in values) else torch.cat(values)
-
-        return Parts(join("router"), join("fractal"), join("natural"), join("typicality"))
-
     def scatter(self, rows: int, index: torch.Tensor, into: "Parts | None") -> "Parts":
         """These parts written at ``index`` of a [rows, ...] container (created on first use)."""
         if into is None:
