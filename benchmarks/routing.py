@@ -56,6 +56,9 @@ def main() -> None:
     features = {15: torch.randn(1, dim), 20: torch.randn(1, dim)}
     router_ms = timed(lambda: router.route(features[15], features[20]), repeats * 5) * 1000
     print(f"router+calibrators per prompt: {router_ms:.2f} ms")
+    plain = synthetic_router(dim, args.bank_size, bank_dtype=args.bank_dtype, dimension_weight=0.0)
+    plain_ms = timed(lambda: plain.route(features[15], features[20]), repeats * 5) * 1000
+    print(f"the same without the local-dimension term: {plain_ms:.2f} ms")
 
     prefill = timed(lambda: prompt_features(loaded.model, formatter, PROMPTS, router.layers, max_length=router.max_length,
                                                      autocast_dtype=dtype), repeats)
