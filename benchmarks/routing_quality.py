@@ -60,7 +60,9 @@ from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, load_
 from alignx.stage2 import crossfit
 from alignx.stage2.heads import Parts
 from alignx.stage2.mocae import log_weights
-from alignx.stage2.pipeline import (evaluation_prompts_of, load_banks, paper_variant, prompt_set_features, stack_banks)
+from alignx.stage2.train import fitted_head
+from alignx.stage2.pipeline import (evaluation_prompts_of, load_banks, paper_variant, plot_reliability,
+                                    prompt_set_features, stack_banks)
 
 SELECTION_METRIC = "balanced_nll"  # the axes' mix differs between banks and use: weigh each axis alike
 SHIFT_SETS = ("pku-saferlhf", "harmful-sets", "xstest-unsafe")  # gold axis: harmless
@@ -254,30 +256,6 @@ def by_group(probs, labels, groups: list[str], minimum: int) -> dict:
     return out
 
 
-def plot(results: dict, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        bins = [b for b in results[name]["reliability"] if b["count"]]
-        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="black")
-        m = results[name]["held_out"]
-        ax.set_title(f"{name}\nacc {m['accuracy']:.3f}  ECE {m['ece']:.3f}", fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence")
-    axes[0][0].set_ylabel("accuracy")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo", help="the run whose feature banks the routers are fitted on")
@@ -332,7 +310,7 @@ def main() -> None:
     results = {}
     for name, variant in variants.items():
         fits = trunk_fits(cache, crossfit.trunk_of(variant), rows, layers, max_length, features)
-        head = crossfit.fitted_head(variant, *fits["oof"]) if variant.output_calibration else None
+        head = fitted_head(variant, *fits["oof"]) if variant.output_calibration else None
         with torch.no_grad():
             probs = {s: log_weights(variant, head, fits[s], calibrated=head is not None).exp() for s in features}
         flags = {s: float((fits[s].typicality < math.log(variant.ood_alpha)).float().mean())
@@ -371,8 +349,10 @@ def main() -> None:
                 entry["reliability"] = reliability_bins(probs, gold)
         report["routers"][name] = entry
     atomic_write_json(out_dir / "report.json", report)
-    plot(report["routers"], [n for n in ("moe-uncalibrated", "router+T", "dirichlet", "paper", chosen, "alignx", "arrow")
-                             if n in report["routers"]][:7], out_dir / "reliability.png")
+    shown = dict.fromkeys(n for n in ("moe-uncalibrated", "router+T", "dirichlet", "paper", chosen, "alignx", "arrow")
+                          if n in report["routers"])
+    plot_reliability({n: (report["routers"][n]["reliability"], report["routers"][n]["held_out"]) for n in shown},
+                     out_dir / "reliability.png")
 
     print("\n| router | nested bal. NLL | accuracy | ECE | NLL | Brier | misrouting h/h/h | worst-source ECE | "
           "shift acc | OOD flags (held-out / XSTest safe / random) |")

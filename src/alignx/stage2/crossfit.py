@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from alignx.axes import AXES
 from alignx.config import DataConfig, Stage2Config
 from alignx.eval.metrics import expected_calibration_error, negative_log_likelihood
-from alignx.stage2.heads import OutputHead, Parts
-from alignx.stage2.mocae import MoCaE, base_logits, head_for, log_weights, parts_for
-from alignx.stage2.train import BankRows, build_model, train_mocae
+from alignx.stage2.heads import Parts
+from alignx.stage2.mocae import MoCaE, log_weights
+from alignx.stage2.train import BankRows, build_model, fitted_head, train_mocae
 
 FOLDS = 3
 CANDIDATES = ("hash", "cross-fit")  # what ``stage2.calibration: auto`` chooses between
@@ -128,13 +128,6 @@ def out_of_fold_parts(variant: Stage2Config, rows: BankRows, layers: tuple[int, 
             out = model.parts(rows.data(model, fitting & (rows.folds == k))).scatter(len(folds), held, out)
     log(f"[stage2] {variant.name}: out-of-fold predictions over {FOLDS} source-group folds for the output head")
     return out
-
-
-def fitted_head(variant: Stage2Config, parts: Parts, labels: torch.Tensor) -> OutputHead:
-    """``variant``'s output head fitted on ``parts`` (predictions on rows their models never saw)."""
-    head = head_for(variant, parts.router.shape[1])
-    used = parts_for(variant, parts)
-    return head.fit(base_logits(variant, used), used, labels, variant.head_class_balanced)
 
 
 def routing_scores(log_w: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

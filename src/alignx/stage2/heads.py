@@ -46,9 +46,6 @@ class Parts:
     natural: torch.Tensor | None = None
     typicality: torch.Tensor | None = None
 
-    def subset(self, index) -> "Parts":
-        return Parts(*(None if t is None else t[index] for t in (self.router, self.fractal, self.natural, self.typicality)))
-
     def scatter(self, rows: int, index: torch.Tensor, into: "Parts | None") -> "Parts":
         """These parts written at ``index`` of a [rows, ...] container (created on first use)."""
         if into is None:

@@ -166,7 +166,8 @@ class MoCaE(nn.Module):
         """Route raw (unstandardised) pooled features of a batch of prompts."""
         data = self.data_for(router_features, calibrator_features)
         u = data.typicality
-        calibrated = self.forward(data).exp()
+        parts = self.parts(data)  # each distribution once: the weights and the explanation read the same ones
+        calibrated = log_weights(self.config, self.head, parts).exp()
         weights = calibrated.clone()
         ood = torch.zeros(len(data.h), dtype=torch.bool)
         if u is not None:
@@ -174,10 +175,10 @@ class MoCaE(nn.Module):
             fallback = 0.0 if self.config.ood_fallback == "base" else 1.0 / len(self.axes)
             weights[ood] = fallback
         return Routing(
-            router=self.router.log_probs(data.h).exp(),
-            fractal=data.log_fractal.exp() if data.log_fractal is not None else None,
+            router=parts.router.exp(),
+            fractal=parts.fractal.exp() if parts.fractal is not None else None,
             typicality=u,
-            natural=self.natural.log_probs(data.h).exp() if self.natural is not None else None,
+            natural=parts.natural.exp() if parts.natural is not None else None,
             calibrated=calibrated,
             weights=weights,
             ood=ood,

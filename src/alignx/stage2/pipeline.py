@@ -267,7 +267,8 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
             if variant.name == "alignx":
                 _write_trinityx(model, calibration, out / "trinityx.json", log)
         atomic_write_json(out / "report.json", report)
-        _plot_reliability(report, out / "reliability.png")
+        plot_reliability({name: (r["reliability"], r["after_output_calibration"]) for name, r in report["routers"].items()},
+                         out / "reliability.png")
         log(f"[stage2] done: routers in {out}, report {out / 'report.json'}, diagrams {out / 'reliability.png'}")
     return out
 
@@ -333,19 +334,18 @@ def _summary_line(name: str, result: dict) -> str:
     )
 
 
-def _plot_reliability(report: dict, path: Path) -> None:
+def plot_reliability(panels: dict[str, tuple[list[dict], dict]], path: Path) -> None:
+    """One reliability diagram per router: ``panels[name] = (reliability bins, metrics with accuracy and ece)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["routers"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        bins = [b for b in report["routers"][name]["reliability"] if b["count"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (name, (bins, metrics)) in zip(axes[0], panels.items()):
+        bins = [b for b in bins if b["count"]]
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
         ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="black")
-        metrics = report["routers"][name]["after_output_calibration"]
         ax.set_title(f"{name}\nacc {metrics['accuracy']:.3f}  ECE {metrics['ece']:.3f}")
         ax.set_xlabel("confidence (top routing weight)")
         ax.set_ylabel("accuracy")

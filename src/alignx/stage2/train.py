@@ -20,8 +20,8 @@ from alignx.axes import AXES
 from alignx.config import Stage2Config
 from alignx.stage2.feature_space import FeatureSpace
 from alignx.stage2.fractal import FractalCalibrator
-from alignx.stage2.heads import Parts
-from alignx.stage2.mocae import MoCaE, RoutingData
+from alignx.stage2.heads import OutputHead, Parts
+from alignx.stage2.mocae import MoCaE, RoutingData, base_logits, head_for, parts_for
 from alignx.stage2.natural import NaturalCalibrator
 from alignx.stage2.router import Router
 
@@ -111,8 +111,15 @@ def train_mocae(model: MoCaE, train: RoutingData, calibration: RoutingData, conf
     return history
 
 
+def fitted_head(variant: Stage2Config, parts: Parts, labels: torch.Tensor) -> OutputHead:
+    """``variant``'s output head fitted on ``parts`` (predictions of models fitted like it, on rows they never
+    saw) against ``labels``, class-balanced with ``stage2.head_class_balanced``."""
+    head = head_for(variant, parts.router.shape[1])
+    used = parts_for(variant, parts)
+    return head.fit(base_logits(variant, used), used, labels, variant.head_class_balanced)
+
+
 def fit_head(model: MoCaE, parts: Parts, labels: torch.Tensor) -> dict:
-    """Fit ``model``'s output head on ``parts`` (predictions of models fitted like it, on rows they never saw)
-    against ``labels`` (class-balanced with ``stage2.head_class_balanced``); returns the fitted values."""
-    model.head.fit(model.base_logits(parts), parts, labels, model.config.head_class_balanced)
+    """Fit ``model``'s output head (:func:`fitted_head`); returns the fitted values."""
+    model.head = fitted_head(model.config, parts, labels)
     return model.head.describe()
