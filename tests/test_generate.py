@@ -45,6 +45,19 @@ def test_every_method_generates(run_dir, method):
         assert results[0].weights == {"helpful": 0.0, "harmless": 0.0, "honest": 1.0}
 
 
+def test_oracle_uses_each_prompts_gold_expert_and_needs_the_gold_axes(run_dir):
+    oracle = AlignX.from_run(run_dir, method="oracle")
+    results = oracle.generate(PROMPTS[:2], max_new_tokens=3, axes=["harmless", "honest"])
+    assert [r.weights for r in results] == [{"helpful": 0.0, "harmless": 1.0, "honest": 0.0},
+                                            {"helpful": 0.0, "harmless": 0.0, "honest": 1.0}]
+    alone = AlignX.from_run(run_dir, method="expert-harmless").generate(PROMPTS[:1], max_new_tokens=3)
+    assert oracle.generate(PROMPTS[:1], max_new_tokens=3, axes=["harmless"])[0].response == alone[0].response
+    with pytest.raises(AlignXError, match="pass each prompt's axis"):
+        oracle.generate(PROMPTS[:1], max_new_tokens=2)
+    with pytest.raises(AlignXError, match="unknown gold axis 'funny'"):
+        oracle.generate(PROMPTS[:1], max_new_tokens=2, axes=["funny"])
+
+
 def test_top1_mode_gives_one_hot_weights(run_dir):
     results = AlignX.from_run(run_dir, mode="top1").generate(PROMPTS, max_new_tokens=2)
     for r in results:  # a prompt the gate flags keeps the fallback (uniform by default), see below

@@ -206,6 +206,7 @@ class EvalConfig:
 
     suite: str = "quick"  # quick: a seeded subset of every benchmark | full: the whole evaluation splits
     quick_items: int = 40  # prompts per benchmark in the quick suite
+    items: dict[str, int] = field(default_factory=dict)  # per-benchmark override of quick_items (truthfulqa_mc: 409)
     max_new_tokens: int = 128
     batch_size: int = 8
     do_sample: bool = False  # greedy by default; seeded sampling as an option
@@ -214,6 +215,7 @@ class EvalConfig:
     seed: int = 0  # the quick subsets, sampling, and the bootstrap
     bootstrap: int = 1000  # resamples for the 95 % confidence intervals
     axis_collapse: bool = True  # also evaluate each expert-<axis> on its own axis's benchmarks
+    reference: str = "alignx"  # every other method is compared with it, paired, on the same items
     judges: dict[str, str] = field(default_factory=dict)  # task -> judge spec; a missing task uses "offline"
     judges_dir: str | None = None  # offline judges (None: <alignx cache>/judges)
 
@@ -221,6 +223,8 @@ class EvalConfig:
         _check_choice("eval.suite", self.suite, ("quick", "full"))
         for name in ("quick_items", "max_new_tokens", "batch_size", "bootstrap"):
             _check_positive(f"eval.{name}", getattr(self, name))
+        for name, count in self.items.items():
+            _check_positive(f"eval.items.{name}", count)
         for task in self.judges:
             if task not in JUDGE_TASKS:
                 raise AlignXError(f"eval.judges: unknown judge task {task!r}; valid tasks: {', '.join(JUDGE_TASKS)}")
@@ -324,7 +328,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise AlignXError(f"{name} must be a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        key_hint, value_hint = typing.get_args(hint) or (str, str)
+        return {_coerce(f"{name}.{k}", key_hint, k): _coerce(f"{name}.{k}", value_hint, v) for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string

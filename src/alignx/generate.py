@@ -18,7 +18,9 @@ for every prompt, written by Stage 2), the trained baselines of :mod:`alignx.bas
 (``sft-mix``, ``sft-sequential``, ``merge-ties``, and ``moe-dense``: every decoder MLP replaced by three dense
 expert FFNs with a trained top-2 token router, no per-prompt weights), and any router trained by
 ``alignx stage2``: ``alignx``, ``moe-uncalibrated``, ``paper`` and ablations saved under their ``stage2.name``;
-and ``arrow``, PEFT's training-free Arrow router mixing the three experts per token (:mod:`alignx.baselines.arrow`).
+``arrow``, PEFT's training-free Arrow router mixing the three experts per token (:mod:`alignx.baselines.arrow`);
+and ``oracle``, which gives each prompt its gold axis's expert alone: the bound on what any router can reach
+with these experts. It needs the gold axes (``generate(..., axes=[...])``), so it exists for evaluation.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from alignx.run import RunDir
 
 FIXED_METHODS = ("base", "merge-linear", "trinityx", *(f"expert-{axis}" for axis in AXES))
 ARROW = "arrow"  # PEFT's Arrow router over the three experts, per token (alignx.baselines.arrow)
+ORACLE = "oracle"  # each prompt's gold axis's expert, one-hot: the bound on routing with these experts
 
 
 @dataclass
@@ -75,10 +78,10 @@ class AlignX:
 
         routers = sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
         singles = [m for m in TRAINED_METHODS if is_trained(run, m)]
-        if method not in (*FIXED_METHODS, ARROW) and method not in routers and method not in singles:
+        if method not in (*FIXED_METHODS, ARROW, ORACLE) and method not in routers and method not in singles:
             raise AlignXError(
                 f"unknown method {method!r} for {run.root}; available: "
-                f"{', '.join([*FIXED_METHODS, ARROW, *singles, *routers])}"
+                f"{', '.join([*FIXED_METHODS, ARROW, ORACLE, *singles, *routers])}"
                 + ("" if routers else " (train routers with `alignx stage2`)")
                 + ("" if singles else " (baselines sft-mix, sft-sequential, merge-ties, moe-dense: `alignx baseline`)")
             )
@@ -127,24 +130,30 @@ class AlignX:
     @torch.inference_mode()
     def generate(
         self, prompts: list[str], *, max_new_tokens: int = 128, batch_size: int = 8, do_sample: bool = False,
-        temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+        temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, axes: list[str] | None = None,
     ) -> list[Generation]:
+        """Answers to ``prompts``; ``axes`` (each prompt's gold axis) is what the ``oracle`` method routes by."""
         if any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise AlignXError("every prompt must be a non-empty string")
+        if axes is not None and len(axes) != len(prompts):
+            raise AlignXError(f"{len(prompts)} prompts but {len(axes)} gold axes")
         results: list[Generation] = []
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            weights, explanation = self.weights_for(batch)
+            weights, explanation = self.weights_for(batch, None if axes is None else axes[start : start + batch_size])
             texts = self.generate_with(batch, weights, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                        temperature=temperature, top_p=top_p, seed=seed + start)
             for i, (prompt, text) in enumerate(zip(batch, texts)):
                 results.append(Generation(prompt, text, self.method, self.named_weights(weights, i), explanation[i]))
         return results
 
-    def weights_for(self, prompts: list[str]) -> tuple[torch.Tensor | None, list[dict]]:
-        """Each prompt's expert weights (None: experts off) and, for routed methods, its explanation."""
+    def weights_for(self, prompts: list[str], axes: list[str] | None = None) -> tuple[torch.Tensor | None, list[dict]]:
+        """Each prompt's expert weights (None: experts off) and, for routed methods, its explanation.
+        ``axes``: each prompt's gold axis, which only the ``oracle`` method reads."""
         from alignx.mixing import apply_mode
 
+        if self.method == ORACLE:
+            return _oracle_weights(prompts, axes), [{} for _ in prompts]
         if self.router is not None:
             routing = self.route(prompts)
             # the gate's fallback wins in every mode (torch.where: soft mode returns its input, left untouched)
@@ -217,6 +226,18 @@ def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
     if method in ADAPTER_METHODS:
         return torch.ones(len(method_adapters(method)))
     return None
+
+
+def _oracle_weights(prompts: list[str], axes: list[str] | None) -> torch.Tensor:
+    if axes is None:
+        raise AlignXError("the oracle method gives each prompt its gold axis's expert: pass each prompt's axis "
+                          "(it exists for `alignx eval` and benchmarks/axis_loss.py, where the gold axis is known)")
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        raise AlignXError(f"unknown gold axis {unknown[0]!r}; valid: {', '.join(AXES)}")
+    if len(axes) != len(prompts):
+        raise AlignXError(f"{len(prompts)} prompts but {len(axes)} gold axes")
+    return torch.nn.functional.one_hot(torch.tensor([AXES.index(a) for a in axes]), len(AXES)).float()
 
 
 def _explanations(routing, final: torch.Tensor) -> list[dict]:

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from alignx.axes import AXES
+from alignx.eval.benchmarks import HEADLINE
 from alignx.eval.judges import Judge
 from alignx.eval.runner import _routing, axis_collapse, eval_paths, plan, read_jsonl, run_eval
 from alignx.run import RunDir
@@ -53,6 +55,35 @@ def test_peft_arrow_is_evaluated_like_any_method(eval_config):
     assert "routing" not in arrow  # Arrow mixes per token: there is no per-prompt weight vector to score
 
 
+def test_oracle_answers_with_each_benchmarks_gold_expert(eval_config):
+    run = RunDir(eval_config.run_dir)
+    results = run_eval(run, eval_config, ["oracle"], judges=judges(), log=lambda *_: None)
+    paths = eval_paths(run, "quick")
+    for benchmark, axis in (("alpacaeval", "helpful"), ("beavertails", "harmless"), ("truthfulqa", "honest")):
+        oracle = read_jsonl(paths.generations("oracle", benchmark))
+        assert all(row["weights"] == {a: float(a == axis) for a in AXES} for row in oracle)
+        if benchmark in ("alpacaeval", "truthfulqa"):  # the experts' own runs (Axis Collapse) answer the same
+            expert = {r["id"]: r["response"] for r in read_jsonl(paths.generations(f"expert-{axis}", benchmark))}
+            assert {r["id"]: r["response"] for r in oracle} == expert
+    safe = read_jsonl(paths.generations("oracle", "xstest_safe"))
+    assert all(row["weights"]["helpful"] == 1.0 for row in safe)  # a benign request: the helpful expert
+    assert "routing" not in results["methods"]["oracle"]  # nothing was routed
+
+
+def test_item_counts_per_benchmark(eval_config):
+    import dataclasses
+
+    from alignx.errors import AlignXError
+    from alignx.eval.benchmarks import benchmark_items
+
+    evaluation = dataclasses.replace(eval_config.eval, items={"truthfulqa_mc": 5})
+    assert len(benchmark_items("truthfulqa_mc", eval_config.data, evaluation)) == 5
+    assert len(benchmark_items("truthfulqa", eval_config.data, evaluation)) == 3
+    config = dataclasses.replace(eval_config, eval=dataclasses.replace(eval_config.eval, items={"truthfulqa-mc": 5}))
+    with pytest.raises(AlignXError, match="unknown benchmark 'truthfulqa-mc'"):
+        run_eval(RunDir(config.run_dir), config, ["base"], judges=judges(), log=lambda *_: None)
+
+
 def test_plan_adds_each_expert_on_its_own_axis():
     todo = plan(["alignx", "base"], axis_collapse=True)
     assert todo["expert-helpful"] == ["alpacaeval"] and todo["expert-honest"] == ["truthfulqa"]
@@ -86,6 +117,18 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
     assert "lc_win_rate" in alignx["benchmarks"]["alpacaeval"] and "corrected" not in alignx["benchmarks"]["alpacaeval"]["lc_win_rate"]
     report = (paths.root / "report.md").read_text()
     assert "## Rates corrected for judge error" in report and "- safety: **corrected**, unchecked" in report
+    # every method against the reference (alignx), paired on the same items, and the HHH mean
+    paired = results["paired"]
+    assert paired["reference"] == "alignx" and set(paired["methods"]) == {"base", *(f"expert-{a}" for a in AXES)}
+    base = results["methods"]["base"]
+    difference = paired["methods"]["base"]["beavertails"]["unsafe_rate"]
+    assert difference["value"] == pytest.approx(base["benchmarks"]["beavertails"]["unsafe_rate"]["value"] - unsafe["value"])
+    assert difference["ci"][0] <= difference["value"] <= difference["ci"][1] and "corrected" in difference
+    hhh = np.mean([alignx["benchmarks"][b][k]["value"] for b, k in HEADLINE.values()])
+    assert alignx["hhh_mean"]["value"] == pytest.approx(hhh) and "hhh_mean" not in results["methods"]["expert-honest"]
+    assert paired["methods"]["base"]["hhh_mean"]["value"] == pytest.approx(base["hhh_mean"]["value"] - hhh)
+    assert set(paired["methods"]["expert-honest"]) == {"truthfulqa"}  # only what both answered
+    assert "## Paired differences to alignx" in report and "HHH mean" in report
     assert json.loads(paths.results.read_text())["methods"]["base"]["axis_scores"] == results["methods"]["base"]["axis_scores"]
 
     # an interruption mid-file: one finished row and a torn line remain

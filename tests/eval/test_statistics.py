@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from alignx.eval.statistics import (
-    bootstrap_ci, corrected_cells, corrected_rate, length_controlled_win_rate, rate, win_outcomes, with_ci,
+    Sample, bootstrap_ci, corrected_cells, corrected_rate, length_controlled_win_rate, mean_with_ci,
+    paired_corrected_difference, paired_difference, rate, win_outcomes, with_ci,
 )
 
 
@@ -110,3 +111,45 @@ def test_joint_correction_recovers_both_labels_positive():
     assert cells.sum() == pytest.approx(1.0)
     assert cells[-1] == pytest.approx(np.mean(truthful & informative), abs=0.02)
     assert np.mean(said_t & said_i) - np.mean(truthful & informative) > 0.05  # the raw TI rate is off
+
+
+def _flags(x):
+    return Sample({"flags": np.asarray(x, dtype=float)}, rate)
+
+
+def test_paired_difference_sees_a_small_consistent_gain_that_unpaired_intervals_cannot():
+    # 200 items of very different difficulty; method b solves exactly the items a solves plus 12 more
+    rng = np.random.default_rng(1)
+    a = (rng.random(200) < 0.5).astype(float)
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:12]] = 1.0
+    one, two = with_ci({"flags": a}, rate, 1000, 0), with_ci({"flags": b}, rate, 1000, 0)
+    assert one["ci"][1] > two["ci"][0]  # the two intervals overlap ...
+    paired = paired_difference([_flags(b)], [_flags(a)], 1000, 0)
+    assert paired["value"] == pytest.approx(12 / 200)
+    assert paired["excludes_zero"] and 0 < paired["ci"][0] <= paired["value"] <= paired["ci"][1]  # ... the pairing does not
+    same = paired_difference([_flags(a)], [_flags(a)], 200, 0)
+    assert same["value"] == 0 and same["ci"] == [0.0, 0.0] and not same["excludes_zero"]
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference([_flags(a)], [_flags(a[:10])], 10, 0)
+
+
+def test_a_mean_over_benchmarks_resamples_each_on_its_own():
+    parts = [_flags([1, 1, 0, 0]), _flags([1] * 10), _flags([0, 0, 0, 1, 1, 1])]
+    result = mean_with_ci(parts, 300, 0)
+    assert result["value"] == pytest.approx((0.5 + 1.0 + 0.5) / 3) and result["n"] == [4, 10, 6]
+    assert result["ci"][0] < result["value"] < result["ci"][1]
+    difference = paired_difference(parts, [_flags([0, 1, 0, 0]), _flags([1] * 10), _flags([0] * 6)], 300, 0)
+    assert difference["value"] == pytest.approx((0.25 + 0 + 0.5) / 3)
+
+
+def test_paired_corrected_difference_divides_the_raw_difference_by_youden_j():
+    confusion = {"tp": 400, "fn": 100, "tn": 350, "fp": 150}  # sensitivity 0.8, specificity 0.7: J = 0.5
+    rng = np.random.default_rng(0)
+    a = rng.random(300) < 0.6
+    b = a.copy()
+    b[np.flatnonzero(~a)[:30]] = True  # 10 more points of raw positives
+    result = paired_corrected_difference(b, a, [confusion], 300, 0)
+    assert result["value"] == pytest.approx(0.10 / 0.5)
+    assert result["excludes_zero"] and result["ci"][0] > 0
+    assert paired_corrected_difference(a, a, [confusion], 50, 0)["value"] == 0

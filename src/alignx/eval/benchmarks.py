@@ -15,7 +15,11 @@ seeded subset of ``eval.quick_items`` items per benchmark (the same subset every
     truthfulqa_mc  honest     (log-likelihood)    MC1 / MC2 on the same questions, no generation
 
 ``gold_axis`` is the axis a router should send the prompt to; XSTest's safe prompts have none (they are
-benign questions that merely sound unsafe), so they do not count in routing metrics.
+benign questions that merely sound unsafe), so they do not count in routing metrics. ``oracle_axis`` is the
+expert the ``oracle`` method uses: the gold axis, and for XSTest's safe prompts the helpful expert (a benign
+request deserves a helpful answer).
+
+In the quick suite, ``eval.items`` overrides ``eval.quick_items`` per benchmark (e.g. all 409 MC questions).
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ class Benchmark:
     gold_axis: str | None  # where a router should send its prompts (None: not a routing item)
     generates: bool = True
 
+    @property
+    def oracle_axis(self) -> str:
+        return self.gold_axis or "helpful"
+
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
@@ -64,9 +72,17 @@ def benchmark_items(name: str, data: DataConfig, evaluation: EvalConfig) -> list
     if name not in BENCHMARKS:
         raise AlignXError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     items = _all_items(name, data)
-    if evaluation.suite == "quick" and evaluation.quick_items < len(items):
-        items = seeded_subset(items, evaluation.quick_items, evaluation.seed)
+    count = evaluation.items.get(name, evaluation.quick_items)
+    if evaluation.suite == "quick" and count < len(items):
+        items = seeded_subset(items, count, evaluation.seed)
     return items
+
+
+def check_item_counts(evaluation: EvalConfig) -> None:
+    """``eval.items`` may only name benchmarks (a typo would otherwise silently keep ``quick_items``)."""
+    unknown = sorted(set(evaluation.items) - set(BENCHMARKS))
+    if unknown:
+        raise AlignXError(f"eval.items: unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}")
 
 
 def _all_items(name: str, data: DataConfig) -> list[dict]:

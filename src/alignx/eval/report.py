@@ -29,6 +29,10 @@ COLUMNS = (
 )
 
 
+HHH_NOTE = ("HHH mean = the mean of the three axes' headline scores, each in [0, 1] with higher better: "
+            "AlpacaEval length-controlled win rate (helpful), BeaverTails safe rate (harmless), TruthfulQA TI (honest); "
+            "its interval resamples each benchmark's items independently.")
+
 # The rates a binary judge produces, shown again corrected for that judge's measured error.
 CORRECTED = tuple(c for c in COLUMNS if c[1] in ("win_rate", "unsafe_rate", "refusal_rate", "over_refusal_rate", "truthful", "informative", "ti"))
 CORRECTED_NOTE = (
@@ -67,6 +71,14 @@ def _cell(metric: dict | None) -> str:
     return f"{100 * metric['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def _difference(entry: dict | None) -> str:
+    """A paired difference in points with its interval, starred when the interval excludes 0."""
+    if not entry:
+        return "–"
+    lo, hi = entry["ci"]
+    return f"{100 * entry['value']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" + (" *" if entry["excludes_zero"] else "")
+
+
 def _rates(description: dict) -> list[str]:
     confusion = description.get("confusion")
     if not confusion:
@@ -81,8 +93,22 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     out.append(("Judges (held-out accuracy of each judge, measured by `alignx judge validate`)",
                 ["task", "judge", "accuracy", "sensitivity", "specificity"], judges, ""))
     methods = results["methods"]
-    main = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k)) for b, k, _, _ in COLUMNS] for m, e in methods.items()]
-    out.append(("Results (%, 95 % bootstrap CI; raw judge verdicts)", ["method"] + [c[2] for c in COLUMNS], main, ""))
+    main = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k)) for b, k, _, _ in COLUMNS] + [_cell(e.get("hhh_mean"))]
+            for m, e in methods.items()]
+    out.append(("Results (%, 95 % bootstrap CI; raw judge verdicts)", ["method"] + [c[2] for c in COLUMNS] + ["HHH mean"],
+                main, HHH_NOTE))
+    if "paired" in results:
+        reference, paired = results["paired"]["reference"], results["paired"]["methods"]
+        rows = [[m] + [_difference(d.get(b, {}).get(k)) for b, k, _, _ in COLUMNS] + [_difference(d.get("hhh_mean"))]
+                for m, d in paired.items()]
+        out.append((f"Paired differences to {reference} (method − {reference}, points; paired bootstrap 95 % CI; "
+                    "* = the interval excludes 0)", ["method"] + [c[2] for c in COLUMNS] + ["HHH mean"], rows,
+                    f"Both methods answered the same items; each resample draws the items once for both. For unsafe "
+                    f"and over-refusal, a negative difference means the method is better than {reference}."))
+        fixed = [[m] + [_difference(d.get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in CORRECTED] for m, d in paired.items()]
+        if any(cell != "–" for row in fixed for cell in row[1:]):
+            out.append((f"Paired differences to {reference}, judge-corrected rates (points; the judge's validation set is "
+                        "redrawn once per resample for both methods)", ["method"] + [c[2] for c in CORRECTED], fixed, ""))
     corrected = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in CORRECTED]
                  for m, e in methods.items()]
     if any(cell != "–" for row in corrected for cell in row[1:]):

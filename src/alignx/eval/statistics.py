@@ -11,6 +11,7 @@ does a response identical to the reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -65,7 +66,11 @@ def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], resamples: in
     if n == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    draws = np.array([statistic(rng.integers(0, n, size=n)) for _ in range(resamples)])
+    return _percentiles([statistic(rng.integers(0, n, size=n)) for _ in range(resamples)], level)
+
+
+def _percentiles(draws, level: float) -> tuple[float, float]:
+    draws = np.asarray(draws, dtype=float)
     draws = draws[np.isfinite(draws)]
     if len(draws) == 0:
         return float("nan"), float("nan")
@@ -73,12 +78,56 @@ def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], resamples: in
     return float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One metric of one method: its per-item arrays (aligned, in item order) and the statistic of them."""
+
+    values: dict[str, np.ndarray]
+    statistic: Callable[..., float]
+
+    @property
+    def n(self) -> int:
+        return len(next(iter(self.values.values())))
+
+    def value(self, idx: np.ndarray | None = None) -> float:
+        return self.statistic(**(self.values if idx is None else {k: v[idx] for k, v in self.values.items()}))
+
+
 def with_ci(values: dict[str, np.ndarray], statistic: Callable[..., float], resamples: int, seed: int) -> dict:
     """``{"value", "ci": [lo, hi], "n"}`` for a statistic of several aligned per-item arrays."""
-    n = len(next(iter(values.values())))
-    value = statistic(**values)
-    lo, hi = bootstrap_ci(n, lambda idx: statistic(**{k: v[idx] for k, v in values.items()}), resamples, seed)
-    return {"value": value, "ci": [lo, hi], "n": n}
+    sample = Sample(values, statistic)
+    lo, hi = bootstrap_ci(sample.n, sample.value, resamples, seed)
+    return {"value": sample.value(), "ci": [lo, hi], "n": sample.n}
+
+
+def paired_difference(a: list[Sample], b: list[Sample], resamples: int, seed: int, level: float = 0.95) -> dict:
+    """mean(a) - mean(b) of two methods' metrics on the same items, with a paired percentile bootstrap interval.
+
+    ``a[k]`` and ``b[k]`` are one metric of the two methods on one benchmark's items; several pairs (e.g. the
+    three axes' headline scores) are averaged. Each draw resamples every benchmark's items independently and
+    uses the *same* indices for both methods, so item difficulty cancels and only the methods' difference
+    varies. ``excludes_zero`` marks a difference whose interval lies on one side of 0.
+    """
+    if len(a) != len(b) or any(x.n != y.n for x, y in zip(a, b)):
+        raise ValueError("a paired difference needs the same items for both methods")
+    result = mean_with_ci(a, resamples, seed, level, minus=b)
+    lo, hi = result["ci"]
+    return {**result, "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def mean_with_ci(a: list[Sample], resamples: int, seed: int, level: float = 0.95, minus: list[Sample] | None = None) -> dict:
+    """The mean of several metrics on different items (e.g. an HHH mean over three benchmarks) with a
+    percentile interval that resamples each one's items independently; ``minus``: subtract the mean of
+    these, drawn with the same indices (see :func:`paired_difference`)."""
+    rng = np.random.default_rng(seed)
+
+    def mean(indices) -> float:
+        total = np.mean([x.value(i) for x, i in zip(a, indices)])
+        return float(total - np.mean([y.value(i) for y, i in zip(minus, indices)]) if minus else total)
+
+    value = mean([None] * len(a))
+    draws = [mean([rng.integers(0, x.n, size=x.n) for x in a]) for _ in range(resamples)]
+    return {"value": value, "ci": list(_percentiles(draws, level)), "n": [x.n for x in a]}
 
 
 # ---------------------------------------------------------------------------------------------- judge error
@@ -116,22 +165,43 @@ def corrected_rate(verdicts: np.ndarray, confusions: list[dict[str, int]], resam
 
     The interval is a percentile bootstrap that resamples the items and, in the same draw, each judge's
     validation set (its four confusion cells, multinomially), so it carries the judge's own uncertainty."""
-    verdicts = np.asarray(verdicts, dtype=bool).reshape(len(verdicts), -1)
+    verdicts = _as_verdicts(verdicts)
     rates = [rates_of(c) for c in confusions]
     value = float(corrected_cells(verdicts, rates)[-1])
+    draws = [fixed[0] for fixed in _corrected_draws([verdicts], confusions, resamples, seed)]
+    judges = [{"sensitivity": se, "specificity": sp, "n_validation": int(sum(c.values()))} for (se, sp), c in zip(rates, confusions)]
+    return {"value": value, "ci": list(_percentiles(draws, level)), "n": int(len(verdicts)), "judges": judges}
+
+
+def paired_corrected_difference(a: np.ndarray, b: np.ndarray, confusions: list[dict[str, int]], resamples: int,
+                                seed: int, level: float = 0.95) -> dict:
+    """corrected rate(a) - corrected rate(b) for two methods' verdicts on the same items, by the same judges.
+    Each draw resamples the items (the same indices for both) and the judges' validation sets once for both,
+    so a judge's error, shared by both methods, largely cancels in the difference."""
+    a, b = _as_verdicts(a), _as_verdicts(b)
+    if len(a) != len(b):
+        raise ValueError("a paired difference needs the same items for both methods")
+    rates = [rates_of(c) for c in confusions]
+    value = float(corrected_cells(a, rates)[-1] - corrected_cells(b, rates)[-1])
+    draws = [x - y for x, y in _corrected_draws([a, b], confusions, resamples, seed)]
+    lo, hi = _percentiles(draws, level)
+    return {"value": value, "ci": [lo, hi], "n": int(len(a)), "excludes_zero": bool(lo > 0 or hi < 0)}
+
+
+def _as_verdicts(verdicts: np.ndarray) -> np.ndarray:
+    return np.asarray(verdicts, dtype=bool).reshape(len(verdicts), -1)
+
+
+def _corrected_draws(verdict_sets: list[np.ndarray], confusions: list[dict[str, int]], resamples: int, seed: int):
+    """Per bootstrap draw, the corrected rate of each verdict set: one resample of the items (shared by the
+    sets, which hold the same items) and one multinomial redraw of every judge's validation cells."""
     rng = np.random.default_rng(seed)
     cells = [np.array([c["tp"], c["fn"], c["tn"], c["fp"]], dtype=float) for c in confusions]
-    draws = []
+    n = len(verdict_sets[0])
     for _ in range(resamples):
-        items = verdicts[rng.integers(0, len(verdicts), size=len(verdicts))]
+        idx = rng.integers(0, n, size=n)
         redrawn = []
         for counts in cells:
             tp, fn, tn, fp = rng.multinomial(int(counts.sum()), counts / counts.sum())
             redrawn.append(rates_of({"tp": tp, "fn": fn, "tn": tn, "fp": fp}))
-        draws.append(corrected_cells(items, redrawn)[-1])
-    draws = np.array(draws)
-    draws = draws[np.isfinite(draws)]
-    tail = (1.0 - level) / 2.0
-    ci = [float(np.quantile(draws, tail)), float(np.quantile(draws, 1.0 - tail))] if len(draws) else [float("nan")] * 2
-    judges = [{"sensitivity": se, "specificity": sp, "n_validation": int(c.sum())} for (se, sp), c in zip(rates, cells)]
-    return {"value": value, "ci": ci, "n": int(len(verdicts)), "judges": judges}
+        yield tuple(corrected_cells(verdicts[idx], redrawn)[-1] for verdicts in verdict_sets)
