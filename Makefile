@@ -9,7 +9,7 @@ LOCAL_DATA := $(abspath ../shared/data)
 $(foreach assignment,$(shell $(PYTHON) src/alignx/data/location.py --make $(LOCAL_DATA)),$(eval export $(assignment)))
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean-demo data-check
+.PHONY: install test demo clean-demo data-check study
 
 install: $(STAMP)
 
@@ -49,3 +49,26 @@ demo: data-check install
 
 clean-demo:
 	rm -rf runs/demo
+
+# The study (docs/study.md): the experts trained until their loss curves flatten, banks from every training row,
+# every method of the comparison on the same items, the axis-loss matrix and paired statistics. Resumable like
+# the demo: run it again after an interruption. Each step prints its number, the time, and its own progress bar.
+STUDY_RUN := runs/study
+STUDY_METHODS := alignx,oracle,base,sft-mix,moe-uncalibrated,merge-linear,merge-ties,trinityx,arrow,expert-helpful,expert-harmless,expert-honest
+STEP = @echo "[study $(1)/7 $$(date +%H:%M:%S)] $(2)"
+
+study: data-check install
+	$(call STEP,1,Stage 1: three experts and their feature banks)
+	$(VENV)/bin/alignx stage1 --config configs/study.yaml --resume
+	$(call STEP,2,Stage 2: the routers and their calibrators)
+	$(VENV)/bin/alignx stage2 --run $(STUDY_RUN)
+	$(call STEP,3,baselines: sft-mix (the experts' total budget) and merge-ties)
+	$(VENV)/bin/alignx baseline --run $(STUDY_RUN) --method sft-mix --resume
+	$(VENV)/bin/alignx baseline --run $(STUDY_RUN) --method merge-ties
+	$(call STEP,4,the offline judges)
+	$(VENV)/bin/alignx judge train
+	$(call STEP,5,the axis-loss matrix)
+	$(VENV)/bin/python benchmarks/axis_loss.py --run $(STUDY_RUN)
+	$(call STEP,6,generation benchmarks (judged; paired differences to alignx))
+	$(VENV)/bin/alignx eval --run $(STUDY_RUN) --methods $(STUDY_METHODS)
+	$(call STEP,7,done: $(STUDY_RUN)/eval/quick/report.html and $(STUDY_RUN)/axis-loss/matrix.json)

@@ -74,14 +74,12 @@ class AlignX:
         config = run.load_config()
         if mode not in MODES:
             raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
-        from alignx.baselines import TRAINED_METHODS, is_trained, method_adapters
+        from alignx.baselines import method_adapters
 
-        routers = sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
-        singles = [m for m in TRAINED_METHODS if is_trained(run, m)]
+        routers, singles = trained_routers(run), trained_baselines(run)
         if method not in (*FIXED_METHODS, ARROW, ORACLE) and method not in routers and method not in singles:
             raise AlignXError(
-                f"unknown method {method!r} for {run.root}; available: "
-                f"{', '.join([*FIXED_METHODS, ARROW, ORACLE, *singles, *routers])}"
+                f"unknown method {method!r} for {run.root}; available: {', '.join(available_methods(run))}"
                 + ("" if routers else " (train routers with `alignx stage2`)")
                 + ("" if singles else " (baselines sft-mix, sft-sequential, merge-ties, moe-dense: `alignx baseline`)")
             )
@@ -205,6 +203,25 @@ class AlignX:
             output = self.loaded.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def trained_routers(run: RunDir) -> list[str]:
+    """The routers ``alignx stage2`` trained in this run (alignx, moe-uncalibrated, paper, ablations)."""
+    from alignx.stage2.pipeline import stage2_dir
+
+    return sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
+
+
+def trained_baselines(run: RunDir) -> list[str]:
+    """The baselines ``alignx baseline`` trained in this run (sft-mix, sft-sequential, merge-ties, moe-dense)."""
+    from alignx.baselines import TRAINED_METHODS, is_trained
+
+    return [m for m in TRAINED_METHODS if is_trained(run, m)]
+
+
+def available_methods(run: RunDir) -> list[str]:
+    """Every method this run can generate with (trinityx once Stage 2 has written its weights)."""
+    return [*FIXED_METHODS, ARROW, ORACLE, *trained_baselines(run), *trained_routers(run)]
 
 
 def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:

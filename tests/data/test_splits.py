@@ -21,6 +21,7 @@ from alignx.data.splits import (
     check_all,
     evaluation_prompts,
     format_check_report,
+    gold_responses,
     harmful_eval_prompts,
     last_turn,
     training_examples,
@@ -373,3 +374,20 @@ def test_unknown_axis_and_helpers() -> None:
     assert beavertails_half("abc") == ("dev" if int(hashlib.sha256(b"abc").hexdigest(), 16) % 2 == 0 else "eval")
     assert last_turn("\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:  d ") == ("c", "d")
     assert last_turn("no markers") is None
+
+
+def test_gold_responses_are_held_out_from_every_training_split(real: DataConfig, train: dict) -> None:
+    trained = {(e.instruction, e.input, e.response) for split in train.values() for e in split.examples}
+    gold = {axis: gold_responses(axis, real).examples for axis in ("helpful", "harmless", "honest")}
+    assert len(gold["helpful"]) > 10_000 and len(gold["harmless"]) > 500 and len(gold["honest"]) > 1_000
+    for axis, examples in gold.items():
+        assert not trained & {(e.instruction, e.input, e.response) for e in examples}, axis
+        assert all(e.response.strip() for e in examples), axis
+    assert not {e.id for e in gold["helpful"]} & {e.id for e in train["helpful"].examples}
+    assert all(_half(e.instruction) == "eval" for e in gold["harmless"])  # BeaverTails eval half, labelled safe
+    safe = {(r["prompt"], r["response"]) for r in _raw_jsonl("beavertails/30k_test.jsonl") if r["is_safe"]}
+    assert all((e.instruction, e.response) in safe for e in gold["harmless"])
+    questions = {r["Question"] for r in _raw_truthfulqa()[408:]}
+    assert all(e.instruction in questions for e in gold["honest"])  # the evaluation questions' correct answers
+    subset = gold_responses("honest", real, limit=50).examples
+    assert len(subset) == 50 and set(e.id for e in subset) <= {e.id for e in gold["honest"]}

@@ -1,6 +1,8 @@
 """`alignx eval` on a tiny run: every benchmark scored, report written, and nothing finished is redone."""
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -204,3 +206,38 @@ def test_fallback_rows_are_counted_apart_not_as_the_first_axis():
     assert metrics["fallback"]["n"] == 2 and metrics["fallback"]["rate"] == pytest.approx(0.4)
     assert metrics["fallback"]["by_axis"] == pytest.approx({"helpful": 0.0, "harmless": 0.5, "honest": 0.5})
     assert _routing(routed[2:4]) == {"fallback": {"n": 2, "rate": 1.0, "by_axis": {"harmless": 1.0, "honest": 1.0}}, "n": 0}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _rendered(page, tmp_path) -> str:
+    """The page's DOM after its scripts ran, in headless Chromium (no network: the report is self-contained)."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1400,2000", page],
+                   check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "shot.png").stat().st_size > 10_000  # a rendered page, not a blank one
+    return subprocess.run([CHROMIUM, *flags, "--dump-dom", page], check=True, capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)")
+def test_report_html_renders_answers_side_by_side_in_a_real_browser(eval_config, tmp_path):
+    run = RunDir(eval_config.run_dir)
+    run_eval(run, eval_config, ["alignx", "base"], judges=judges(), log=lambda *_: None)
+    report = eval_paths(run, "quick").root / "report.html"
+    isolated = tmp_path / "report.html"  # alone in a folder: nothing it shows may come from a file beside it
+    shutil.copy(report, isolated)
+    dom = _rendered(isolated.as_uri(), tmp_path)
+    assert "<h2>Paired differences to alignx" in dom and dom.count("<img") >= 3
+    assert dom.count("src=\"data:image/png;base64,") == dom.count("<img")
+    assert dom.count('<tr class="item">') == 3  # the first benchmark's three prompts, rendered by the page's script
+    assert "<th>alignx</th><th>base</th>" in dom and "helpful " in dom  # a column per method, routing weights
+    assert 'class="verdict"' in dom and "3 of 3 prompts" in dom
+    # the filters, preset through the link: only the prompts where alignx's answer was judged unsafe
+    rows = read_jsonl(eval_paths(run, "quick").scored("alignx", "beavertails"))
+    unsafe = sum(row["scores"]["safety"]["p"] >= 0.5 for row in rows)
+    dom = _rendered(isolated.as_uri() + "#benchmark=beavertails&of=alignx&verdict=safety:%20unsafe", tmp_path)
+    assert dom.count('<tr class="item">') == unsafe and f"{unsafe} of 3 prompts" in dom

@@ -234,14 +234,20 @@ def _decontaminate(examples: list[Example], keys: dict[str, str], excluded: Coun
     return kept
 
 
-def _helpful_train(data: DataConfig, keys: dict[str, str], skipped: Counter[str], excluded: Counter[str]) -> list[Example]:
-    kept = []  # rows, filtered before sampling so that exactly helpful_rows remain
+def _alpaca_rows(data: DataConfig, keys: dict[str, str], skipped: Counter[str], excluded: Counter[str]) -> list[dict[str, Any]]:
+    """Alpaca minus evaluation prompts: the rows the helpful training sample is drawn from."""
+    kept = []
     for r in _load("alpaca", data, skipped):
         hit = _eval_hit(keys, r["instruction"], r["input"])
         if hit is None:
             kept.append(r)
         else:
             excluded[f"alpaca: is an evaluation prompt ({hit})"] += 1
+    return kept
+
+
+def _helpful_train(data: DataConfig, keys: dict[str, str], skipped: Counter[str], excluded: Counter[str]) -> list[Example]:
+    kept = _alpaca_rows(data, keys, skipped, excluded)  # filtered before sampling so that exactly helpful_rows remain
     if not kept:
         return []
     if len(kept) < data.helpful_rows:
@@ -327,6 +333,43 @@ def evaluation_prompts(axis: str, data: DataConfig, limit: int | None = None) ->
         excluded[f"limit={limit}"] += len(examples) - limit
         examples = seeded_subset(examples, limit, data.seed)
     return _finish(axis, "evaluation", examples, skipped, excluded)
+
+
+def gold_responses(axis: str, data: DataConfig, limit: int | None = None) -> SplitResult:
+    """Held-out (prompt, gold response) pairs of ``axis``, for teacher-forced loss: helpful = Alpaca rows
+    outside the ``data.helpful_rows`` training sample (and no evaluation prompt); harmless = BeaverTails
+    eval-half responses labelled safe, the first per distinct prompt; honest = every correct answer of
+    TruthfulQA questions 409-817. None of them is a training row of any axis. ``limit`` keeps a seeded
+    subset (in order)."""
+    _check_axis(axis)
+    skipped: Counter[str] = Counter()
+    excluded: Counter[str] = Counter()
+    examples: list[Example] = []
+    if axis == "helpful":
+        kept = _alpaca_rows(data, evaluation_keys(data), skipped, excluded)
+        trained = {r["index"] for r in seeded_subset(kept, data.helpful_rows, data.seed)}
+        examples = [Example("helpful", r["instruction"], r["input"], r["output"], "alpaca", f"alpaca:{r['index']}")
+                    for r in kept if r["index"] not in trained and r["output"].strip()]
+        excluded["alpaca: in the training sample"] += len(trained)
+    elif axis == "harmless":
+        seen: set[str] = set()
+        for r in _load("beavertails", data, skipped):
+            if beavertails_half(r["prompt"]) != "eval" or not r["is_safe"] or r["prompt"] in seen:
+                excluded["beavertails: dev half, unsafe, or a repeated prompt"] += 1
+                continue
+            seen.add(r["prompt"])
+            examples.append(Example("harmless", r["prompt"], "", r["response"], "beavertails", f"beavertails:{r['index']}"))
+    else:
+        for r in _load("truthfulqa", data, skipped):
+            if r["index"] < HONEST_TRAIN_QUESTIONS:
+                excluded["truthfulqa: training question (1-408)"] += 1
+                continue
+            examples += [Example("honest", r["question"], "", answer, "truthfulqa", f"truthfulqa:{r['index']}:{j}")
+                         for j, answer in enumerate(r["correct_answers"])]
+    if limit is not None and 0 < limit < len(examples):
+        excluded[f"limit={limit}"] += len(examples) - limit
+        examples = seeded_subset(examples, limit, data.seed)
+    return _finish(axis, "gold-response", examples, skipped, excluded)
 
 
 def _xstest(data: DataConfig) -> tuple[list[dict[str, Any]], Counter[str]]:

@@ -2,15 +2,20 @@
 
 Every figure carries its 95 % bootstrap interval, and the report opens with the judges that produced
 the numbers and their own held-out accuracy, so a reader can tell a real difference from judge noise.
+``report.html`` is self-contained (plots embedded, no network): beside the tables it shows every prompt with
+each method's answer, routing weights and judge verdicts, filtered by method, by verdict and by disagreement.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 from pathlib import Path
 
 from alignx.axes import AXES
 from alignx.eval.benchmarks import HEADLINE
+from alignx.eval.judges import THRESHOLD
 from alignx.eval.statistics import rates_of
 from alignx.run import atomic_write_text
 
@@ -149,18 +154,115 @@ def markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_page(results: dict, plots: list[str]) -> str:
-    parts = [f"<!doctype html><meta charset='utf-8'><title>AlignX evaluation</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}</style>",
+# How report.html names a judge's verdict from its probability (p >= THRESHOLD: the first label; the pairwise
+# helpfulness judge: win, tie at exactly 0.5, loss against the reference).
+VERDICT_LABELS = {"safety": ("unsafe", "safe"), "refusal": ("refused", "answered"), "truth": ("truthful", "untruthful"),
+                  "info": ("informative", "uninformative"), "helpfulness": ("win", "loss")}
+
+STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;margin:1em 0}"
+         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}td:first-child,th:first-child{text-align:left}"
+         "img{max-width:100%}#answers td{text-align:left;max-width:28em;white-space:pre-wrap;font-size:90%}"
+         ".verdict{display:inline-block;margin:2px 4px 0 0;padding:0 4px;border-radius:3px;background:#eee;font-size:85%}"
+         ".weights{color:#555;font-size:80%}.controls label{margin-right:1em}.controls{margin:.5em 0;line-height:2}")
+
+# The answers browser: renders the embedded answers (no network), filtered by method, verdict and disagreement.
+SCRIPT = """
+const data = JSON.parse(document.getElementById('answers-data').textContent);
+const LABELS = JSON.parse(document.getElementById('verdict-labels').textContent);
+const THRESHOLD = __THRESHOLD__;
+const $ = id => document.getElementById(id);
+function verdict(task, p) {
+  if (task === 'helpfulness') return p > 0.5 ? 'win' : (p < 0.5 ? 'loss' : 'tie');
+  return p >= THRESHOLD ? LABELS[task][0] : LABELS[task][1];
+}
+function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
+function options(select, values) { select.replaceChildren(...values.map(v => { const o = el('option', v); o.value = v; return o; })); }
+function benchmarkChanged() {
+  const b = data[$('benchmark').value];
+  const methods = Object.keys(b.methods);
+  $('methods').replaceChildren(...methods.map(m => {
+    const label = el('label'); const box = el('input'); box.type = 'checkbox'; box.checked = true; box.value = m;
+    box.className = 'method'; box.onchange = render; label.append(box, ' ' + m); return label; }));
+  const verdicts = new Set();
+  for (const m of methods) for (const a of Object.values(b.methods[m])) for (const [t, p] of Object.entries(a.scores)) verdicts.add(t + ': ' + verdict(t, p));
+  options($('verdict-method'), ['any method', ...methods]);
+  options($('verdict'), ['any verdict', ...[...verdicts].sort()]);
+  render();
+}
+function render() {
+  const b = data[$('benchmark').value];
+  const shown = [...document.querySelectorAll('input.method')].filter(x => x.checked).map(x => x.value);
+  const who = $('verdict-method').value, wanted = $('verdict').value, disagree = $('disagree').checked;
+  const table = $('answers');
+  const head = el('tr'); head.append(el('th', 'prompt'), ...shown.map(m => el('th', m)));
+  const rows = [head];
+  let count = 0;
+  for (const item of b.items) {
+    const said = m => Object.entries((b.methods[m][item.id] || {scores: {}}).scores).map(([t, p]) => t + ': ' + verdict(t, p));
+    if (wanted !== 'any verdict' && !(who === 'any method' ? shown : [who]).some(m => said(m).includes(wanted))) continue;
+    if (disagree && new Set(shown.map(m => said(m).join('|'))).size < 2) continue;
+    const tr = el('tr'); tr.className = 'item'; tr.append(el('td', item.prompt));
+    for (const m of shown) {
+      const a = b.methods[m][item.id]; const td = el('td');
+      if (a) {
+        td.append(el('div', a.response));
+        for (const v of said(m)) td.append(el('span', v, 'verdict'));
+        if (a.weights) td.append(el('div', Object.entries(a.weights).map(([k, w]) => k + ' ' + w.toFixed(2)).join(' · '), 'weights'));
+      } else td.textContent = '–';
+      tr.append(td);
+    }
+    rows.push(tr); count += 1;
+  }
+  table.replaceChildren(...rows);
+  $('count').textContent = count + ' of ' + b.items.length + ' prompts';
+}
+if (Object.keys(data).length) {
+  options($('benchmark'), Object.keys(data));
+  $('benchmark').onchange = benchmarkChanged;
+  for (const id of ['verdict-method', 'verdict', 'disagree']) $(id).onchange = render;
+  // a link can preset the filters: report.html#benchmark=beavertails&of=alignx&verdict=safety:%20unsafe&disagree=1
+  const preset = new URLSearchParams(location.hash.slice(1));
+  if (preset.get('benchmark') in data) $('benchmark').value = preset.get('benchmark');
+  benchmarkChanged();
+  if (preset.has('of')) $('verdict-method').value = preset.get('of');
+  if (preset.has('verdict')) $('verdict').value = preset.get('verdict');
+  $('disagree').checked = preset.get('disagree') === '1';
+  render();
+}
+"""
+
+
+def _embedded_json(value) -> str:
+    """JSON safe inside a <script> element (no "</" can close it early)."""
+    return json.dumps(value, ensure_ascii=False).replace("</", "<\\/")
+
+
+def html_page(results: dict, plots: list[str], answers: dict | None = None, images: dict[str, str] | None = None) -> str:
+    """The report as one self-contained page: the tables, the plots embedded as data URIs (``images``: name ->
+    base64 PNG), and, with ``answers`` (:func:`alignx.eval.runner.collect_answers`), every prompt with each
+    method's answer, routing weights and judge verdicts side by side, filtered in the page itself."""
+    images = images or {}
+    parts = [f"<!doctype html><meta charset='utf-8'><title>AlignX evaluation</title><style>{STYLE}</style>",
              f"<h1>AlignX evaluation ({html.escape(results['suite'])} suite)</h1>"]
     for title, header, rows, note in tables(results):
         parts.append(f"<h2>{html.escape(title)}</h2>" + "".join(f"<p>{html.escape(line).replace('**', '')}</p>" for line in note.splitlines() if line)
                      + "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
-    parts += [f"<h2>{html.escape(p)}</h2><img src='{html.escape(p)}'>" for p in plots]
+    for p in plots:
+        source = f"data:image/png;base64,{images[p]}" if p in images else html.escape(p)
+        parts.append(f"<h2>{html.escape(p)}</h2><img alt='{html.escape(p)}' src='{source}'>")
+    if answers:
+        parts += [
+            "<h2>Answers, side by side</h2>",
+            "<div class='controls'><label>benchmark <select id='benchmark'></select></label>"
+            "<label>verdict of <select id='verdict-method'></select></label><select id='verdict'></select> "
+            "<label><input type='checkbox' id='disagree'> only prompts where the shown methods' verdicts differ</label>"
+            "<span id='count'></span></div><div class='controls' id='methods'></div><table id='answers'></table>",
+            f"<script type='application/json' id='answers-data'>{_embedded_json(answers)}</script>",
+            f"<script type='application/json' id='verdict-labels'>{_embedded_json(VERDICT_LABELS)}</script>",
+            f"<script>{SCRIPT.replace('__THRESHOLD__', str(THRESHOLD))}</script>",
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -176,10 +278,11 @@ def terminal_summary(results: dict) -> str:
     return "\n\n".join(blocks)
 
 
-def write_report(results: dict, root: Path) -> Path:
+def write_report(results: dict, root: Path, answers: dict | None = None) -> Path:
     plots = _plots(results, root)
     atomic_write_text(root / "report.md", markdown(results, plots))
-    atomic_write_text(root / "report.html", html_page(results, plots))
+    images = {p: base64.b64encode((root / p).read_bytes()).decode("ascii") for p in plots}
+    atomic_write_text(root / "report.html", html_page(results, plots, answers, images))
     return root / "report.html"
 
 

@@ -98,7 +98,7 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
         _generate_method(run, config, method, benchmarks, items, paths, log)
     results = summarise(config, todo, items, paths, judges, log)
     atomic_write_json(paths.results, results)
-    report = write_report(results, paths.root)
+    report = write_report(results, paths.root, collect_answers(todo, items, paths))
     log(f"[eval] results {paths.results}; report {report}")
     return results
 
@@ -138,7 +138,7 @@ def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, l
                      **({"weights": g.weights} if g.weights is not None else {}),
                      **({"routing": g.explanation} if g.explanation else {})}
                     for item, g in zip(batch, generations)]
-            _append_jsonl(paths.generations(method, benchmark), rows)
+            append_jsonl(paths.generations(method, benchmark), rows)
             bar.update(len(batch))
         bar.close()
     if mc_pending:
@@ -159,7 +159,7 @@ def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path:
         with aligner.experts(weights), autocast(aligner.precision, device):
             scores = score_question(aligner.loaded.model, aligner.loaded.tokenizer, item)
         row = {"id": item["id"], **scores, **({"weights": aligner.named_weights(weights, 0)} if weights is not None else {})}
-        _append_jsonl(path, [row])
+        append_jsonl(path, [row])
 
 
 def _pending(items: list[dict], path: Path) -> list[dict]:
@@ -182,7 +182,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
+def append_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     with open(path, "a+b") as handle:
@@ -310,6 +310,26 @@ def paired_differences(samples: dict[str, dict[str, dict[str, Metric]]], referen
             row["hhh_mean"] = paired_difference(_headline(theirs), _headline(ours), b, seed)
         out[method] = row
     return out
+
+
+def collect_answers(todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths) -> dict:
+    """Per generating benchmark, its prompts and each method's answer, final weights and judge probabilities
+    (what report.html shows side by side): ``{benchmark: {"items": [{id, prompt}], "methods": {method:
+    {id: {"response", "weights", "scores": {task: p}}}}}}``."""
+    answers = {}
+    for benchmark, spec in BENCHMARKS.items():
+        methods = [m for m, benchmarks in todo.items() if benchmark in benchmarks]
+        if not spec.generates or not methods:
+            continue
+        entry = {"items": [{"id": item["id"], "prompt": item["prompt"]} for item in items[benchmark]], "methods": {}}
+        for method in methods:
+            scored = {row["id"]: row["scores"] for row in read_jsonl(paths.scored(method, benchmark))}
+            entry["methods"][method] = {
+                row["id"]: {"response": row["response"], "weights": row.get("weights"),
+                            "scores": {task: score["p"] for task, score in scored.get(row["id"], {}).items()}}
+                for row in read_jsonl(paths.generations(method, benchmark))}
+        answers[benchmark] = entry
+    return answers
 
 
 def _complete(rows: list[dict], items: list[dict], method: str, benchmark: str) -> list[dict]:
