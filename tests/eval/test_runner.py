@@ -10,6 +10,7 @@ import pytest
 from alignx.axes import AXES
 from alignx.eval.benchmarks import HEADLINE
 from alignx.eval.judges import Judge
+from alignx.generate import AlignX
 from alignx.eval.runner import _routing, axis_collapse, eval_paths, plan, read_jsonl, run_eval
 from alignx.run import RunDir
 
@@ -57,7 +58,7 @@ def test_peft_arrow_is_evaluated_like_any_method(eval_config):
     assert "routing" not in arrow  # Arrow mixes per token: there is no per-prompt weight vector to score
 
 
-def test_oracle_answers_with_each_benchmarks_gold_expert(eval_config):
+def test_oracle_answers_with_each_benchmarks_gold_expert(eval_config, monkeypatch):
     run = RunDir(eval_config.run_dir)
     results = run_eval(run, eval_config, ["oracle"], judges=judges(), log=lambda *_: None)
     paths = eval_paths(run, "quick")
@@ -70,6 +71,23 @@ def test_oracle_answers_with_each_benchmarks_gold_expert(eval_config):
     safe = read_jsonl(paths.generations("oracle", "xstest_safe"))
     assert all(row["weights"]["helpful"] == 1.0 for row in safe)  # a benign request: the helpful expert
     assert "routing" not in results["methods"]["oracle"]  # nothing was routed
+    # beside the experts, the oracle copies their answers (the same computation) instead of generating again
+    for path in (paths.generations("oracle", "beavertails"), paths.mc("oracle")):
+        path.unlink()
+    generated = []
+    original = AlignX.generate
+
+    def spy(self, prompts, **kwargs):
+        generated.append(self.method)
+        return original(self, prompts, **kwargs)
+
+    monkeypatch.setattr(AlignX, "generate", spy)
+    again = run_eval(run, eval_config, ["expert-harmless", "expert-honest", "oracle"], judges=judges(), log=lambda *_: None)
+    assert "expert-honest" in generated and "oracle" not in generated  # copied, nothing generated for it
+    expert = {r["id"]: r["response"] for r in read_jsonl(paths.generations("expert-harmless", "beavertails"))}
+    oracle = read_jsonl(paths.generations("oracle", "beavertails"))
+    assert {r["id"]: r["response"] for r in oracle} == expert and {r["method"] for r in oracle} == {"oracle"}
+    assert again["methods"]["oracle"]["benchmarks"]["truthfulqa_mc"] == again["methods"]["expert-honest"]["benchmarks"]["truthfulqa_mc"]
 
 
 def test_item_counts_per_benchmark(eval_config):

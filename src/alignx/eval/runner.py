@@ -46,6 +46,7 @@ from alignx.eval.statistics import (
     win_outcomes,
     with_ci,
 )
+from alignx.generate import ORACLE, AlignX
 from alignx.run import RunDir, atomic_write_json, atomic_write_text
 
 
@@ -74,13 +75,16 @@ def eval_paths(run: RunDir, suite: str) -> EvalPaths:
 
 def plan(methods: list[str], axis_collapse: bool) -> dict[str, list[str]]:
     """Method -> the benchmarks it runs: every benchmark for the requested methods, plus (for Axis
-    Collapse) each expert on its own axis's headline benchmark."""
+    Collapse) each expert on its own axis's headline benchmark. The oracle comes after the experts, whose
+    answers it reuses."""
     todo = {method: list(BENCHMARKS) for method in methods}
     if axis_collapse:
         for axis, (benchmark, _) in HEADLINE.items():
             todo.setdefault(f"expert-{axis}", [])
             if benchmark not in todo[f"expert-{axis}"]:
                 todo[f"expert-{axis}"].append(benchmark)
+    if ORACLE in todo:
+        todo[ORACLE] = todo.pop(ORACLE)
     return todo
 
 
@@ -112,12 +116,12 @@ def load_eval_judges(config: AlignXConfig, todo: dict[str, list[str]]) -> dict[s
 
 # ---------------------------------------------------------------------------------------------- generation
 def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, log) -> None:
+    if method == ORACLE:
+        _reuse_expert_answers(benchmarks, items, paths)
     pending = {b: _pending(items[b], paths.generations(method, b)) for b in benchmarks if BENCHMARKS[b].generates}
     mc_pending = _pending(items["truthfulqa_mc"], paths.mc(method)) if "truthfulqa_mc" in benchmarks else []
     if not any(pending.values()) and not mc_pending:
         return
-    from alignx.generate import AlignX
-
     aligner = AlignX.from_run(run.root, method=method)
     from tqdm.auto import tqdm
 
@@ -144,6 +148,20 @@ def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, l
     if mc_pending:
         _run_mc(aligner, method, items["truthfulqa_mc"], mc_pending, paths.mc(method))
     del aligner
+
+
+def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], paths: EvalPaths) -> None:
+    """The oracle's answer to an item is its gold axis's expert's answer: the same one-hot weights, batches and
+    seeds, so the same computation. Copy what that expert already answered instead of generating it again."""
+    for benchmark in benchmarks:
+        spec = BENCHMARKS[benchmark]
+        source = paths.mc if not spec.generates else (lambda m: paths.generations(m, benchmark))
+        target = source(ORACLE)
+        wanted = {item["id"] for item in _pending(items[benchmark], target)}
+        rows = [{**row, **({"method": ORACLE} if "method" in row else {})}
+                for row in read_jsonl(source(f"expert-{spec.oracle_axis}")) if row["id"] in wanted]
+        if rows:
+            append_jsonl(target, rows)
 
 
 def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path: Path) -> None:
