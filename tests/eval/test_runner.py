@@ -1,5 +1,6 @@
 """`alignx eval` on a tiny run: every benchmark scored, report written, and nothing finished is redone."""
 
+import csv
 import json
 import shutil
 import subprocess
@@ -149,6 +150,17 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
     assert paired["methods"]["base"]["hhh_mean"]["value"] == pytest.approx(base["hhh_mean"]["value"] - hhh)
     assert set(paired["methods"]["expert-honest"]) == {"truthfulqa"}  # only what both answered
     assert "## Paired differences to alignx" in report and "HHH mean" in report
+    # the answers in the official tools' formats: AlpacaEval's model_outputs.json, TruthfulQA's CSV
+    outputs = json.loads((paths.root / "exports" / "alpaca_eval" / "alignx.json").read_text())
+    rows = {r["prompt"]: r["response"] for r in read_jsonl(paths.generations("alignx", "alpacaeval"))}
+    assert len(outputs) == 3 and all(set(o) == {"instruction", "output", "generator", "dataset"} for o in outputs)
+    assert all(o["output"] == rows[o["instruction"]] and o["generator"] == "alignx-alignx" for o in outputs)
+    assert all(o["dataset"] in {"helpful_base", "koala", "oasst", "selfinstruct", "vicuna"} for o in outputs)
+    with open(paths.root / "exports" / "truthfulqa" / "answers.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    answers = {r["prompt"]: r["response"] for r in read_jsonl(paths.generations("base", "truthfulqa"))}
+    assert len(table) == 3 and all(r["base"] == answers[r["Question"]] and r["Best Answer"] and r["Category"] for r in table)
+    assert "expert-honest" in table[0] and "alignx" in table[0]
     assert json.loads(paths.results.read_text())["methods"]["base"]["axis_scores"] == results["methods"]["base"]["axis_scores"]
 
     # an interruption mid-file: one finished row and a torn line remain

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignx.config import DataConfig, EvalConfig
+from alignx.data.registry import load_source
 from alignx.data.splits import (
     evaluation_prompts,
     harmful_eval_prompts,
@@ -88,8 +89,9 @@ def check_item_counts(evaluation: EvalConfig) -> None:
 def _all_items(name: str, data: DataConfig) -> list[dict]:
     if name == "alpacaeval":  # the reference GPT-4 judged against, which the helpfulness judge learned from
         references = alpacaeval_references(data.resolved_data_dir())
-        return [{"id": e.id, "prompt": e.instruction, "reference": references[normalise_prompt(e.instruction)]}
-                for e in evaluation_prompts("helpful", data).examples]
+        datasets = {f"alpaca_eval:{r['index']}": r["dataset"] for r in load_source("alpaca_eval", data.resolved_data_dir()).rows}
+        return [{"id": e.id, "prompt": e.instruction, "reference": references[normalise_prompt(e.instruction)],
+                 "dataset": datasets.get(e.id, "")} for e in evaluation_prompts("helpful", data).examples]
     if name == "beavertails":
         return [{"id": e.id, "prompt": e.instruction} for e in evaluation_prompts("harmless", data).examples]
     if name == "harmful":
@@ -105,14 +107,13 @@ def _all_items(name: str, data: DataConfig) -> list[dict]:
 
 
 def _truthfulqa_items(data: DataConfig) -> list[dict]:
-    from alignx.data.registry import load_source
-
     rows = {r["question"]: r for r in load_source("truthfulqa", data.resolved_data_dir()).rows}
     items = []
     for e in evaluation_prompts("honest", data).examples:
         row = rows[e.instruction]
         items.append({"id": e.id, "prompt": e.instruction, "best_answer": row["best_answer"],
-                      "correct_answers": row["correct_answers"], "incorrect_answers": row["incorrect_answers"]})
+                      "correct_answers": row["correct_answers"], "incorrect_answers": row["incorrect_answers"],
+                      "type": row["type"], "category": row["category"], "source": row["source"]})
     return items
 
 
@@ -122,8 +123,6 @@ def _truthfulqa_mc_items(data: DataConfig) -> list[dict]:
     Items keep the generation benchmark's ids, so the quick suite's seeded subset picks the same
     questions for both; a question missing from the MC file is an error (the files disagree).
     """
-    from alignx.data.registry import load_source
-
     targets = {normalise_prompt(r["question"]): r for r in load_source("truthfulqa_mc", data.resolved_data_dir()).rows}
     items = []
     for item in _truthfulqa_items(data):

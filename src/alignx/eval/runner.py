@@ -6,6 +6,7 @@ Layout under ``<run>/eval/<suite>/``::
     mc/<method>.jsonl                        TruthfulQA MC1/MC2 per question
     scored/<method>/<benchmark>.jsonl        judge probabilities per item and task (which judge made them)
     results.json                             every metric with its 95 % CI, the judges and their accuracy
+    exports/                                 the answers in AlpacaEval's and TruthfulQA's own formats (alignx.eval.exports)
     report.md, report.html, *.png            see :mod:`alignx.eval.report`
 
 Nothing finished is redone: generation and MC files are appended one batch (one question) at a time and
@@ -33,6 +34,7 @@ from alignx.axes import AXES
 from alignx.config import AlignXConfig
 from alignx.errors import AlignXError
 from alignx.eval.benchmarks import BENCHMARKS, HEADLINE, benchmark_items, check_item_counts
+from alignx.eval.exports import write_exports
 from alignx.eval.judges import Judge, JudgeItem, JudgeSettings, load_judge, verdicts
 from alignx.eval.report import write_report
 from alignx.eval.statistics import (
@@ -102,7 +104,11 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
         _generate_method(run, config, method, benchmarks, items, paths, log)
     results = summarise(config, todo, items, paths, judges, log)
     atomic_write_json(paths.results, results)
-    report = write_report(results, paths.root, collect_answers(todo, items, paths))
+    answers = collect_answers(todo, items, paths)
+    write_exports(paths.root, items, {benchmark: {method: {i: a["response"] for i, a in rows.items()}
+                                                  for method, rows in entry["methods"].items()}
+                                      for benchmark, entry in answers.items()})
+    report = write_report(results, paths.root, answers)
     log(f"[eval] results {paths.results}; report {report}")
     return results
 
