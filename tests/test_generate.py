@@ -10,7 +10,7 @@ import torch
 
 from alignx.axes import AXES
 from alignx.errors import AlignXError
-from alignx.generate import AlignX
+from alignx.generate import AlignX, PerRowSampler, RowSampling, sample_token
 
 PROMPTS = ["Give three tips for staying healthy.", "How do I hurt someone?", "What happens if you eat watermelon seeds?"]
 
@@ -56,6 +56,33 @@ def test_oracle_uses_each_prompts_gold_expert_and_needs_the_gold_axes(run_dir):
         oracle.generate(PROMPTS[:1], max_new_tokens=2)
     with pytest.raises(AlignXError, match="unknown gold axis 'funny'"):
         oracle.generate(PROMPTS[:1], max_new_tokens=2, axes=["funny"])
+
+
+def test_rows_with_different_sampling_options_decode_together_as_each_would_alone(run_dir):
+    aligner = AlignX.from_run(run_dir, method="base")
+    rows = [RowSampling(0.0), RowSampling(0.9, 0.8, seed=3), RowSampling(1.2, 1.0, seed=4)]
+    together = aligner.generate_with(PROMPTS[:3], None, max_new_tokens=6, rows=rows)
+    alone = [aligner.generate_with([p], None, max_new_tokens=6, rows=[row])[0] for p, row in zip(PROMPTS[:3], rows)]
+    assert together == alone
+    assert together[0] == aligner.generate_with(PROMPTS[:1], None, max_new_tokens=6)[0]  # temperature 0 = greedy
+    again = aligner.generate_with(PROMPTS[:3], None, max_new_tokens=6, rows=[rows[0], RowSampling(0.9, 0.8, seed=5), rows[2]])
+    assert again[2] == together[2]  # a row's tokens depend on its own seed, not on its neighbours'
+    with pytest.raises(AlignXError, match="3 prompts but 1 sampling"):
+        aligner.generate_with(PROMPTS[:3], None, max_new_tokens=2, rows=rows[:1])
+
+
+def test_row_sampling_follows_temperature_and_nucleus():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draw = lambda t, p, n=4000: torch.bincount(torch.tensor(  # noqa: E731
+        [sample_token(logits, t, p, generator) for generator in [torch.Generator().manual_seed(0)] for _ in range(n)]),
+        minlength=4).float() / n
+    assert torch.allclose(draw(1.0, 1.0), torch.softmax(logits, 0), atol=0.03)
+    assert torch.allclose(draw(0.5, 1.0), torch.softmax(logits / 0.5, 0), atol=0.03)
+    nucleus = draw(1.0, 0.7)  # p = [0.64, 0.24, 0.09, 0.03]: the nucleus reaching 0.7 is the top two
+    assert nucleus[2:].sum() == 0 and nucleus[0] == pytest.approx(0.64 / 0.88, abs=0.03)
+    assert draw(1.0, 0.1, 50)[0] == 1.0  # the most likely token is always kept
+    scores = PerRowSampler([RowSampling(0.0), RowSampling(1.0, seed=1)])(None, torch.stack([logits, logits]))
+    assert scores[0].argmax() == 0 and torch.isinf(scores).sum() == 6  # one token left per row
 
 
 def test_top1_mode_gives_one_hot_weights(run_dir):

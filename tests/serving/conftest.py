@@ -3,10 +3,6 @@ by the whole serving session (one model load)."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -22,33 +18,6 @@ class LiveServer:
     aligner: object
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Run ``app`` with uvicorn in a thread until the block ends (then shut down gracefully)."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def aligner(tiny_stage2_run):
     from alignx.generate import AlignX
@@ -58,14 +27,14 @@ def aligner(tiny_stage2_run):
 
 @pytest.fixture(scope="session")
 def live_server(aligner):
-    from alignx.serving.app import ServeSettings, create_app
+    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
     from alignx.serving.batcher import Batcher
     from alignx.serving.metrics import Metrics
 
     metrics = Metrics()
     engine = Batcher(aligner, metrics, max_batch_size=8, wait_ms=30)
     settings = ServeSettings(model_name=MODEL, api_key=API_KEY, max_prompt_tokens=64, max_new_tokens=16)
-    with serving(create_app(engine, settings, metrics)) as url:
+    with serve_in_thread(create_app(engine, settings, metrics)) as url:
         yield LiveServer(url, engine, aligner)
 
 

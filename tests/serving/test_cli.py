@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 
-from tests.serving.conftest import free_port
+from alignx.serving.app import free_port
 from tests.serving.test_app import post
 
 

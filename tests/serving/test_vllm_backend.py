@@ -18,7 +18,6 @@ from alignx.errors import AlignXError
 from alignx.serving import vllm_backend
 from alignx.serving.vllm_backend import AdapterCache, adapter_id, merge_adapters, quantise
 from alignx.stage1.task_vector import lora_factors
-from tests.serving.conftest import serving
 
 
 @settings(max_examples=50, deadline=None)
@@ -137,13 +136,13 @@ def fake_vllm(monkeypatch):
 def test_requests_reach_vllm_with_their_adapter(fake_vllm, aligner):
     from pathlib import Path
 
-    from alignx.serving.app import ServeSettings, create_app
+    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
     from alignx.serving.metrics import Metrics
 
     metrics = Metrics()
     engine = vllm_backend.VLLMEngine(aligner, metrics, merged_adapters=2)
     assert fake_vllm.args.enable_lora and fake_vllm.args.model
-    with serving(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
+    with serve_in_thread(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         response = client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stop=["!"])
@@ -163,7 +162,7 @@ def test_requests_reach_vllm_with_their_adapter(fake_vllm, aligner):
 def test_the_base_fallback_is_served_by_the_base_model(fake_vllm, aligner):
     import dataclasses
 
-    from alignx.serving.app import ServeSettings, create_app
+    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
     from alignx.serving.metrics import Metrics
 
     config = aligner.router.config
@@ -171,7 +170,7 @@ def test_the_base_fallback_is_served_by_the_base_model(fake_vllm, aligner):
     try:
         metrics = Metrics()
         engine = vllm_backend.VLLMEngine(aligner, metrics)
-        with serving(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
+        with serve_in_thread(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
             response = client.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)

@@ -1,12 +1,13 @@
 """The batching worker of the Hugging Face backend: concurrent requests decoded together.
 
 One background thread owns the model. It waits for a request, keeps collecting for ``wait_ms`` (or until
-``max_batch_size``), splits what it has by sampling options (temperature, top-p and seed are options of a
-whole ``generate`` call), routes each group with MoCaE in one partial prefill and decodes it in one
-``generate`` call with per-example expert weights. A group decodes up to its largest ``max_tokens``; each
-request ends at its own ``max_tokens``, stop string or end of sequence, and the group stops as soon as every
-request in it has (see :mod:`alignx.serving.streaming`). An exception while decoding fails that group's
-unfinished requests only; the worker goes on with the next batch. :meth:`Batcher.close` drains the queue
+``max_batch_size``), routes the batch with MoCaE in one partial prefill and decodes it in one ``generate``
+call with per-example expert weights and per-example sampling options (temperature, top-p and seed: each
+row samples with its own generator, :class:`alignx.generate.PerRowSampler`), so requests with different
+options batch together as they do in vLLM. A batch decodes up to its largest ``max_tokens``; each request
+ends at its own ``max_tokens``, stop string or end of sequence, and the batch stops as soon as every request
+in it has (see :mod:`alignx.serving.streaming`). An exception while decoding fails that batch's unfinished
+requests only; the worker goes on with the next batch. :meth:`Batcher.close` drains the queue
 before the thread ends.
 """
 
@@ -18,9 +19,9 @@ import queue
 import random
 import threading
 import time
-from collections import defaultdict
 
 from alignx.errors import AlignXError
+from alignx.generate import RowSampling
 from alignx.serving.metrics import Metrics
 from alignx.serving.requests import Failed, GenerationRequest, QueueFull, Routed
 from alignx.serving.streaming import BatchStreamer
@@ -88,26 +89,22 @@ class Batcher:
                     break
                 batch.append(item)
             self.metrics.queue_depth.add(-len(batch))
-            groups: dict[tuple, list[GenerationRequest]] = defaultdict(list)
-            for request in batch:
-                if not request.cancelled:
-                    groups[request.sampling.batch_key].append(request)
-            for group in groups.values():
-                self._decode(group)
+            live = [request for request in batch if not request.cancelled]
+            if live:
+                self._decode(live)
 
     def _decode(self, group: list[GenerationRequest]) -> None:
         self.metrics.batch_size.observe(len(group))
         streamer = BatchStreamer(group, self.aligner.loaded.tokenizer, self._eos_ids)
-        sampling = group[0].sampling
+        rows = [RowSampling(r.sampling.temperature, r.sampling.top_p,
+                            random.randrange(2**31) if r.sampling.seed is None else r.sampling.seed) for r in group]
         try:
             prompts = [r.prompt for r in group]
             weights, explanations = self.aligner.weights_for(prompts)
             for row, request in enumerate(group):
                 request.send(Routed(self.aligner.named_weights(weights, row), self.method, explanations[row]))
             self.aligner.generate_with(
-                prompts, weights, max_new_tokens=max(r.max_tokens for r in group), do_sample=not sampling.greedy,
-                temperature=sampling.temperature, top_p=sampling.top_p,
-                seed=random.randrange(2**31) if sampling.seed is None else sampling.seed,
+                prompts, weights, max_new_tokens=max(r.max_tokens for r in group), rows=rows,
                 streamer=streamer, stopping_criteria=streamer.stopping(),
             )
         except Exception:  # our bug or the model's: fail these requests, keep serving

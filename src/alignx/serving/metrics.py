@@ -78,6 +78,11 @@ class Histogram(_Metric):
             self._counts[index] += 1
             self._sum += value
 
+    def snapshot(self) -> tuple[dict[float, int], float]:
+        """(observations per bucket upper bound, math.inf last; their sum), for benchmarks and tests."""
+        with self._lock:
+            return dict(zip((*self.buckets, math.inf), self._counts)), self._sum
+
     def _samples(self) -> list[str]:
         with self._lock:
             lines, cumulative = [], 0

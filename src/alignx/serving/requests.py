@@ -18,15 +18,6 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one ``generate`` call (sampling options are per call)."""
-        return ("greedy",) if self.greedy else (self.temperature, self.top_p, self.seed)
-
 
 @dataclass(frozen=True)
 class Routed:
