@@ -58,6 +58,8 @@ clean-demo:
 # the demo: run it again after an interruption. Each step prints its number, the time, and its own progress bar.
 STUDY_RUN := runs/study
 STUDY_METHODS := alignx,oracle,base,sft-mix,moe-uncalibrated,merge-linear,merge-ties,trinityx,arrow,expert-helpful,expert-harmless,expert-honest
+# the matrix leaves out arrow (fp32, the slowest forward) and the paper router; the benchmarks have both
+STUDY_LOSS_METHODS := alignx,oracle,best-expert,base,sft-mix,moe-uncalibrated,merge-linear,merge-ties,trinityx
 STEP = @echo "[study $(1)/7 $$(date +%H:%M:%S)] $(2)"
 
 study: data-check install
@@ -71,7 +73,7 @@ study: data-check install
 	$(call STEP,4,the offline judges)
 	$(VENV)/bin/alignx judge train
 	$(call STEP,5,the axis-loss matrix)
-	$(VENV)/bin/python benchmarks/axis_loss.py --run $(STUDY_RUN)
+	$(VENV)/bin/python benchmarks/axis_loss.py --run $(STUDY_RUN) --items 200 --methods $(STUDY_LOSS_METHODS)
 	$(call STEP,6,generation benchmarks (judged; paired differences to alignx))
 	$(VENV)/bin/alignx eval --run $(STUDY_RUN) --methods $(STUDY_METHODS)
 	$(call STEP,7,done: $(STUDY_RUN)/eval/quick/report.html and $(STUDY_RUN)/axis-loss/matrix.json)

@@ -60,13 +60,13 @@ def main() -> None:
     matrix, paired = result["matrix"], result.get("paired_to_alignx", {})
     print(f"\nmean per-token NLL of held-out gold responses (items: {result['items']}); "
           "Δ = method − alignx, paired bootstrap 95 % CI, * = excludes 0")
-    print(f"{'method':<20}" + "".join(f"{a:>10}" for a in [*AXES, "mean"]) + "   Δ mean vs alignx")
+    print(f"{'method':<28}" + "".join(f"{a:>10}" for a in [*AXES, "mean"]) + "   Δ mean vs alignx")
     for method, row in matrix.items():
         delta = paired.get(method, {}).get("mean")
         note = "" if delta is None else (f"   {delta['value']:+.4f} [{delta['ci'][0]:+.4f}, {delta['ci'][1]:+.4f}]"
                                          + (" *" if delta["excludes_zero"] else ""))
         name = f"{method} ({row['expert']})" if "expert" in row else method
-        print(f"{name:<20}" + "".join(f"{row[a]:>10.4f}" for a in [*AXES, "mean"]) + note)
+        print(f"{name:<28}" + "".join(f"{row[a]:>10.4f}" for a in [*AXES, "mean"]) + note)
     print(f"wall_s={time.time() - started:.0f}")
     print(" ".join(f"{m.replace('-', '_')}={matrix[m]['mean']:.4f}" for m in HEADLINE if m in matrix))
 
