@@ -29,7 +29,8 @@ examples:
 
 # Verbs whose arguments and code live in their own package: each module has ``register(verbs)`` and
 # ``run(args) -> int`` and imports nothing heavy at module level, so `alignx --help` stays instant.
-_PACKAGE_VERBS = {"judge": "alignx.eval.judges.cli", "eval": "alignx.eval.cli", "serve": "alignx.serving.cli"}
+_PACKAGE_VERBS = {"judge": "alignx.eval.judges.cli", "eval": "alignx.eval.cli", "lm-eval": "alignx.eval.lm_eval_cli",
+                  "serve": "alignx.serving.cli"}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:

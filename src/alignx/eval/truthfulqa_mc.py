@@ -39,9 +39,15 @@ def mc_context(question: str) -> str:
     return f"{QA_PRIMER}\n\nQ: {question}\nA:"
 
 
-@torch.inference_mode()
 def continuation_logprobs(model, tokenizer, context: str, continuations: list[str]) -> list[float]:
-    """Sum of log P(continuation tokens | context) for each continuation.
+    """Sum of log P(continuation tokens | context) for each continuation (see :func:`continuation_scores`)."""
+    return [logprob for logprob, _ in continuation_scores(model, tokenizer, context, continuations)]
+
+
+@torch.inference_mode()
+def continuation_scores(model, tokenizer, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
+    """(sum of log P(continuation tokens | context), whether every one of them is the greedy choice) for each
+    continuation: what lm-eval's ``loglikelihood`` returns.
 
     The context (the ~300-token primer plus the question) is run once and its KV cache repeated for the
     continuations, which are then one batched forward pass of their own few tokens: about eight times
@@ -65,11 +71,13 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
     cache.batch_repeat_interleave(len(tails))
     attention = torch.cat([torch.ones(len(tails), len(context_ids), dtype=mask.dtype, device=device), mask], dim=1)
     total = first[ids[:, 0]]
+    greedy = first.argmax() == ids[:, 0]
     if width > 1:
-        logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=True).logits
-        logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=True).logits[:, :-1].float()
+        logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         total = total + (logprobs * mask[:, 1:]).sum(dim=1)
-    return [float(v) for v in total]
+        greedy = greedy & ((logits.argmax(-1) == ids[:, 1:]) | (mask[:, 1:] == 0)).all(dim=1)
+    return [(float(v), bool(g)) for v, g in zip(total, greedy)]
 
 
 def mc_scores(mc1_logprobs: list[float], mc1_labels: list[int], mc2_logprobs: list[float], mc2_labels: list[int]) -> dict:
