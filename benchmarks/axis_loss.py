@@ -7,15 +7,16 @@ on an axis above that axis's own expert; misrouting as a router's loss above the
 ``alignx`` comes with a paired bootstrap 95 % interval (the same items for both). Lower is better throughout.
 
 Methods: every one the run has (base, the three experts, oracle, best-expert, merge-linear, trinityx, the
-trained baselines, every Stage 2 router, and PEFT's Arrow unless ``--no-arrow``), or ``--methods``.
+trained baselines, every Stage 2 router, and PEFT's Arrow unless ``--no-arrow``), or ``--methods``; with
+``--quick``, the last line's five (the experts come with the oracle).
 ``best-expert`` is the single expert with the lowest mean over axes (one adapter for every prompt).
 
 Per-item losses are cached under ``<run>/axis-loss/``: an interrupted run resumes. Last line:
 ``alignx=<mean NLL over axes> oracle=<x> sft_mix=<x> base=<x> best_expert=<x>`` (``sft_mix`` absent when the run
 has not trained that baseline).
 
-    python benchmarks/axis_loss.py --run runs/demo --quick      # 100 items per axis, under 5 minutes
-    python benchmarks/axis_loss.py --run runs/study             # 400 per axis (harmless has 586)
+    python benchmarks/axis_loss.py --run runs/demo --quick      # 50 items per axis, five methods: under 5 minutes
+    python benchmarks/axis_loss.py --run runs/study             # 400 per axis (harmless has 586), every method
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def default_methods(run: RunDir, arrow: bool) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo", help="a run after `alignx stage1` and `alignx stage2`")
-    parser.add_argument("--quick", action="store_true", help="100 items per axis (default 400)")
+    parser.add_argument("--quick", action="store_true", help="50 items per axis (default 400) and the last line's methods")
     parser.add_argument("--items", type=int, help="items per axis (overrides --quick)")
     parser.add_argument("--methods", help="comma-separated methods (default: every method of the run)")
     parser.add_argument("--no-arrow", action="store_true", help="leave PEFT's Arrow out (it runs in fp32, the slowest)")
@@ -52,8 +53,13 @@ def main() -> None:
     started = time.time()
     run = RunDir(args.run)
     config = run.load_config()
-    items = args.items or (100 if args.quick else 400)
-    methods = args.methods.split(",") if args.methods else default_methods(run, not args.no_arrow)
+    items = args.items or (50 if args.quick else 400)
+    if args.methods:
+        methods = args.methods.split(",")
+    else:
+        methods = default_methods(run, not args.no_arrow)
+        if args.quick:
+            methods = [m for m in methods if m in HEADLINE]
     print(f"cpu={torch.backends.cpu.get_cpu_capability()} threads={torch.get_num_threads()} run={run.root} "
           f"items_per_axis={items} methods={','.join(methods)}")
     result = axis_loss_matrix(run, config, methods, items, batch_size=args.batch_size, max_length=config.train.max_length)
