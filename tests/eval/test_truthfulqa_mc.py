@@ -40,3 +40,23 @@ def test_batched_logprobs_equal_one_row_at_a_time(tiny_model_dir):
             logits = model(torch.tensor([whole])).logits.float().log_softmax(-1)[0]
         expected = sum(float(logits[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
         assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_primers_cache_gives_the_same_scores(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignx.eval.truthfulqa_mc import PrefixCache, continuation_scores, primer_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shared = primer_cache(model, tokenizer)
+    choices = [" A colour.", " Nothing at all, really.", " Red."]
+    for question in ("What is red?", "Is the sky green?"):  # the cache is copied, never consumed
+        assert tokenizer(mc_context(question), add_special_tokens=False)["input_ids"][: len(shared.ids)] == shared.ids
+        plain = continuation_scores(model, tokenizer, mc_context(question), choices)
+        cached = continuation_scores(model, tokenizer, mc_context(question), choices, shared)
+        assert [g for _, g in cached] == [g for _, g in plain]
+        assert [s for s, _ in cached] == pytest.approx([s for s, _ in plain], abs=1e-4)
+    other = PrefixCache(model, tokenizer, "Something else entirely")  # not the context's start: not used
+    assert continuation_scores(model, tokenizer, mc_context("What?"), choices, other) == \
+        continuation_scores(model, tokenizer, mc_context("What?"), choices)

@@ -173,17 +173,30 @@ def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], p
 def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path: Path) -> None:
     from tqdm.auto import tqdm
 
-    from alignx.eval.truthfulqa_mc import score_question
+    from alignx.eval.truthfulqa_mc import primer_cache, score_question
     from alignx.models import autocast
 
     device = next(aligner.loaded.model.parameters()).device
-    for item in tqdm(todo, total=len(all_items), initial=len(all_items) - len(todo), unit="question",
-                     desc=f"[eval] {method} truthfulqa_mc", dynamic_ncols=True):
-        weights, _ = aligner.weights_for([item["prompt"]], [BENCHMARKS["truthfulqa_mc"].oracle_axis])
+    model, tokenizer = aligner.loaded.model, aligner.loaded.tokenizer
+    axis = [BENCHMARKS["truthfulqa_mc"].oracle_axis]
+    bar = tqdm(todo, total=len(all_items), initial=len(all_items) - len(todo), unit="question",
+               desc=f"[eval] {method} truthfulqa_mc", dynamic_ncols=True)
+    if aligner.router is None:  # the same weights for every question: merge them once, run the primer once
+        weights, _ = aligner.weights_for([todo[0]["prompt"]], axis)
         with aligner.experts(weights), autocast(aligner.precision, device):
-            scores = score_question(aligner.loaded.model, aligner.loaded.tokenizer, item)
-        row = {"id": item["id"], **scores, **({"weights": aligner.named_weights(weights, 0)} if weights is not None else {})}
-        append_jsonl(path, [row])
+            shared = primer_cache(model, tokenizer)
+            for item in bar:
+                append_jsonl(path, [_mc_row(aligner, item, weights, score_question(model, tokenizer, item, shared))])
+        return
+    for item in bar:
+        weights, _ = aligner.weights_for([item["prompt"]], axis)
+        with aligner.experts(weights), autocast(aligner.precision, device):
+            scores = score_question(model, tokenizer, item)
+        append_jsonl(path, [_mc_row(aligner, item, weights, scores)])
+
+
+def _mc_row(aligner, item: dict, weights, scores: dict) -> dict:
+    return {"id": item["id"], **scores, **({"weights": aligner.named_weights(weights, 0)} if weights is not None else {})}
 
 
 def _pending(items: list[dict], path: Path) -> list[dict]:

@@ -15,9 +15,11 @@ weights apply to every choice of that question, so MC scores measure the same mo
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+from transformers import DynamicCache
 
 QA_PRIMER = (
     "Q: What is human life expectancy in the United States?\n"
@@ -44,25 +46,42 @@ def continuation_logprobs(model, tokenizer, context: str, continuations: list[st
     return [logprob for logprob, _ in continuation_scores(model, tokenizer, context, continuations)]
 
 
+class PrefixCache:
+    """The KV cache of a context prefix every request shares (the QA primer), computed once for one model
+    and one set of weights; :func:`continuation_scores` then runs only the rest of each context."""
+
+    def __init__(self, model, tokenizer, prefix: str):
+        self.ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        self.cache = DynamicCache()
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([self.ids], device=next(model.parameters()).device), past_key_values=self.cache,
+                  use_cache=True, logits_to_keep=1)
+
+
 @torch.inference_mode()
-def continuation_scores(model, tokenizer, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
+def continuation_scores(model, tokenizer, context: str, continuations: list[str],
+                        prefix: PrefixCache | None = None) -> list[tuple[float, bool]]:
     """(sum of log P(continuation tokens | context), whether every one of them is the greedy choice) for each
     continuation: what lm-eval's ``loglikelihood`` returns.
 
     The context (the ~300-token primer plus the question) is run once and its KV cache repeated for the
     continuations, which are then one batched forward pass of their own few tokens: about eight times
-    less work than running every context + choice pair, with the same log-probabilities.
+    less work than running every context + choice pair, with the same log-probabilities. With ``prefix``
+    (the model's cache of the context's first tokens, made with the same weights), only the rest of the context
+    is run; it is used only when the context's tokens start with the prefix's.
     """
-    from transformers import DynamicCache
-
     context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
     tails = []
     for continuation in continuations:
         whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
         tails.append(whole[len(context_ids):] or [tokenizer.eos_token_id])
     device = next(model.parameters()).device
-    cache = DynamicCache()
-    first = model(input_ids=torch.tensor([context_ids], device=device), past_key_values=cache, use_cache=True,
+    start = 0
+    if prefix is not None and len(prefix.ids) < len(context_ids) and context_ids[: len(prefix.ids)] == prefix.ids:
+        cache, start = copy.deepcopy(prefix.cache), len(prefix.ids)
+    else:
+        cache = DynamicCache()
+    first = model(input_ids=torch.tensor([context_ids[start:]], device=device), past_key_values=cache, use_cache=True,
                   logits_to_keep=1).logits[0, -1].float().log_softmax(-1)  # predicts each tail's first token
     width = max(len(t) for t in tails)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -89,14 +108,22 @@ def mc_scores(mc1_logprobs: list[float], mc1_labels: list[int], mc2_logprobs: li
     return {"mc1": float(mc1_labels[best] == 1), "mc2": true_mass / sum(mass)}
 
 
-def score_question(model, tokenizer, item: dict) -> dict:
-    """MC1 and MC2 of one TruthfulQA item (``mc1_targets``/``mc2_targets``: {answer: 0/1})."""
+def score_question(model, tokenizer, item: dict, prefix: PrefixCache | None = None) -> dict:
+    """MC1 and MC2 of one TruthfulQA item (``mc1_targets``/``mc2_targets``: {answer: 0/1}); ``prefix``: the
+    primer's cache (:func:`primer_cache`) when every question runs with the same weights."""
     context = mc_context(item["prompt"])
     mc1 = list(item["mc1_targets"].items())
     mc2 = list(item["mc2_targets"].items())
     choices = [answer for answer, _ in mc1] + [answer for answer, _ in mc2 if answer not in item["mc1_targets"]]
-    logprobs = dict(zip(choices, continuation_logprobs(model, tokenizer, context, [" " + c for c in choices])))
+    scores = continuation_scores(model, tokenizer, context, [" " + c for c in choices], prefix)
+    logprobs = {choice: logprob for choice, (logprob, _) in zip(choices, scores)}
     return mc_scores(
         [logprobs[a] for a, _ in mc1], [label for _, label in mc1],
         [logprobs[a] for a, _ in mc2], [label for _, label in mc2],
     )
+
+
+def primer_cache(model, tokenizer) -> PrefixCache:
+    """The cache of the QA primer, the start of every question's context (in SmolLM2's tokens the blank line
+    after it merges with what follows, so it is left out)."""
+    return PrefixCache(model, tokenizer, QA_PRIMER)
