@@ -24,11 +24,7 @@ from pathlib import Path
 
 from alignx.axes import AXES
 from alignx.eval.benchmarks import HEADLINE
-from alignx.eval.report import tables
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)])
+from alignx.eval.report import markdown_table, tables
 
 
 def interval(entry: dict, scale: float = 100.0, digits: int = 1) -> str:

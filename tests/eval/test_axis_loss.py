@@ -14,7 +14,7 @@ METHODS = ["alignx", "oracle", "best-expert", "base", "expert-honest"]
 @pytest.fixture(scope="module")
 def matrix(tiny_stage2_run):
     return axis_loss_matrix(RunDir(tiny_stage2_run.run_dir), tiny_stage2_run, METHODS, 4, batch_size=3,
-                            max_length=1024, resamples=50, log=lambda *_: None)
+                            max_length=1024, resamples=50)
 
 
 def test_base_loss_is_the_plain_models_teacher_forced_nll(tiny_stage2_run, matrix):
@@ -57,5 +57,5 @@ def test_a_finished_matrix_is_not_computed_again(tiny_stage2_run, matrix, monkey
 
     monkeypatch.setattr(axis_loss.AlignX, "from_run", refuse)
     again = axis_loss_matrix(RunDir(tiny_stage2_run.run_dir), tiny_stage2_run, METHODS, 4, batch_size=3,
-                             max_length=1024, resamples=50, log=lambda *_: None)
+                             max_length=1024, resamples=50)
     assert again["matrix"] == matrix["matrix"]

@@ -88,7 +88,7 @@ def run_method(run: RunDir, method: str, items: dict[str, list[Example]], batch_
 
 
 def axis_loss_matrix(run: RunDir, config: AlignXConfig, methods: list[str], items_per_axis: int, *,
-                     batch_size: int = 8, max_length: int = 256, resamples: int = 1000, log=print) -> dict:
+                     batch_size: int = 8, max_length: int = 256, resamples: int = 1000) -> dict:
     """The matrix (method x axis mean NLL, and the mean over axes), with paired differences to ``alignx``.
 
     ``methods`` may include ``oracle`` (built from the experts' rows) and ``best-expert``: the single expert

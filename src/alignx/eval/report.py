@@ -143,13 +143,15 @@ def _accuracy(description: dict) -> str:
     return f"{accuracy:.3f}"
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)])
+
+
 def markdown(results: dict, plots: list[str]) -> str:
     lines = [f"# AlignX evaluation ({results['suite']} suite)", "",
              "Items per benchmark: " + ", ".join(f"{k} {v}" for k, v in results["items_per_benchmark"].items()), ""]
     for title, header, rows, note in tables(results):
-        lines += [f"## {title}", ""] + ([note, ""] if note else []) + ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines.append("")
+        lines += [f"## {title}", ""] + ([note, ""] if note else []) + [markdown_table(header, rows), ""]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
