@@ -85,6 +85,19 @@ def test_row_sampling_follows_temperature_and_nucleus():
     assert scores[0].argmax() == 0 and torch.isinf(scores).sum() == 6  # one token left per row
 
 
+def test_a_shared_vector_merges_unless_told_not_to_and_both_give_the_same_logits(run_dir):
+    aligner = AlignX.from_run(run_dir)
+    weights = aligner.weights_for(PROMPTS[:1])[0].expand(2, -1)  # one vector shared by a batch of two
+    ids = aligner.loaded.tokenizer(["Hello there", "Hello world"], return_tensors="pt", padding=True)["input_ids"]
+    logits = {}
+    for merge in (True, False):
+        with torch.no_grad(), aligner.experts(weights, merge=merge):
+            assert aligner.mixture.is_merged is merge
+            logits[merge] = aligner.loaded.model(ids).logits
+    assert not aligner.mixture.is_merged
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
+
+
 def test_top1_mode_gives_one_hot_weights(run_dir):
     results = AlignX.from_run(run_dir, mode="top1").generate(PROMPTS, max_new_tokens=2)
     for r in results:  # a prompt the gate flags keeps the fallback (uniform by default), see below

@@ -166,13 +166,15 @@ class AlignX:
             return None
         return {name: round(float(w), 6) for name, w in zip(self.mixture.experts, weights[row])}
 
-    def experts(self, weights: torch.Tensor | None):
-        """Context in which the model runs with these per-example expert weights (a shared vector is merged)."""
+    def experts(self, weights: torch.Tensor | None, merge: bool = True):
+        """Context in which the model runs with these per-example expert weights. A vector shared by the whole
+        batch is merged into the base weights, unless ``merge`` is False: a merge and unmerge cost more than the
+        low-rank path over a pass of a few hundred tokens (one TruthfulQA MC question)."""
         if self.mixture is None:  # moe-dense, arrow: the token routers inside the model do all the mixing
             return contextlib.nullcontext()
         if weights is None:
             return self.mixture.using(None)
-        if bool((weights == weights[0]).all()):
+        if merge and bool((weights == weights[0]).all()):
             return self.mixture.merged(weights[0])  # one weight vector: decode at base speed
         return self.mixture.using(weights)
 

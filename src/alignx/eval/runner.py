@@ -188,9 +188,9 @@ def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path:
             for item in bar:
                 append_jsonl(path, [_mc_row(aligner, item, weights, score_question(model, tokenizer, item, shared))])
         return
-    for item in bar:
+    for item in bar:  # a routed method: each question its own weights, on the low-rank path (no merge per question)
         weights, _ = aligner.weights_for([item["prompt"]], axis)
-        with aligner.experts(weights), autocast(aligner.precision, device):
+        with aligner.experts(weights, merge=False), autocast(aligner.precision, device):
             scores = score_question(model, tokenizer, item)
         append_jsonl(path, [_mc_row(aligner, item, weights, scores)])
 
