@@ -138,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vector.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
     vector.add_argument("--axis", required=True, help="helpful, harmless or honest (comma-separated for several)")
+    export = verbs.add_parser(
+        "export", help="write a run's experts, routers and model card in the Hugging Face hub layout",
+        description="Write the three experts as PEFT adapters, every trained router (safetensors + JSON), the "
+        "run's config, manifest and evaluation results, and a model card (README.md) to --output. The output is "
+        "a run directory without training state: AlignX.from_pretrained(<output>), `alignx generate --run "
+        "<output>` and `alignx serve --run <output>` load it, and `huggingface-cli upload` shares it.",
+        epilog="example:\n  alignx export --run runs/study --output exports/alignx-smollm2\n"
+        "  python -c \"from alignx.generate import AlignX; AlignX.from_pretrained('exports/alignx-smollm2')\"",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--run", required=True, help="run directory with the three experts (alignx stage1)")
+    export.add_argument("--output", required=True, help="directory to write; an export already there is replaced")
     for module in _PACKAGE_VERBS.values():
         importlib.import_module(module).register(verbs)
     return parser
@@ -224,6 +236,15 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     train_moe_dense(run, config, resume=args.resume)
                 else:
                     build_merge_ties(run, config, density=args.density)
+        return 0
+    if args.command == "export":
+        from pathlib import Path
+
+        from alignx.export import export_run
+        from alignx.run import RunDir
+
+        output = export_run(RunDir(args.run), Path(args.output))
+        print(f"[export] {args.run} -> {output} (model card: {output / 'README.md'})")
         return 0
     if args.command == "generate":
         return _generate(args)

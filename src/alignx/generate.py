@@ -35,6 +35,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from alignx.axes import AXES
 from alignx.errors import AlignXError
+from alignx.export import resolve_pretrained
 from alignx.run import RunDir
 
 FIXED_METHODS = ("base", "merge-linear", "trinityx", *(f"expert-{axis}" for axis in AXES))
@@ -110,6 +111,12 @@ class AlignX:
             mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
         return cls(run, loaded, mixture, method, precision, router, mode, floor, fixed, dense)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1,
+                        revision: str | None = None) -> "AlignX":
+        """Load an export of ``alignx export`` (or any run directory), local or a hub repository id."""
+        return cls.from_run(resolve_pretrained(name_or_path, revision), method=method, mode=mode, floor=floor)
 
     # ---- routing ------------------------------------------------------------------------------------
     def route(self, prompts: list[str]):
