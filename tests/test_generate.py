@@ -81,6 +81,7 @@ def test_row_sampling_follows_temperature_and_nucleus():
     nucleus = draw(1.0, 0.7)  # p = [0.64, 0.24, 0.09, 0.03]: the nucleus reaching 0.7 is the top two
     assert nucleus[2:].sum() == 0 and nucleus[0] == pytest.approx(0.64 / 0.88, abs=0.03)
     assert draw(1.0, 0.1, 50)[0] == 1.0  # the most likely token is always kept
+    assert draw(5e-324, 1.0, 20)[0] == 1.0 and draw(1.0, 5e-324, 20)[0] == 1.0  # the API's extremes (found by schemathesis)
     scores = PerRowSampler([RowSampling(0.0), RowSampling(1.0, seed=1)])(None, torch.stack([logits, logits]))
     assert scores[0].argmax() == 0 and torch.isinf(scores).sum() == 6  # one token left per row
 

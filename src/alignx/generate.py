@@ -297,11 +297,14 @@ class PerRowSampler(LogitsProcessor):
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     """One token from softmax(logits / temperature), cut to the smallest set of top tokens whose probability
-    reaches ``top_p`` (nucleus sampling; the most likely token is always kept)."""
-    probs = torch.softmax(logits / temperature, dim=-1)
+    reaches ``top_p`` (nucleus sampling; the most likely token is always kept). In float64 with the maximum
+    subtracted first, so any temperature > 0 and top-p > 0 the API admits (down to 5e-324) gives a distribution."""
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         ordered, order = probs.sort(descending=True)
         outside = ordered.cumsum(0) - ordered >= top_p  # tokens after the nucleus is already full
+        outside[0] = False
         ordered[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, ordered)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from alignx.serving.app import ServeSettings
+
 API_KEY = "test-key"
 MODEL = "tiny"
+SETTINGS = ServeSettings(model_name=MODEL, api_key=API_KEY, max_prompt_tokens=64, max_new_tokens=16)
 
 
 @dataclass
@@ -27,14 +30,13 @@ def aligner(tiny_stage2_run):
 
 @pytest.fixture(scope="session")
 def live_server(aligner):
-    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
+    from alignx.serving.app import create_app, serve_in_thread
     from alignx.serving.batcher import Batcher
     from alignx.serving.metrics import Metrics
 
     metrics = Metrics()
     engine = Batcher(aligner, metrics, max_batch_size=8, wait_ms=30)
-    settings = ServeSettings(model_name=MODEL, api_key=API_KEY, max_prompt_tokens=64, max_new_tokens=16)
-    with serve_in_thread(create_app(engine, settings, metrics)) as url:
+    with serve_in_thread(create_app(engine, SETTINGS, metrics)) as url:
         yield LiveServer(url, engine, aligner)
 
 

@@ -1,5 +1,6 @@
 """The OpenAI-compatible FastAPI app: ``/v1/chat/completions``, ``/v1/completions`` (both with SSE streaming),
-``/v1/models``, ``/health`` and ``/metrics``.
+``/v1/models``, ``/health`` and ``/metrics``; its OpenAPI 3.1 schema, with the request and response models of
+every endpoint, at ``/openapi.json``.
 
 The app validates, counts and limits; a backend (the batching worker of :mod:`alignx.serving.batcher`, or
 :mod:`alignx.serving.vllm_backend`) routes and decodes. Every response of a completion carries the routing
@@ -25,13 +26,18 @@ from dataclasses import dataclass
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from pydantic.json_schema import models_json_schema
+
+from alignx import __version__
 from alignx.errors import AlignXError
 from alignx.serving.metrics import Metrics
 from alignx.serving.protocol import (
-    APIError, ChatCompletionRequest, CompletionRequest, chunk_body, parse, response_body, usage,
+    APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChunk, CompletionRequest,
+    ErrorBody, Health, ModelList, chunk_body, parse, response_body, usage,
 )
 from alignx.serving.requests import Delta, Failed, Finished, GenerationRequest, QueueFull, Routed, Sampling
 
@@ -70,7 +76,9 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
         finally:  # uvicorn has let in-flight requests finish; the engine drains whatever is left
             await asyncio.to_thread(engine.close)
 
-    app = FastAPI(title="AlignX", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="AlignX", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    app.openapi = lambda: openapi_schema(app, settings)
     app.add_middleware(_RecordRequests, metrics=metrics)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -88,17 +96,23 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorise)])
 
-    @v1.get("/models")
+    auth = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if settings.api_key else {}
+    completion_errors = {**auth, **_errors(
+        (400, "an invalid request (the message names the field)"), (404, "the model is not the one served"),
+        (413, "the request body is over --max-body-bytes"), (503, "the queue is full: retry after Retry-After seconds"),
+        (500, "decoding failed for this request's batch"))}
+
+    @v1.get("/models", responses={200: {"model": ModelList}, **auth, **_errors()})
     async def models() -> dict:
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": started,
                                             "owned_by": "alignx"}]}
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=_completion_responses(ChatCompletion, ChatCompletionChunk, completion_errors))
     async def chat_completions(request: Request):
         body = parse(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes))
         return await complete(body, body.prompt(), chat=True)
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=_completion_responses(Completion, CompletionChunk, completion_errors))
     async def completions(request: Request):
         body = parse(CompletionRequest, await _read_json(request, settings.max_body_bytes))
         return await complete(body, body.prompt_text(), chat=False)
@@ -137,17 +151,66 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
                                      headers={"Cache-Control": "no-cache"})
         return JSONResponse(await reply.collect(request, channel))
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, **_errors()})
     async def health() -> dict:
         return {"status": "ok", "model": settings.model_name, "method": engine.method,
                 "queue_depth": int(metrics.queue_depth.value)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                                          "description": "Prometheus text format"}, **_errors()})
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(v1)
     return app
+
+
+def _errors(*statuses: tuple[int, str]) -> dict:
+    return {status: {"model": ErrorBody, "description": text} for status, text in (*statuses, (500, "internal error"))}
+
+
+def _completion_responses(model, chunk, errors: dict) -> dict:
+    """The completion as JSON, or with ``stream: true`` server-sent events: each event's data a chunk as JSON, an
+    error body if decoding fails midway, and finally ``[DONE]`` (before Open API 3.2, ``schema`` describes one event)."""
+    data = {"anyOf": [{"const": "[DONE]"}, *({"type": "string", "contentMediaType": "application/json",
+                                             "contentSchema": {"$ref": f"#/components/schemas/{m.__name__}"}}
+                                            for m in (chunk, ErrorBody))]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": data}}
+    return {200: {"model": model, "description": "the completion; with stream=true, server-sent events of chunks",
+                  "content": {"text/event-stream": {"schema": event}}}, **errors}
+
+
+def openapi_schema(app: FastAPI, settings: ServeSettings) -> dict:
+    """FastAPI's schema of the routes, plus what it cannot see: the completions parse their bodies themselves
+    (a size limit first, then strict validation into OpenAI-shaped errors), so their request models are added
+    here, and the bearer key where the server has one."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                             description="OpenAI-compatible completions routed by AlignX's MoCaE over three experts.")
+        _, defs = models_json_schema([(ChatCompletionRequest, "validation"), (CompletionRequest, "validation"),
+                                      (ChatCompletionChunk, "serialization"), (CompletionChunk, "serialization")],
+                                     ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(defs["$defs"])
+        for name in ("ChatCompletionRequest", "CompletionRequest"):  # this server's own limits
+            fields = components["schemas"][name]["properties"]
+            fields["model"]["enum"] = [settings.model_name]
+            for field in ("max_tokens", "max_completion_tokens"):
+                for branch in fields.get(field, {}).get("anyOf", ()):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = settings.max_new_tokens
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True, "description": f"a prompt over {settings.max_prompt_tokens} tokens (chat template "
+                "included) is refused with 400 context_length_exceeded", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        if settings.api_key:
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class _Channel:
@@ -238,7 +301,9 @@ async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-    return await _api_error(_request, APIError(exc.status_code, str(exc.detail)))
+    response = await _api_error(_request, APIError(exc.status_code, str(exc.detail)))
+    response.headers.update(exc.headers or {})  # a 405's Allow header (RFC 9110)
+    return response
 
 
 async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -8,9 +8,9 @@ silently dropped. Unknown fields are ignored, like OpenAI-compatible servers com
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 _INT64 = 2**63
 
@@ -32,18 +32,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+def _integral(value):
+    """JSON Schema counts 1.0 as an integer, and so do OpenAI's clients' encoders: accept it as 1 (strict otherwise)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+Positive = Annotated[int, Field(ge=1), BeforeValidator(_integral)]  # the bound first, so the schema states it
+# What the server refuses with its own message after parsing is stated in the schema too (json_schema_extra), so a
+# client generated from /openapi.json, or a fuzzer, knows every request the server accepts. The server's own limits
+# (model name, max_tokens) are added where the schema is built (alignx.serving.app.openapi_schema).
+_TEXT = {"type": "string", "pattern": "\\S"}  # not empty, not only whitespace
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
 class _CompletionOptions(_Strict):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Positive | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=-_INT64, lt=_INT64)
-    stop: str | list[str] | None = None
-    n: int = 1
+    seed: Annotated[int, Field(ge=-_INT64, lt=_INT64), BeforeValidator(_integral)] | None = None
+    stop: str | list[str] | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        {"type": "null"}]})
+    n: Integer = Field(1, json_schema_extra={"enum": [1]})
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -59,17 +74,19 @@ class _CompletionOptions(_Strict):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: str = Field(json_schema_extra=_TEXT)
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    model_config = ConfigDict(json_schema_extra={"required": ["role", "content"]})
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(json_schema_extra={"enum": ["user"]})
+    content: str | list[TextPart] | None = Field(None, json_schema_extra={"anyOf": [
+        _TEXT, {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}, "minItems": 1}]})
 
 
 class ChatCompletionRequest(_CompletionOptions):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, json_schema_extra={"maxItems": 1})
+    max_completion_tokens: Positive | None = None
 
     def prompt(self) -> str:
         if len(self.messages) != 1 or self.messages[0].role != "user":
@@ -86,7 +103,8 @@ class ChatCompletionRequest(_CompletionOptions):
 
 
 class CompletionRequest(_CompletionOptions):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra={"anyOf": [
+        _TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 1}]})
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -110,6 +128,128 @@ def parse(model: type[_Strict], data: object) -> _Strict:
 
 
 # ---- responses ---------------------------------------------------------------------------------------
+# The models below describe the bodies the functions after them build, for the OpenAPI schema (``/openapi.json``);
+# tests/serving/test_openapi.py checks every response the server sends against them.
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AlignXField(BaseModel):
+    """The routing of a completion: the method, its final per-expert weights (None for the base model) and
+    MoCaE's explanation (router, fractal and natural distributions, out-of-distribution flag)."""
+
+    method: str
+    weights: dict[str, float] | None
+    explanation: dict
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    alignx: AlignXField
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    alignx: AlignXField
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None  # on the first chunk only
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a chat stream; the first carries ``alignx``, a last usage-only one ``usage`` (no choices)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    alignx: AlignXField | None = None
+    usage: Usage | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    alignx: AlignXField | None = None
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    method: str
+    queue_depth: int
+
+
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
