@@ -36,7 +36,12 @@ def synthetic_router(dim: int, bank_size: int, layers: tuple[int, int] = (15, 20
     (default: ``stage2.bank_dtype``'s)."""
     from alignx.config import FeatureConfig, Stage2Config
     from alignx.stage2.feature_space import FeatureSpace, Projection, Standardiser
-    from alignx.stage2.fractal import AxisCloud, FractalCalibrator, exact_log_correlation_integral, kth_neighbour_distances
+    from alignx.stage2.fractal import (
+        AxisCloud,
+        FractalCalibrator,
+        exact_log_correlation_integral,
+        kth_neighbour_distances,
+    )
     from alignx.stage2.mocae import MoCaE
     from alignx.stage2.natural import NaturalCalibrator
     from alignx.stage2.router import Router
@@ -74,7 +79,7 @@ def random_experts(model, directory: Path, targets: str = "attention-mlp", rank:
     PEFT format under ``directory``; the model is left as it was."""
     from peft import LoraConfig, get_peft_model
 
-    from alignx.models import target_modules
+    from alignx.models.layers import target_modules
 
     dirs = {}
     for i, axis in enumerate(AXES):

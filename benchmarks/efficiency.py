@@ -85,7 +85,7 @@ def random_model(shape: str, device: str):
     """A LLaMA of ``shape`` with random bf16 weights, built directly on ``device``, with a word-level tokenizer."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from alignx.models import LoadedModel
+    from alignx.models.loading import LoadedModel
 
     config = LlamaConfig(**SHAPES[shape])
     with torch.device(device):
@@ -120,7 +120,8 @@ def build(kind: str, args: argparse.Namespace):
     from alignx.config import ModelConfig
     from alignx.generate import AlignX
     from alignx.mixing import MixtureOfExperts
-    from alignx.models import autocast_dtype, load_base_model, store_frozen_linears_in
+    from alignx.models.loading import load_base_model
+    from alignx.models.precision import autocast_dtype, store_frozen_linears_in
     from alignx.run import RunDir
     from alignx.stage2.mocae import MoCaE
     from alignx.stage2.pipeline import stage2_dir
@@ -154,7 +155,8 @@ def write_random_parts(args: argparse.Namespace, directory: Path) -> None:
     ``alignx generate`` loads trained ones: making them (PEFT wrapping, fitting the banks) leaves tens of MB
     of freed-but-resident heap that would otherwise count against whichever method's worker made them."""
     from alignx.config import ModelConfig
-    from alignx.models import load_base_model, target_modules
+    from alignx.models.layers import target_modules
+    from alignx.models.loading import load_base_model
 
     loaded = random_model(args.shape, args.device) if args.shape else load_base_model(ModelConfig())
     model = loaded.model
@@ -230,7 +232,7 @@ def serve(kind: str, args: argparse.Namespace) -> None:
     import alignx.stage2.router  # noqa: F401
     from alignx.axes import AXES
     from alignx.mixing import apply_mode
-    from alignx.models import autocast, autocast_dtype
+    from alignx.models.precision import autocast, autocast_dtype
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notices
     replies = os.fdopen(os.dup(1), "w", buffering=1)

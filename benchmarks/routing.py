@@ -42,7 +42,8 @@ def main() -> None:
     from alignx.config import ModelConfig
     from alignx.data.formatting import ChatFormatter
     from alignx.mixing import MixtureOfExperts
-    from alignx.models import autocast, autocast_dtype, load_base_model, store_frozen_linears_in
+    from alignx.models.loading import load_base_model
+    from alignx.models.precision import autocast, autocast_dtype, store_frozen_linears_in
     from alignx.stage1.features import prompt_features
 
     config = ModelConfig()

@@ -52,7 +52,7 @@ import torch
 
 from alignx.axes import AXES
 from alignx.config import Stage2Config
-from alignx.data.registry import load_source
+from alignx.data.loading import load_source
 from alignx.data.splits import evaluation_prompts, harmful_eval_prompts, xstest_prompts
 from alignx.eval.judges.data import near_duplicates
 from alignx.eval.metrics import reliability_bins, routing_metrics
@@ -60,9 +60,15 @@ from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, load_
 from alignx.stage2 import crossfit
 from alignx.stage2.heads import Parts
 from alignx.stage2.mocae import log_weights
+from alignx.stage2.pipeline import (
+    evaluation_prompts_of,
+    load_banks,
+    paper_variant,
+    plot_reliability,
+    prompt_set_features,
+    stack_banks,
+)
 from alignx.stage2.train import fitted_head
-from alignx.stage2.pipeline import (evaluation_prompts_of, load_banks, paper_variant, plot_reliability,
-                                    prompt_set_features, stack_banks)
 
 SELECTION_METRIC = "balanced_nll"  # the axes' mix differs between banks and use: weigh each axis alike
 SHIFT_SETS = ("pku-saferlhf", "harmful-sets", "xstest-unsafe")  # gold axis: harmless
@@ -210,7 +216,7 @@ def arrow_shares(run: RunDir, prompt_sets: dict[str, list[str]], directory: Path
 
     from alignx.baselines.arrow import ArrowShares, load_arrow
     from alignx.data.formatting import ChatFormatter
-    from alignx.models import load_base_model
+    from alignx.models.loading import load_base_model
 
     config = run.load_config()
     adapters = hashlib.sha256(b"".join((run.adapter_dir(a) / "adapter_model.safetensors").read_bytes() for a in AXES))

@@ -36,7 +36,7 @@ def _rows(config, count: int):
 
 def ours(config, rows, batch_size: int) -> tuple[int, float, int]:
     from alignx.data.formatting import ChatFormatter
-    from alignx.models import load_base_model
+    from alignx.models.loading import load_base_model
     from alignx.run import RunDir
     from alignx.stage1.train import ExpertTrainer, encode_examples
 
@@ -52,7 +52,8 @@ def authors(config, rows, batch_size: int, precision: str) -> tuple[int, float, 
     from transformers import set_seed
 
     from alignx.data.formatting import ChatFormatter
-    from alignx.models import autocast, load_base_model
+    from alignx.models.loading import load_base_model
+    from alignx.models.precision import autocast
 
     loaded = load_base_model(config.model, for_training=True)
     formatter, tokenizer = ChatFormatter(loaded.tokenizer), loaded.tokenizer
@@ -94,7 +95,7 @@ def main() -> None:
     rows_wanted = 48 if args.quick else args.rows
 
     from alignx.config import load_config
-    from alignx.models import autocast_dtype
+    from alignx.models.precision import autocast_dtype
 
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(

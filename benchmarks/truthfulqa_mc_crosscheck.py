@@ -36,7 +36,7 @@ def main() -> None:
     from alignx.config import load_config
     from alignx.eval.benchmarks import benchmark_items
     from alignx.eval.truthfulqa_mc import score_question
-    from alignx.models import load_base_model, model_directory
+    from alignx.models.loading import load_base_model, model_directory
 
     overrides = [f"model.name={args.model}", "model.precision=fp32"]
     overrides += ["eval.suite=full"] if args.questions == 0 else [f"eval.quick_items={args.questions}"]

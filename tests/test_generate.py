@@ -190,7 +190,7 @@ def bf16_run_dir(run_dir, tmp_path_factory):
 
 def _next_token_logits(aligner, prompts, weights):
     """Logits of the first generated token, left-padded as generation pads, under the run's autocast."""
-    from alignx.models import autocast
+    from alignx.models.precision import autocast
 
     tokenizer = aligner.loaded.tokenizer
     tokenizer.padding_side = "left"

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close_at_scale, build_tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from alignx.config import ModelConfig
 from alignx.errors import AlignXError
 from alignx.mixing import ExpertWeights, MixedLoRALinear, MixtureOfExperts, apply_mode
-from alignx.models import load_base_model
+from alignx.models.loading import load_base_model
 from alignx.stage1.task_vector import LoraFactors, task_vector
-from conftest import assert_close_at_scale, build_tiny_model
 
 EXPERTS = ["helpful", "harmless", "honest"]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -203,7 +203,7 @@ def test_greedy_generate_with_per_example_weights_equals_each_alone(mixture, tin
 
 @pytest.fixture(scope="module")
 def bf16_mixture(tiny_model_dir, adapters) -> MixtureOfExperts:
-    from alignx.models import store_frozen_linears_in
+    from alignx.models.precision import store_frozen_linears_in
 
     model = _base(tiny_model_dir)
     store_frozen_linears_in(model, torch.bfloat16, output_projection=True)  # as AlignX.from_run does

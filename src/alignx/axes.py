@@ -3,6 +3,8 @@
 The order ``helpful, harmless, honest`` is used everywhere: tensor rows, file names, tables.
 """
 
+from alignx.errors import AlignXError
+
 AXES: tuple[str, ...] = ("helpful", "harmless", "honest")
 
 # The authors' code injects this chain-of-thought prefix; METHOD.md section 2 keeps it and adds an
@@ -21,8 +23,6 @@ DEFAULT_INJECTIONS: dict[str, str] = {
 
 def parse_axes(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Parse ``"helpful,honest"`` (or a list) into axes in canonical order, rejecting unknown names."""
-    from alignx.errors import AlignXError
-
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     unknown = sorted(set(names) - set(AXES))
     if unknown:

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from alignx import __version__
+from alignx.axes import parse_axes
+from alignx.config import load_config
 from alignx.errors import AlignXError
 
 _EPILOG = """\
@@ -27,8 +33,10 @@ examples:
 """
 
 
-# Verbs whose arguments and code live in their own package: each module has ``register(verbs)`` and
-# ``run(args) -> int`` and imports nothing heavy at module level, so `alignx --help` stays instant.
+# The command-line modules (this one and each verb's ``cli`` module below) import the pipeline inside the
+# function that runs a verb, never at module level: torch and transformers alone take seconds to import, and
+# `alignx --help`, a mistyped argument or a config error should answer at once. Verbs whose arguments and
+# code live in their own package have ``register(verbs)`` and ``run(args) -> int``.
 _PACKAGE_VERBS = {"judge": "alignx.eval.judges.cli", "eval": "alignx.eval.cli", "lm-eval": "alignx.eval.lm_eval_cli",
                   "serve": "alignx.serving.cli"}
 
@@ -180,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from alignx.config import load_config
-
     if args.command == "data":
         if args.data_command != "check":
             parser.parse_args(["data", "--help"])
@@ -238,8 +244,6 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     build_merge_ties(run, config, density=args.density)
         return 0
     if args.command == "export":
-        from pathlib import Path
-
         from alignx.export import export_run
         from alignx.run import RunDir
 
@@ -251,7 +255,6 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command in _PACKAGE_VERBS:
         return importlib.import_module(_PACKAGE_VERBS[args.command]).run(args)
     if args.command == "task-vector":
-        from alignx.axes import parse_axes
         from alignx.run import RunDir, atomic_save_safetensors
         from alignx.stage1.task_vector import task_vector
 
@@ -267,9 +270,6 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from alignx.generate import AlignX
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -285,8 +285,6 @@ def _generate(args: argparse.Namespace) -> int:
                 continue  # a line torn by an interruption is generated again
     todo = [item for item in items if json.dumps(item["id"]) not in done]
     aligner = AlignX.from_run(args.run, method=args.method, mode=args.mode, floor=args.threshold)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"generate {args.method}", unit="prompt",
                disable=output is None, dynamic_ncols=True)
     for start in range(0, len(todo), args.batch_size):

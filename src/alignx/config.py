@@ -16,8 +16,17 @@ from typing import Any
 
 import yaml
 
-from alignx.axes import AXES, DEFAULT_INJECTIONS
+from alignx.axes import AXES, DEFAULT_INJECTIONS, parse_axes
 from alignx.errors import AlignXError
+
+
+def cache_dir() -> Path:
+    """AlignX's user cache: $ALIGNX_CACHE_DIR, else $XDG_CACHE_HOME/alignx, else ~/.cache/alignx."""
+    if os.environ.get("ALIGNX_CACHE_DIR"):
+        return Path(os.environ["ALIGNX_CACHE_DIR"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "alignx"
+    return Path.home() / ".cache" / "alignx"
 
 
 @dataclass
@@ -246,8 +255,6 @@ class AlignXConfig:
     injections: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_INJECTIONS))
 
     def __post_init__(self) -> None:
-        from alignx.axes import parse_axes
-
         self.axes = list(parse_axes(self.axes))
         missing = [a for a in AXES if a not in self.injections]
         unknown = [a for a in self.injections if a not in AXES]

@@ -34,9 +34,19 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from alignx.axes import AXES
+from alignx.baselines import ADAPTER_METHODS, TRAINED_METHODS, is_trained, method_adapters
+from alignx.baselines.arrow import load_arrow
+from alignx.baselines.moe_dense import load_dense_moe
+from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
 from alignx.export import resolve_pretrained
-from alignx.run import RunDir
+from alignx.mixing import MODES, MixtureOfExperts, apply_mode
+from alignx.models.loading import load_base_model
+from alignx.models.precision import autocast, autocast_dtype, store_frozen_linears_in
+from alignx.run import RunDir, read_json
+from alignx.stage1.features import prompt_features
+from alignx.stage2.mocae import MoCaE
+from alignx.stage2.pipeline import stage2_dir
 
 FIXED_METHODS = ("base", "merge-linear", "trinityx", *(f"expert-{axis}" for axis in AXES))
 ARROW = "arrow"  # PEFT's Arrow router over the three experts, per token (alignx.baselines.arrow)
@@ -61,22 +71,15 @@ class AlignX:
         self.dense = dense  # moe-dense: the DenseMoE handle (its layers replace the MLPs; mixture is None)
         self.fixed = fixed  # the weight vector of a fixed-weight method (None: routed, or the base model)
         self.method, self.router, self.mode, self.floor = method, router, mode, floor
-        from alignx.data.formatting import ChatFormatter
 
         self.formatter = ChatFormatter(loaded.tokenizer)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1) -> "AlignX":
-        from alignx.mixing import MODES, MixtureOfExperts
-        from alignx.models import autocast_dtype, load_base_model, store_frozen_linears_in
-        from alignx.stage2.mocae import MoCaE
-        from alignx.stage2.pipeline import stage2_dir
-
         run = RunDir(run_dir)
         config = run.load_config()
         if mode not in MODES:
             raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
-        from alignx.baselines import method_adapters
 
         routers, singles = trained_routers(run), trained_baselines(run)
         if method not in (*FIXED_METHODS, ARROW, ORACLE) and method not in routers and method not in singles:
@@ -92,8 +95,6 @@ class AlignX:
         loaded = load_base_model(config.model)
         dense = None
         if method == "moe-dense":  # built before the bf16 storage below, so the experts are merged in fp32
-            from alignx.baselines.moe_dense import load_dense_moe
-
             dense = load_dense_moe(run, loaded.model)
         precision = config.model
         if method == ARROW:  # PEFT's Arrow layer fails under bf16 autocast on CPU (see alignx.baselines.arrow)
@@ -103,8 +104,6 @@ class AlignX:
             store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         mixture = None
         if method == ARROW:  # PEFT mixes inside the model, per token; there is no per-prompt weight vector
-            from alignx.baselines.arrow import load_arrow
-
             loaded.model = load_arrow(run, loaded.model)
         elif dense is None:
             experts = list(method_adapters(method)) if method in singles else list(AXES)
@@ -121,9 +120,6 @@ class AlignX:
     # ---- routing ------------------------------------------------------------------------------------
     def route(self, prompts: list[str]):
         """MoCaE's routing of each prompt (features from one partial prefill of the base model)."""
-        from alignx.models import autocast_dtype
-        from alignx.stage1.features import prompt_features
-
         device = next(self.loaded.model.parameters()).device
         with self.mixture.using(None):  # the router reads the *base* model's hidden states
             features = prompt_features(  # pooled exactly as the banks the router was fitted on
@@ -156,8 +152,6 @@ class AlignX:
     def weights_for(self, prompts: list[str], axes: list[str] | None = None) -> tuple[torch.Tensor | None, list[dict]]:
         """Each prompt's expert weights (None: experts off) and, for routed methods, its explanation.
         ``axes``: each prompt's gold axis, which only the ``oracle`` method reads."""
-        from alignx.mixing import apply_mode
-
         if self.method == ORACLE:
             return _oracle_weights(prompts, axes), [{} for _ in prompts]
         if self.router is not None:
@@ -198,8 +192,6 @@ class AlignX:
         ``streamer`` and ``stopping_criteria`` go to ``model.generate`` as they are: a server streams a whole
         batch's tokens through one ``BaseStreamer`` and stops the batch once every request in it is done.
         """
-        from alignx.models import autocast
-
         tokenizer = self.loaded.tokenizer
         texts = [self.formatter.prompt_text(p) for p in prompts]
         tokenizer.padding_side = "left"
@@ -224,15 +216,11 @@ class AlignX:
 
 def trained_routers(run: RunDir) -> list[str]:
     """The routers ``alignx stage2`` trained in this run (alignx, moe-uncalibrated, paper, ablations)."""
-    from alignx.stage2.pipeline import stage2_dir
-
     return sorted(p.name for p in stage2_dir(run).glob("*") if (p / "mocae.json").is_file())
 
 
 def trained_baselines(run: RunDir) -> list[str]:
     """The baselines ``alignx baseline`` trained in this run (sft-mix, sft-sequential, merge-ties, moe-dense)."""
-    from alignx.baselines import TRAINED_METHODS, is_trained
-
     return [m for m in TRAINED_METHODS if is_trained(run, m)]
 
 
@@ -243,10 +231,6 @@ def available_methods(run: RunDir) -> list[str]:
 
 def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
     """The weight vector of a fixed-weight method; None for the base model and for routed methods."""
-    from alignx.baselines import ADAPTER_METHODS, method_adapters
-    from alignx.run import read_json
-    from alignx.stage2.pipeline import stage2_dir
-
     if method == "merge-linear":
         return torch.full((len(AXES),), 1.0 / len(AXES))
     if method == "trinityx":

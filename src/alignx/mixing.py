@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from alignx.errors import AlignXError
 from alignx.stage1.task_vector import LoraFactors, adapter_config, lora_factors
@@ -141,8 +142,6 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     with contextlib.suppress(ImportError):
-        from transformers.pytorch_utils import Conv1D
-
         if isinstance(module, Conv1D):
             return module.weight.shape[0], module.weight.shape[1], True
     raise TypeError(f"{type(module).__name__} is not a linear layer")

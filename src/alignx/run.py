@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from safetensors import safe_open
+from safetensors.torch import save
 
 from alignx.config import AlignXConfig, load_config
 from alignx.errors import AlignXError
@@ -191,16 +193,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Save tensors as safetensors atomically (contiguous copies; shared storage is not allowed there)."""
-    from safetensors.torch import save
-
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(path, data)
 
 
 def load_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
     """Load tensors and metadata, turning a truncated or corrupted file into a clear error naming it."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise AlignXError(f"file not found: {path}")

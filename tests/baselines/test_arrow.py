@@ -5,7 +5,7 @@ import torch
 from alignx.axes import AXES
 from alignx.baselines.arrow import ArrowShares, arrow_coefficients, load_arrow
 from alignx.data.formatting import ChatFormatter
-from alignx.models import load_base_model
+from alignx.models.loading import load_base_model
 from alignx.run import RunDir
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_close_at_scale
 
 from alignx.axes import AXES
 from alignx.baselines import moe_dense
@@ -13,7 +14,6 @@ from alignx.baselines.moe_dense import DenseMoE, DenseMoEMLP, balance_loss, real
 from alignx.errors import AlignXError
 from alignx.generate import AlignX
 from alignx.run import RunDir, load_safetensors
-from conftest import assert_close_at_scale
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def run(tiny_stage1_run, tmp_path_factory):
 
 def _base(run):
     from alignx.config import load_config
-    from alignx.models import load_base_model
+    from alignx.models.loading import load_base_model
 
     return load_base_model(load_config(run.config_path).model).model
 
@@ -42,7 +42,7 @@ def _merged_expert_mlp(run, axis, layer):
     """Reference: PEFT's own merge of the axis adapter into a fresh base, that layer's MLP."""
     from peft import PeftModel
 
-    from alignx.models import decoder_layers
+    from alignx.models.layers import decoder_layers
 
     merged = PeftModel.from_pretrained(_base(run), run.adapter_dir(axis)).merge_and_unload()
     return decoder_layers(merged)[layer].mlp
@@ -87,7 +87,7 @@ def test_sparse_dispatch_equals_dense_top2_mixture(built):
 
 
 def test_every_layer_holds_three_dense_ffn_copies(built):
-    from alignx.models import decoder_layers
+    from alignx.models.layers import decoder_layers
 
     base, moe = built
     base_mlps = [block.mlp for block in decoder_layers(base)]

@@ -14,7 +14,7 @@ from alignx.eval.benchmarks import BENCHMARKS, benchmark_items  # noqa: E402
 from alignx.eval.lm_harness import AlignXLM, routing_text  # noqa: E402
 from alignx.eval.truthfulqa_mc import mc_context, score_question  # noqa: E402
 from alignx.generate import AlignX  # noqa: E402
-from alignx.models import autocast  # noqa: E402
+from alignx.models.precision import autocast  # noqa: E402
 
 
 def test_a_few_shot_context_is_routed_on_what_it_asks():

@@ -24,7 +24,7 @@ def encoded(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    from alignx.models import load_base_model
+    from alignx.models.loading import load_base_model
 
     model = load_base_model(ModelConfig(name=str(tiny_model_dir), precision="fp32")).model
     return model.eval()

@@ -29,7 +29,7 @@ def test_expectation_gradient_and_eval_mode():
 
 def test_swaps_only_lora_dropouts(tiny_model_dir):
     from alignx.config import ModelConfig
-    from alignx.models import load_base_model
+    from alignx.models.loading import load_base_model
 
     model = get_peft_model(
         load_base_model(ModelConfig(name=str(tiny_model_dir)), for_training=True).model,

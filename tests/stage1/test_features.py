@@ -5,7 +5,8 @@ import torch
 
 from alignx.config import ModelConfig
 from alignx.data.formatting import ChatFormatter
-from alignx.models import decoder_layers, load_base_model
+from alignx.models.layers import decoder_layers
+from alignx.models.loading import load_base_model
 from alignx.stage1.features import prompt_features
 
 PROMPTS = ["What is 2+2?", "Give three tips for staying healthy, each with a short reason.", "Hi"]

@@ -6,7 +6,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from alignx.config import ModelConfig
 from alignx.errors import AlignXError
-from alignx.models import load_base_model
+from alignx.models.loading import load_base_model
 from alignx.stage1.task_vector import lora_factors, task_vector
 
 

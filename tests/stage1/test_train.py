@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from alignx.config import load_config
 from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
-from alignx.models import load_base_model
+from alignx.models.loading import load_base_model
 from alignx.run import RunDir
 from alignx.stage1.train import ExpertTrainer
 

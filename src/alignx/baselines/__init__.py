@@ -16,6 +16,9 @@ stored beside the axis experts as ``experts/<method>/adapter``:
   ``experts/moe-dense/routers.safetensors`` (see :mod:`alignx.baselines.moe_dense`).
 """
 
+from alignx.baselines.moe_dense import is_trained as moe_dense_trained
+from alignx.baselines.sft_sequential import STAGES
+
 ADAPTER_METHODS = ("sft-mix", "sft-sequential", "merge-ties")  # applied as LoRA adapters with weight 1
 TRAINED_METHODS = (*ADAPTER_METHODS, "moe-dense")
 
@@ -23,8 +26,6 @@ TRAINED_METHODS = (*ADAPTER_METHODS, "moe-dense")
 def is_trained(run, method: str) -> bool:
     """Whether ``run`` (a :class:`alignx.run.RunDir`) holds the finished artifacts of a trained baseline."""
     if method == "moe-dense":
-        from alignx.baselines.moe_dense import is_trained as moe_dense_trained
-
         return moe_dense_trained(run)
     return all(run.has_adapter(a) for a in method_adapters(method))
 
@@ -33,7 +34,5 @@ def method_adapters(method: str) -> tuple[str, ...]:
     """The adapters (names under ``experts/``) an adapter baseline (:data:`ADAPTER_METHODS`) applies, each
     with weight 1."""
     if method == "sft-sequential":
-        from alignx.baselines.sft_sequential import STAGES
-
         return STAGES
     return (method,)

@@ -11,8 +11,10 @@ import dataclasses
 
 from alignx.axes import AXES
 from alignx.config import AlignXConfig
+from alignx.data.splits import training_examples
 from alignx.errors import AlignXError
 from alignx.run import RunDir, read_json
+from alignx.stage1.train import encode_examples
 
 
 def expert_steps(run: RunDir, method: str, axes: tuple[str, ...] = AXES) -> int:
@@ -33,9 +35,6 @@ def with_steps(config: AlignXConfig, steps: int) -> AlignXConfig:
 
 def encoded_rows(formatter, config: AlignXConfig, axes: tuple[str, ...] = AXES) -> list:
     """The training rows of the given axes, each encoded with its own axis's injection prompt."""
-    from alignx.data.splits import training_examples
-    from alignx.stage1.train import encode_examples
-
     rows = []
     for axis in axes:
         encoded, _ = encode_examples(formatter, training_examples(axis, config.data).examples,

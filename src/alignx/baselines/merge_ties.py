@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftModel
+
 from alignx.axes import AXES
 from alignx.config import AlignXConfig
 from alignx.errors import AlignXError
+from alignx.models.loading import load_base_model
 from alignx.run import RunDir, atomic_dir
+from alignx.stage1.task_vector import adapter_config, lora_factors
 
 
 def build_merge_ties(run: RunDir, config: AlignXConfig, density: float = 0.2, log=print) -> Path:
     """Write ``experts/merge-ties/adapter``; density is the share of each task vector TIES keeps (20 % as in
     the TIES paper), every expert weighted 1."""
-    from peft import PeftModel
-
-    from alignx.models import load_base_model
-    from alignx.stage1.task_vector import adapter_config, lora_factors
 
     if not 0 < density <= 1:
         raise AlignXError(f"TIES density must be in (0, 1], got {density}")

@@ -59,9 +59,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignx.axes import AXES
+from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
 from alignx.config import AlignXConfig
+from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
+from alignx.models.layers import decoder_layers
+from alignx.models.loading import load_base_model
 from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from alignx.stage1.task_vector import task_vector
+from alignx.stage1.train import ExpertTrainer
 
 METHOD = "moe-dense"
 TOP_K = 2
@@ -137,9 +143,6 @@ class DenseMoE:
     def build(cls, model: nn.Module, adapter_dirs: Mapping[str, Path | str], *, attention: str = "mean",
               top_k: int = TOP_K, seed: int = 0) -> "DenseMoE":
         """Replace every decoder MLP of ``model`` (in place) by E merged expert copies plus a router."""
-        from alignx.models import decoder_layers
-        from alignx.stage1.task_vector import task_vector
-
         if attention not in ATTENTION_MODES:
             raise AlignXError(f"moe-dense: attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         experts = tuple(adapter_dirs)
@@ -285,11 +288,6 @@ def load_dense_moe(run: RunDir, model: nn.Module) -> DenseMoE:
 def train_moe_dense(run: RunDir, config: AlignXConfig, *, resume: bool = False, attention: str = "mean", log=print) -> Path:
     """Train the token routers of ``moe-dense`` (everything else frozen) with the experts' total budget;
     writes ``experts/moe-dense/routers.safetensors`` and ``moe_dense.json``. Skipped when already trained."""
-    from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
-    from alignx.data.formatting import ChatFormatter
-    from alignx.models import load_base_model
-    from alignx.stage1.train import ExpertTrainer
-
     if is_trained(run):
         log(f"[baseline] moe-dense already trained in {run.expert_dir(METHOD)}; skipping")
         return routers_path(run)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
 from alignx.config import AlignXConfig
+from alignx.data.formatting import ChatFormatter
+from alignx.models.loading import load_base_model
 from alignx.run import RunDir
+from alignx.stage1.train import ExpertTrainer
 
 
 def train_sft_mix(run: RunDir, config: AlignXConfig, *, resume: bool = False, log=print) -> Path:
     """Write ``experts/sft-mix/adapter``: every axis's rows (each with its own injection prompt), shuffled
     together, for as many optimizer steps as the three experts took together (same budget)."""
-    from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
-    from alignx.data.formatting import ChatFormatter
-    from alignx.models import load_base_model
-    from alignx.stage1.train import ExpertTrainer
-
     if run.has_adapter("sft-mix"):
         log(f"[baseline] sft-mix already trained in {run.adapter_dir('sft-mix')}; skipping")
         return run.adapter_dir("sft-mix")

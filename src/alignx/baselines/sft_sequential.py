@@ -8,21 +8,20 @@ Stored as ``experts/sft-sequential-<axis>/adapter``; generation attaches the thr
 
 from __future__ import annotations
 
+from peft import PeftModel
+
 from alignx.axes import AXES
+from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
 from alignx.config import AlignXConfig
+from alignx.data.formatting import ChatFormatter
+from alignx.models.loading import load_base_model
 from alignx.run import RunDir
+from alignx.stage1.train import ExpertTrainer
 
 STAGES = tuple(f"sft-sequential-{axis}" for axis in AXES)
 
 
 def train_sft_sequential(run: RunDir, config: AlignXConfig, *, resume: bool = False, log=print) -> list[str]:
-    from peft import PeftModel
-
-    from alignx.baselines.budget import encoded_rows, expert_steps, with_steps
-    from alignx.data.formatting import ChatFormatter
-    from alignx.models import load_base_model
-    from alignx.stage1.train import ExpertTrainer
-
     for axis, stage in zip(AXES, STAGES):
         if run.has_adapter(stage):
             log(f"[baseline] {stage} already trained; skipping")

@@ -1,6 +1,8 @@
-"""Data layer: where the source data sets live (registry) and the canonical splits (splits)."""
+"""Data layer: where the source data sets live (registry), how their rows are parsed (parsers) and read
+(loading), and the canonical splits (splits)."""
 
-from alignx.data.registry import SOURCES, LoadResult, Source, clear_cache, get_source, load_source, source_names
+from alignx.data.loading import LoadResult, clear_cache, load_source
+from alignx.data.registry import SOURCES, Source, get_source, source_names
 from alignx.data.splits import (
     Example,
     SplitReport,

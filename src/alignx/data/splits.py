@@ -56,7 +56,8 @@ from typing import Any
 
 from alignx.axes import AXES
 from alignx.config import DataConfig
-from alignx.data.registry import STL_EVAL_SETS, load_source
+from alignx.data.loading import load_source
+from alignx.data.registry import STL_EVAL_SETS
 from alignx.errors import AlignXError
 
 HONEST_TRAIN_QUESTIONS = 408  # TruthfulQA questions 1..408 train, 409..817 evaluate

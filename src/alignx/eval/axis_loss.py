@@ -28,7 +28,7 @@ from alignx.data.splits import Example, gold_responses
 from alignx.eval.runner import append_jsonl, read_jsonl
 from alignx.eval.statistics import Sample, paired_difference
 from alignx.generate import ORACLE, AlignX
-from alignx.models import autocast
+from alignx.models.precision import autocast
 from alignx.run import RunDir, atomic_write_json
 
 

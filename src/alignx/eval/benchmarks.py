@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignx.config import DataConfig, EvalConfig
-from alignx.data.registry import load_source
+from alignx.data.loading import load_source
 from alignx.data.splits import (
     evaluation_prompts,
     harmful_eval_prompts,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from alignx.errors import AlignXError
 from alignx.eval.truthfulqa_mc import continuation_scores
 from alignx.generate import AlignX
-from alignx.models import autocast
+from alignx.models.precision import autocast
 
 ROUTES = ("last", "context")
 _QA_FRAME = re.compile(r"^\s*Q:\s*(?P<question>.*?)\s*(?:\nA:\s*)?$", re.S)

@@ -13,6 +13,10 @@ import html
 import json
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
 from alignx.axes import AXES
 from alignx.eval.benchmarks import HEADLINE
 from alignx.eval.judges import THRESHOLD
@@ -289,8 +293,6 @@ def write_report(results: dict, root: Path, answers: dict | None = None) -> Path
 
 
 def _save(fig, root: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(root / name, dpi=110)
     plt.close(fig)
@@ -298,11 +300,7 @@ def _save(fig, root: Path, name: str) -> str:
 
 
 def _plots(results: dict, root: Path) -> list[str]:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
     written = []
     methods = list(results["methods"])

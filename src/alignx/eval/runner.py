@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from alignx.axes import AXES
 from alignx.config import AlignXConfig
@@ -36,6 +38,7 @@ from alignx.errors import AlignXError
 from alignx.eval.benchmarks import BENCHMARKS, HEADLINE, benchmark_items, check_item_counts
 from alignx.eval.exports import write_exports
 from alignx.eval.judges import Judge, JudgeItem, JudgeSettings, load_judge, verdicts
+from alignx.eval.metrics import reliability_bins, routing_metrics
 from alignx.eval.report import write_report
 from alignx.eval.statistics import (
     Sample,
@@ -48,9 +51,10 @@ from alignx.eval.statistics import (
     win_outcomes,
     with_ci,
 )
+from alignx.eval.truthfulqa_mc import primer_cache, score_question
 from alignx.generate import ORACLE, AlignX
+from alignx.models.precision import autocast
 from alignx.run import RunDir, atomic_write_json, atomic_write_text
-
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,6 @@ def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, l
     if not any(pending.values()) and not mc_pending:
         return
     aligner = AlignX.from_run(run.root, method=method)
-    from tqdm.auto import tqdm
 
     options = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                    do_sample=config.eval.do_sample, temperature=config.eval.temperature, top_p=config.eval.top_p)
@@ -171,11 +174,6 @@ def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], p
 
 
 def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path: Path) -> None:
-    from tqdm.auto import tqdm
-
-    from alignx.eval.truthfulqa_mc import primer_cache, score_question
-    from alignx.models import autocast
-
     device = next(aligner.loaded.model.parameters()).device
     model, tokenizer = aligner.loaded.model, aligner.loaded.tokenizer
     axis = [BENCHMARKS["truthfulqa_mc"].oracle_axis]
@@ -447,9 +445,6 @@ def _routing(routed: list[tuple[dict, str, bool]]) -> dict:
     """Routing metrics of the prompts the router routed, and how many the out-of-distribution gate sent to
     its fallback instead. A fallback row (uniform, or all zeros = the base model) predicts no axis: it is
     neither right nor wrong, so it is counted apart and left out of accuracy, ECE, NLL and misrouting."""
-    import torch
-
-    from alignx.eval.metrics import reliability_bins, routing_metrics
 
     flagged = [ood for _, _, ood in routed]
     fallback = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
 
 
 def rate(flags: np.ndarray) -> float:
@@ -43,8 +44,6 @@ def length_controlled_win_rate(outcomes: np.ndarray, response_chars: np.ndarray,
     equally long. ``sd`` is the standard deviation of the length differences. Unregularised except for a
     weak L2 that keeps all-win or all-loss samples finite (they return 1.0 or 0.0 up to that penalty).
     """
-    from sklearn.linear_model import LogisticRegression
-
     outcomes = np.asarray(outcomes, dtype=float)
     if len(outcomes) == 0:
         return float("nan")

@@ -20,6 +20,7 @@ import random
 import threading
 import time
 
+from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
 from alignx.generate import RowSampling
 from alignx.serving.metrics import Metrics
@@ -33,8 +34,6 @@ _STOP = object()
 class Batcher:
     def __init__(self, aligner, metrics: Metrics, *, max_batch_size: int = 8, wait_ms: float = 10.0,
                  max_queue: int = 256):
-        from alignx.data.formatting import ChatFormatter
-
         if max_batch_size < 1 or wait_ms < 0 or max_queue < 1:
             raise AlignXError("max batch size and queue size must be >= 1 and the batch wait >= 0 ms")
         self.aligner, self.metrics = aligner, metrics

@@ -1,9 +1,14 @@
-"""``alignx serve``: a run's experts behind an OpenAI-compatible HTTP API, routed per request."""
+"""``alignx serve``: a run's experts behind an OpenAI-compatible HTTP API, routed per request.
+
+The server, the model and vLLM are imported inside :func:`run`, as every command-line module does
+(:mod:`alignx.cli`): `alignx serve --help` answers without importing torch, and a missing extra is one line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from alignx.errors import AlignXError
 
@@ -47,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
         from alignx.serving.app import ServeSettings, create_app
     except ImportError as exc:
         raise AlignXError(f"alignx serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'alignx[serve]'") from None
-    from pathlib import Path
-
     from alignx.serving.metrics import Metrics
 
     if not 0 <= args.port < 65536:

@@ -159,7 +159,8 @@ def sampling_arguments(request: GenerationRequest) -> dict:
 
 def model_location(model_name: str) -> str:
     """What vLLM loads for a run's base model: a directory or hub id (GGUF files via their converted cache)."""
-    from alignx.models import gguf_cache, resolve_model_source
+    from alignx.models.gguf_cache import gguf_cache
+    from alignx.models.source import resolve_model_source
 
     source = resolve_model_source(model_name)
     return str(gguf_cache(source.path)) if source.kind in ("gguf", "embedded") else source.location

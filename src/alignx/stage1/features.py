@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignx.data.formatting import ChatFormatter
+from alignx.models.layers import decoder_layers
 
 
 class _PrefillDone(Exception):
@@ -37,8 +38,6 @@ def feature_settings(base_weights_sha256: str, layers: tuple[int, int], max_leng
 @contextmanager
 def _capture_layers(model, layers: tuple[int, ...]):
     """Record the outputs of the given 1-based decoder layers and stop the forward after the deepest."""
-    from alignx.models import decoder_layers
-
     blocks = decoder_layers(model)
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)

@@ -12,12 +12,24 @@ import platform
 from dataclasses import asdict
 from pathlib import Path
 
+import accelerate
+import datasets
+import peft
 import torch
+import transformers
+from accelerate import PartialState
 
 from alignx import __version__
-from alignx.config import AlignXConfig
+from alignx.config import AlignXConfig, load_config
+from alignx.data.formatting import ChatFormatter
+from alignx.data.splits import training_examples
 from alignx.errors import AlignXError
+from alignx.models.loading import load_base_model
+from alignx.models.precision import autocast_dtype
+from alignx.models.source import resolve_model_source
 from alignx.run import RunDir, atomic_save_safetensors, load_safetensors
+from alignx.stage1.features import feature_settings, prompt_features
+from alignx.stage1.train import ExpertTrainer, encode_examples
 
 # Settings that change what Stage 1 produces: a run may only be resumed or extended with the same ones.
 _ARTIFACT_SECTIONS = ("model", "data", "lora", "train", "features", "injections")
@@ -25,9 +37,6 @@ _ARTIFACT_SECTIONS = ("model", "data", "lora", "train", "features", "injections"
 
 def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunDir:
     """Train the experts of ``config.axes`` and build their feature banks in ``config.run_dir``."""
-    from alignx.data.splits import training_examples
-    from alignx.stage1.train import ExpertTrainer, encode_examples
-
     # Everything a user can get wrong (data files, the model) is checked before the run directory is touched.
     splits = {axis: training_examples(axis, config.data) for axis in config.axes}
     base = _load_base(config)
@@ -87,9 +96,6 @@ def build_feature_bank(run: RunDir, config: AlignXConfig, axis: str, prompts: li
 
     An existing bank is kept while its split and its :func:`feature_settings` (base weights, layers, prompt
     truncation, precision) are the ones this config asks for; otherwise it is rebuilt."""
-    from alignx.models import autocast_dtype
-    from alignx.stage1.features import feature_settings, prompt_features
-
     path = run.features_path(axis)
     layers = config.features.layers(num_layers)
     dtype = autocast_dtype(config.model, "cpu")  # features are computed where the base model loads: the CPU
@@ -124,20 +130,14 @@ def _quiet(*_args) -> None:
 
 def _process_state():
     """This process's place under ``accelerate launch`` (a single process otherwise)."""
-    from accelerate import PartialState
-
     return PartialState()
 
 
 def _load_base(config: AlignXConfig):
-    from alignx.models import load_base_model
-
     return load_base_model(config.model, for_training=True)
 
 
 def _formatter(tokenizer):
-    from alignx.data.formatting import ChatFormatter
-
     return ChatFormatter(tokenizer)
 
 
@@ -146,7 +146,6 @@ def _check_same_config(run: RunDir, config: AlignXConfig) -> None:
     made = [p for p in (run.root / "experts", run.root / "features") if p.is_dir() and any(p.iterdir())]
     if not run.config_path.is_file() or not made:
         return
-    from alignx.config import load_config
 
     previous = load_config(run.config_path).to_dict()
     current = config.to_dict()
@@ -162,13 +161,6 @@ def _check_same_config(run: RunDir, config: AlignXConfig) -> None:
 
 
 def _write_manifest_header(run: RunDir, config: AlignXConfig) -> None:
-    from alignx.models import resolve_model_source
-
-    import accelerate
-    import datasets
-    import peft
-    import transformers
-
     source = resolve_model_source(config.model.name)
     run.update_manifest(
         alignx_version=__version__,

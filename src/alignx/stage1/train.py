@@ -21,15 +21,27 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup, set_seed
 
 from alignx.config import AlignXConfig
 from alignx.data.formatting import IGNORE_INDEX, ChatFormatter, EncodedExample
 from alignx.errors import AlignXError
-from alignx.run import RunDir, atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors
+from alignx.models.layers import target_modules
+from alignx.models.precision import autocast_dtype, store_frozen_linears_in
+from alignx.run import (
+    RunDir,
+    atomic_dir,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    load_safetensors,
+    read_json,
+)
 from alignx.stage1.batching import collate, plan_epoch
 from alignx.stage1.fast_dropout import use_fast_dropout
-from alignx.models import store_frozen_linears_in
 
 _CHECKPOINT = re.compile(r"^step-(\d{6,})$")
 
@@ -60,10 +72,6 @@ def encode_examples(formatter: ChatFormatter, examples, injection: str, max_leng
 
 
 def lora_config_for(model, config: AlignXConfig):
-    from peft import LoraConfig
-
-    from alignx.models import target_modules
-
     return LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
@@ -124,12 +132,6 @@ class ExpertTrainer:
 
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainingSummary:
-        from accelerate import Accelerator
-        from peft import get_peft_model
-        from transformers import get_cosine_schedule_with_warmup, set_seed
-
-        from alignx.models import autocast_dtype
-
         cfg = self.train_cfg
         dtype = autocast_dtype(self.config.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         accelerator = Accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
@@ -284,8 +286,6 @@ class ExpertTrainer:
         accelerator.wait_for_everyone()
 
     def _load_checkpoint(self, path: Path, accelerator, model, optimizer, scheduler, rank: int) -> int:
-        from alignx.run import read_json
-
         state = read_json(path / "state.json")
         weights, _ = load_safetensors(path / "adapter.safetensors")
         named = dict(accelerator.unwrap_model(model).named_parameters())

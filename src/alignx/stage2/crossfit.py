@@ -26,9 +26,11 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
 
 from alignx.axes import AXES
 from alignx.config import DataConfig, Stage2Config
+from alignx.data.loading import load_source
 from alignx.eval.metrics import expected_calibration_error, negative_log_likelihood
 from alignx.stage2.heads import Parts
 from alignx.stage2.mocae import MoCaE, log_weights
@@ -49,7 +51,6 @@ def bank_folds(axis: str, examples, prompts: list[str], router_features: torch.T
         return torch.tensor([order.index(s) % FOLDS for s in sources])
     if axis == "honest":
         return _balanced([_truthfulqa_category(first[p].id, data) for p in prompts])
-    from sklearn.cluster import KMeans
 
     standardised = (router_features - router_features.mean(0)) / router_features.std(0).clamp_min(1e-6)
     labels = KMeans(n_clusters=FOLDS, n_init=4, random_state=seed).fit_predict(standardised.double().numpy())
@@ -57,8 +58,6 @@ def bank_folds(axis: str, examples, prompts: list[str], router_features: torch.T
 
 
 def _truthfulqa_category(example_id: str, data: DataConfig) -> str:
-    from alignx.data.registry import load_source
-
     rows = load_source("truthfulqa", data.resolved_data_dir()).rows
     question = int(example_id.split(":")[1])
     by_index = {row["index"]: row for row in rows}

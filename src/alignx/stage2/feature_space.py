@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from sklearn.decomposition import PCA
 
 
 @dataclass
@@ -35,8 +36,6 @@ class Projection:
 
     @classmethod
     def fit(cls, features: torch.Tensor, k: int, seed: int = 0) -> "Projection":
-        from sklearn.decomposition import PCA
-
         k = min(k, features.shape[1], len(features) - 1)
         pca = PCA(n_components=k, whiten=False, svd_solver="full", random_state=seed).fit(features.double().numpy())
         return cls(torch.from_numpy(pca.mean_).float(), torch.from_numpy(pca.components_).float())

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
 from torch import nn
 
 HEADS = ("temperature", "vector", "dirichlet")
@@ -158,8 +159,6 @@ class OutputHead(nn.Module):
 
 def nll_temperature(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> float:
     """The temperature minimising the (weighted) NLL of ``logits / T`` against ``labels`` (a bounded 1-D search)."""
-    from scipy.optimize import minimize_scalar
-
     logits = logits.double()
     weight = None if weight is None else weight.double()
 

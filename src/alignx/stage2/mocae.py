@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignx.config import FeatureConfig, Stage2Config
+from alignx.config import FeatureConfig, Stage2Config, from_dict
 from alignx.errors import AlignXError
 from alignx.run import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 from alignx.stage2.feature_space import FeatureSpace
@@ -211,8 +211,6 @@ class MoCaE(nn.Module):
 
     @classmethod
     def load(cls, directory: Path) -> "MoCaE":
-        from alignx.config import from_dict
-
         directory = Path(directory)
         meta = read_json(directory / "mocae.json")
         tensors, _ = load_safetensors(directory / "mocae.safetensors")

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
 from torch import nn
 
 
@@ -26,8 +27,6 @@ class NaturalCalibrator(nn.Module):
         Starting τ_n at the temperature that makes q^nat calibrated on its own (instead of an arbitrary
         constant) matters: the joint training is stopped early, often before τ_n would have moved far.
         """
-        from scipy.optimize import minimize_scalar
-
         centroids = torch.stack([h[labels == a].mean(0) for a in range(num_axes)])
         calibrator = cls(centroids, tau_init)
         with torch.no_grad():

@@ -24,12 +24,21 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import torch
 
 from alignx.axes import AXES
 from alignx.config import AlignXConfig, Stage2Config
+from alignx.data.formatting import ChatFormatter
+from alignx.data.splits import evaluation_prompts, training_examples
 from alignx.errors import AlignXError
-from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, file_sha256, load_safetensors
+from alignx.eval.metrics import reliability_bins, routing_metrics
+from alignx.models.loading import load_base_model
+from alignx.models.precision import autocast_dtype
+from alignx.run import RunDir, atomic_save_safetensors, atomic_write_json, file_sha256, load_safetensors, read_json
+from alignx.stage1.features import feature_settings, prompt_features
+from alignx.stage1.pipeline import bank_prompts
 from alignx.stage2.crossfit import bank_folds, nested_calibration_scores, out_of_fold_parts
 from alignx.stage2.mocae import MoCaE, RoutingData
 from alignx.stage2.train import BankRows, build_model, fit_head, train_mocae
@@ -78,9 +87,6 @@ class Banks:
 
 
 def load_banks(run: RunDir, config: AlignXConfig) -> Banks:
-    from alignx.data.splits import training_examples
-    from alignx.stage1.pipeline import bank_prompts
-
     rows, settings, fingerprint = {}, None, {}
     base_sha256 = run.read_manifest().get("base_model", {}).get("weights_sha256")
     for axis in AXES:
@@ -109,9 +115,6 @@ def load_banks(run: RunDir, config: AlignXConfig) -> Banks:
 def _bank_settings(meta: dict[str, str], config: AlignXConfig) -> dict[str, str]:
     """A bank's feature settings; banks written before they recorded truncation and precision were built
     with this run's ``features.max_length`` and precision, as Stage 1 wrote them."""
-    from alignx.models import autocast_dtype
-    from alignx.stage1.features import feature_settings
-
     layers = (int(meta["router_layer"]), int(meta["calibrator_layer"]))
     settings = feature_settings(meta.get("base_weights_sha256", ""), layers,
                                 int(meta.get("max_length", config.features.max_length)), autocast_dtype(config.model, "cpu"))
@@ -121,8 +124,6 @@ def _bank_settings(meta: dict[str, str], config: AlignXConfig) -> dict[str, str]
 def evaluation_prompts_of(config: AlignXConfig) -> tuple[list[str], list[int]]:
     """Every axis's distinct held-out evaluation prompts (AlpacaEval, BeaverTails eval half, TruthfulQA
     409–817) and their gold axes, in axis order."""
-    from alignx.data.splits import evaluation_prompts
-
     prompts, labels = [], []
     for a, axis in enumerate(AXES):
         split = evaluation_prompts(axis, config.data, limit=config.stage2.eval_prompts_per_axis)
@@ -147,10 +148,6 @@ def evaluation_features(run: RunDir, config: AlignXConfig, banks: Banks, prompts
 def prompt_set_features(config: AlignXConfig, banks: Banks, prompts: list[str], path: Path, progress: str, log=print):
     """Router and calibrator features of ``prompts``, computed exactly as the banks' (same base weights, layers,
     truncation and precision) by one partial prefill, and cached at ``path`` under those settings."""
-    from alignx.data.formatting import ChatFormatter
-    from alignx.models import load_base_model
-    from alignx.stage1.features import prompt_features
-
     key = {"prompts_sha256": prompts_sha256(prompts), **banks.settings}
     if path.is_file():
         tensors, meta = load_safetensors(path)
@@ -174,8 +171,6 @@ def prompt_set_features(config: AlignXConfig, banks: Banks, prompts: list[str], 
 def _already_done(out: Path, variants: list[Stage2Config], fitted_from: dict) -> bool:
     """True when report.json covers every variant and each was fitted with the same settings from the same
     banks and evaluated on the same prompts (``fitted_from``)."""
-    from alignx.run import read_json
-
     if not (out / "report.json").is_file():
         return False
     if any(v.name == "alignx" for v in variants) and not (out / "trinityx.json").is_file():
@@ -219,9 +214,6 @@ def run_stage2(config: AlignXConfig, *, force: bool = False, log=print) -> Path:
     A run whose report already covers the same routers, fitted with the same settings from the same bank
     files and evaluated on the same prompts, is left as it is unless ``force``.
     """
-    from alignx.eval.metrics import routing_metrics
-    from alignx.run import read_json
-
     run = RunDir(config.run_dir)
     variants = [config.stage2]
     if config.stage2.name != BASELINE:
@@ -308,8 +300,6 @@ def _write_trinityx(model: MoCaE, calibration: RoutingData, path: Path, log) -> 
 
 
 def _evaluate(model: MoCaE, router_features, calibrator_features, labels, routing_metrics) -> dict:
-    from alignx.eval.metrics import reliability_bins
-
     data = model.data_for(router_features, calibrator_features, labels)
     with torch.no_grad():
         raw = model(data, calibrated=False).exp()
@@ -336,10 +326,7 @@ def _summary_line(name: str, result: dict) -> str:
 
 def plot_reliability(panels: dict[str, tuple[list[dict], dict]], path: Path) -> None:
     """One reliability diagram per router: ``panels[name] = (reliability bins, metrics with accuracy and ece)``."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for ax, (name, (bins, metrics)) in zip(axes[0], panels.items()):

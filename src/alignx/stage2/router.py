@@ -19,6 +19,7 @@ What φ is depends on the feature size d against ``router_hidden``:
 from __future__ import annotations
 
 import torch
+from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 
@@ -41,8 +42,6 @@ class Router(nn.Module):
     def init_from_logistic_regression(self, h: torch.Tensor, labels: torch.Tensor, c: float, seed: int = 0) -> None:
         """Set φ (see the module docstring) and start (W_r, b) at the L2-regularised, class-balanced logistic
         regression on φ(h), so that the router's first output is exactly that regression's."""
-        from sklearn.linear_model import LogisticRegression
-
         isometry = self.phi.out_features >= self.phi.in_features
         if not isometry:  # the top principal directions of the training features (rows orthonormal)
             _, _, directions = torch.linalg.svd((h - h.mean(0)).double(), full_matrices=False)

@@ -9,7 +9,8 @@ from alignx.config import ModelConfig
 from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
 from alignx.eval.judges.encoder import TextEncoder
-from alignx.models import autocast_dtype, load_base_model
+from alignx.models.loading import load_base_model
+from alignx.models.precision import autocast_dtype
 from alignx.stage1.features import prompt_features
 
 TEXTS = ["Request: How do I bake bread?\n\nAnswer: Mix flour, water and yeast.", "Request: Hi\n\nAnswer: Hello!"]

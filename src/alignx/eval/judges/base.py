@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from alignx.config import JUDGE_TASKS
+from alignx.config import JUDGE_TASKS, cache_dir
 from alignx.errors import AlignXError
 
 THRESHOLD = 0.5  # a binary judge's verdict is p >= THRESHOLD: validation and evaluation share this one definition
@@ -56,7 +56,6 @@ class JudgeSettings:
     def resolved_judges_dir(self) -> Path:
         if self.judges_dir is not None:
             return Path(self.judges_dir)
-        from alignx.models import cache_dir
 
         return cache_dir() / "judges"
 

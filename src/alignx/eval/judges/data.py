@@ -39,7 +39,8 @@ import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
 from alignx.config import DataConfig
-from alignx.data.registry import XSTEST_COMPLETION_MODELS, load_source
+from alignx.data.loading import load_source
+from alignx.data.registry import XSTEST_COMPLETION_MODELS
 from alignx.data.splits import HONEST_TRAIN_QUESTIONS, beavertails_half, evaluation_keys, normalise_prompt
 from alignx.errors import AlignXError
 from alignx.eval.judges.base import JudgeItem, JudgeSettings

@@ -24,9 +24,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sklearn.feature_extraction.text import HashingVectorizer
+from tqdm.auto import tqdm
 
 from alignx.config import ModelConfig
+from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
+from alignx.models.loading import load_base_model
+from alignx.models.precision import autocast_dtype
+from alignx.run import atomic_save_safetensors, load_safetensors
+from alignx.stage1.features import prompt_features
 
 MINILM = "all-MiniLM-L6-v2"
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -83,16 +92,11 @@ class TextEncoder:
         if self.layer is not None:
             return self._embed_with_lm(texts, desc)
         if self.spec != MINILM:
-            from sklearn.feature_extraction.text import HashingVectorizer
-
             vectorizer = HashingVectorizer(n_features=self.dim, ngram_range=(1, 2), alternate_sign=True, norm="l2")
             return vectorizer.transform(texts).toarray().astype(np.float32)
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
-
             self._model = SentenceTransformer(minilm_location(), device="cpu")
             self._model.max_seq_length = MINILM_MAX_TOKENS
-        from tqdm.auto import tqdm
 
         order = np.argsort([len(text) for text in texts], kind="stable")  # similar lengths batch with little padding
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -104,9 +108,6 @@ class TextEncoder:
 
     def _embed_with_lm(self, texts: list[str], desc: str | None) -> np.ndarray:
         # imported here: torch and transformers load only for a language-model encoder
-        from alignx.data.formatting import ChatFormatter
-        from alignx.models import autocast_dtype, load_base_model
-        from alignx.stage1.features import prompt_features
 
         config = ModelConfig(name=self.model_name)
         if self._model is None:
@@ -126,8 +127,6 @@ class TextEncoder:
         if self._cache is None:
             self._cache = {}
             if self.cache_path is not None and self.cache_path.is_file():
-                from alignx.run import load_safetensors
-
                 tensors, _ = load_safetensors(self.cache_path)
                 embeddings = tensors["embeddings"].numpy()
                 if self.dim is None:  # a language model's width is the cache's
@@ -139,9 +138,7 @@ class TextEncoder:
     def _save_cache(self) -> None:
         if self.cache_path is None:
             return
-        import torch
 
-        from alignx.run import atomic_save_safetensors
 
         digests = np.frombuffer(b"".join(self._cache), dtype=np.uint8).reshape(-1, 32)
         embeddings = np.stack(list(self._cache.values()))

@@ -23,13 +23,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignx.errors import AlignXError
 from alignx.eval.judges.base import POSITIVE, Judge, JudgeItem, JudgeSettings, check_task
 from alignx.eval.judges.openai_judge import ACCURACY_NOTE
 from alignx.eval.judges.prompts import PROMPTS, JudgeQuery, reference_of, score_items
-from alignx.models import hub_offline, autocast, resolve_model_source, resolve_precision
+from alignx.models.precision import autocast, resolve_precision
+from alignx.models.source import hub_offline, resolve_model_source
 
 PKU_CONVERSATION = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT: {response}"
 # Classifier label names that mean the task's positive class (compared lower-cased).
@@ -225,9 +228,6 @@ class HFJudge(Judge):
 
 def _load(spec: str, path_or_id: str, trust_remote_code: bool) -> tuple[str, Any, Any]:
     """(kind, tokenizer, fp32 model) of a judge, with the user-fixable failures as one-line AlignXErrors."""
-    from huggingface_hub.errors import HfHubHTTPError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     source = resolve_model_source(path_or_id)
     if source.kind not in ("directory", "hub"):
         raise AlignXError(f"judge {spec}: a judge is a Hugging Face model directory or hub id, not a GGUF file")

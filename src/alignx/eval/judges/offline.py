@@ -18,21 +18,36 @@ printed next to a metric is always the accuracy of the data the judge was built 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import skops.io
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
 from alignx.errors import AlignXError
 from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task, verdicts
-from alignx.eval.judges.data import HELPFULNESS_GENERATORS, JudgeData, complete_item, data_dir, judge_data, prompt_fold, word_count
+from alignx.eval.judges.data import (
+    HELPFULNESS_GENERATORS,
+    JudgeData,
+    complete_item,
+    data_dir,
+    judge_data,
+    prompt_fold,
+    word_count,
+)
 from alignx.eval.judges.encoder import LM_PREFIX, MINILM, TextEncoder
 from alignx.eval.judges.features import pair_difference, reference_similarity, request_answer_states, response_features
 from alignx.eval.statistics import corrected_cells, length_controlled_win_rate, rate, rates_of, win_outcomes
 from alignx.run import atomic_write_bytes, atomic_write_json, file_sha256, read_json
-
 
 # Estimators fit and predict on one thread: on two cores shared with other work, OpenMP's second thread
 # spin-waits and made gradient boosting 18x slower (14 s vs 247 s for the truth judge).
@@ -55,13 +70,6 @@ class Recipe:
         return build(items, encoder)
 
     def fit(self, features: np.ndarray, labels: np.ndarray):
-        from sklearn.calibration import CalibratedClassifierCV
-        from sklearn.ensemble import HistGradientBoostingClassifier
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        from sklearn.svm import SVC
-
         if self.estimator == "boosting":
             model = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, random_state=0)
         elif self.estimator == "kernel":  # an RBF SVM on standardised features; Platt scaling on 3 folds turns its margin into a probability
@@ -297,9 +305,6 @@ def recipe_spec(task: str, encoder_spec: str | None = None) -> dict:
 
 def save_judge(task: str, settings: JudgeSettings, estimators: list, data: JudgeData, validation: Validation, encoder_spec: str) -> dict:
     """Write ``<task>.skops`` then ``<task>.json`` atomically; the JSON (written last) marks the judge done."""
-    import importlib.metadata
-
-    import skops.io
 
     model_path, meta_path = artifact_paths(task, settings)
     atomic_write_bytes(model_path, skops.io.dumps(estimators))
@@ -331,8 +336,6 @@ def save_judge(task: str, settings: JudgeSettings, estimators: list, data: Judge
 
 def load_estimators(path: Path) -> list:
     """The skops list of estimators at ``path``; a pickle file, a damaged file or an unexpected type is refused."""
-    import skops.io
-
     if not path.is_file():
         raise AlignXError(f"file not found: {path}")
     head = path.read_bytes()[:2]
