@@ -108,9 +108,11 @@ def prompt_inputs(tokenizer, formatter, prompts: Sequence[str], device: str | to
     return {key: value.to(device) for key, value in inputs.items()}
 
 
-def generate_exactly(model, inputs: dict, tokens: int, pad_token_id: int) -> None:
-    """Greedy decoding of exactly ``tokens`` new tokens: no early stop at EOS, so every method decodes as many."""
-    model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_token_id)
+def generate_exactly(model, inputs: dict, tokens: int, pad_token_id: int, **extra) -> None:
+    """Greedy decoding of exactly ``tokens`` new tokens: no early stop at EOS, so every method decodes as many.
+    ``extra`` goes to ``generate`` too (PEFT's ``adapter_names``)."""
+    model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_token_id,
+                   **extra)
 
 
 def timed(fn, repeats: int) -> float:

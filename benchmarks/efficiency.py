@@ -8,7 +8,12 @@ Methods, on the same prompts, batch sizes 1 and 8, and dtype (bf16 where the dev
   shares one weight vector, so it is merged into the base weights once and decodes at base speed; a batch
   of 8 prompts with different weights runs the unmerged low-rank path;
 * ``merge-linear``: the three task vectors averaged and merged (one vector for every prompt);
-* ``moe-dense``: every decoder MLP replaced by three dense expert FFNs with a top-2 token router.
+* ``moe-dense``: every decoder MLP replaced by three dense expert FFNs with a top-2 token router;
+* ``peft-top1``: the peer a PEFT user would run instead, the same three experts loaded as PEFT adapters of one
+  ``PeftModel``, each prompt sent to its top-1 expert in one mixed batch through ``generate(adapter_names=...)``
+  (PEFT's mixed-adapter batch inference), against ``alignx-top1`` on the same prompts and weights;
+* ``peft-arrow``: PEFT's Arrow router over the same experts (per-token soft mixing, fp32: see
+  :mod:`alignx.baselines.arrow`), against ``alignx-soft``; reported, no target, and left out of ``--quick``.
 
 Per method and batch: prefill latency (a one-token generation), decode time per token (greedy, a fixed
 number of new tokens with EOS disabled, excluding the prefill), peak memory, and the one-off costs per
@@ -32,8 +37,9 @@ How it measures
   machine only ever adds time).
 
 Last line (the batch-8 figures, where the prompts' weights differ): ``latency_vs_dense=<alignx/moe-dense
-decode time> memory_vs_dense=<alignx/moe-dense peak memory> latency_vs_base=<alignx/base decode time>``.
-JSON and PNG go to ``--out``.
+decode time> memory_vs_dense=<alignx/moe-dense peak memory> latency_vs_base=<alignx/base decode time>
+latency_vs_peft=<alignx-top1/peft-top1 decode time> memory_b1_vs_base=<alignx/base peak memory at batch 1,
+one merged request>``. JSON and PNG go to ``--out``; every figure names the CPU capability it ran on.
 
     python benchmarks/efficiency.py --quick                                  # SmolLM2-135M on CPU
     python benchmarks/efficiency.py --shape llama2-7b --random-weights       # LLaMA-2-7B shape, on a GPU
@@ -43,7 +49,9 @@ JSON and PNG go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -60,7 +68,7 @@ import torch
 from common import (PROMPTS, distinct_weight_rows, fastest_per_token, generate_exactly, prompt_inputs, random_experts,
                     synthetic_router, timed)
 
-METHODS = ("base", "alignx-soft", "alignx-top1", "merge-linear", "moe-dense")
+METHODS = ("base", "alignx-soft", "alignx-top1", "merge-linear", "moe-dense", "peft-top1", "peft-arrow")
 BATCHES = (1, 8)
 HEADLINE_BATCH = 8
 WORKERS = {  # worker -> its (method, batch) runs: those that hold the same weights while decoding
@@ -68,6 +76,8 @@ WORKERS = {  # worker -> its (method, batch) runs: those that hold the same weig
     "merged": (("alignx-soft", 1), ("alignx-top1", 1), ("merge-linear", 1), ("merge-linear", 8)),
     "per-example": (("alignx-soft", 8), ("alignx-top1", 8)),
     "moe-dense": (("moe-dense", 1), ("moe-dense", 8)),
+    "peft": (("peft-top1", 1), ("peft-top1", 8)),
+    "peft-arrow": (("peft-arrow", 1), ("peft-arrow", 8)),
 }
 SHAPES = {  # LlamaConfig fields of the --shape models (built with random weights)
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -115,11 +125,15 @@ def word_tokenizer(vocab_size: int):
 def build(kind: str, args: argparse.Namespace):
     """This worker's model as ``alignx generate`` holds it (an :class:`AlignX`): the run's trained parts, or the
     random ones of the same shapes that the parent saved in ``--parts`` (see :func:`write_random_parts`)."""
+    from peft import PeftModel
+
     from alignx.axes import AXES
+    from alignx.baselines.arrow import load_arrow
     from alignx.baselines.moe_dense import DenseMoE, build_dense_moe, is_trained, load_dense_moe
     from alignx.config import ModelConfig
     from alignx.generate import AlignX
     from alignx.mixing import MixtureOfExperts
+    from alignx.models.checkpoint import CheckpointWeights
     from alignx.models.loading import load_base_model
     from alignx.models.precision import autocast_dtype, store_frozen_linears_in
     from alignx.run import RunDir
@@ -135,12 +149,22 @@ def build(kind: str, args: argparse.Namespace):
             dense = DenseMoE.build(loaded.model, {axis: args.parts / "mlp-experts" / axis for axis in AXES})
         else:
             dense = load_dense_moe(run, loaded.model) if is_trained(run) else build_dense_moe(run, loaded.model)
+    if kind == "peft-arrow":  # PEFT's Arrow layer fails under bf16 autocast on CPU (see alignx.baselines.arrow)
+        config = dataclasses.replace(config, precision="fp32")
     dtype = autocast_dtype(config, args.device)
     if dtype is not None:
         store_frozen_linears_in(loaded.model, dtype, output_projection=True)
+    experts = {axis: run.adapter_dir(axis) if run else args.parts / "experts" / axis for axis in AXES}
     if kind in ("merged", "per-example"):
-        experts = {axis: run.adapter_dir(axis) if run else args.parts / "experts" / axis for axis in AXES}
-        mixture = MixtureOfExperts.attach(loaded.model, experts, AXES)
+        mixture = MixtureOfExperts.attach(loaded.model, experts, AXES,
+                                          originals=None if args.shape else CheckpointWeights.of(config))
+    elif kind == "peft":  # one PeftModel holding the three experts as named adapters
+        peft_model = PeftModel.from_pretrained(loaded.model, experts[AXES[0]], adapter_name=AXES[0])
+        for axis in AXES[1:]:
+            peft_model.load_adapter(experts[axis], adapter_name=axis)
+        loaded.model = peft_model.eval()
+    elif kind == "peft-arrow":
+        loaded.model = load_arrow([experts[axis] for axis in AXES], loaded.model)
     loaded.model.to(args.device)
     if kind == "per-example":
         router = MoCaE.load(stage2_dir(run) / "alignx" if run else args.parts / "router")
@@ -254,16 +278,21 @@ def serve(kind: str, args: argparse.Namespace) -> None:
         if memory.on_gpu:
             torch.cuda.synchronize(memory.device)
 
+    top1 = [AXES[i] for i in weights["alignx-top1"].argmax(dim=1).tolist()]  # PEFT's adapter per prompt
+
     def experts(method: str, batch: int):
-        rows = weights[method]
+        rows = weights.get(method)
+        if method.startswith("peft"):  # PEFT mixes inside the model
+            return contextlib.nullcontext()
         return aligner.experts(None if rows is None else rows[:batch])
 
     def generate(method: str, batch: int, tokens: int) -> float:
+        extra = {"adapter_names": top1[:batch]} if method == "peft-top1" else {}
         memory.reset()
         with torch.inference_mode(), autocast(aligner.precision, args.device), experts(method, batch):
             synchronize()
             began = time.perf_counter()
-            generate_exactly(model, inputs[batch], tokens, tokenizer.pad_token_id)
+            generate_exactly(model, inputs[batch], tokens, tokenizer.pad_token_id, **extra)
             synchronize()
             elapsed = time.perf_counter() - began
         cell = f"{method}@{batch}"
@@ -282,6 +311,7 @@ def serve(kind: str, args: argparse.Namespace) -> None:
 
     send({"ready": kind, "model": aligner.loaded.source_id, "device": args.device, "threads": torch.get_num_threads(),
           "dtype": str(autocast_dtype(aligner.precision, args.device) or torch.float32),
+          "cpu_capability": torch.backends.cpu.get_cpu_capability(),
           "parameters": sum(p.numel() for p in model.parameters())})
     for line in sys.stdin:
         request = json.loads(line)
@@ -331,7 +361,7 @@ class Worker:
 
 def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict]]:
     """Start the workers, time every (method, batch) interleaved, then collect their memory and one-off costs."""
-    workers = {kind: Worker(kind, argv) for kind in WORKERS}
+    workers = {kind: Worker(kind, argv) for kind in WORKERS if WORKERS[kind][0][0] in args.methods}
     try:
         info = {kind: worker.receive() for kind, worker in workers.items()}
         runs = {f"{m}@{b}": (worker.generation(m, b, args.tokens), worker.generation(m, b, 1))
@@ -347,7 +377,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict]
         for cell, costs in report["one_off"].items():
             one_off.setdefault(cell, {}).update(costs)
     rows = []
-    for method in METHODS:
+    for method in args.methods:
         for batch in BATCHES:
             cell = f"{method}@{batch}"
             decode, prefill = fastest[cell]
@@ -360,17 +390,28 @@ def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict]
 
 
 def ratios(rows: list[dict], batch: int) -> dict[str, float]:
+    """alignx against its peers at ``batch``: the dense MoE and base (soft weights), PEFT (top-1 routing)."""
     cell = {(r["method"], r["batch"]): r for r in rows}
     alignx, dense, base = cell["alignx-soft", batch], cell["moe-dense", batch], cell["base", batch]
     return {
         "latency_vs_dense": alignx["decode_ms_per_token"] / dense["decode_ms_per_token"],
         "memory_vs_dense": alignx["peak_mib"] / dense["peak_mib"],
         "latency_vs_base": alignx["decode_ms_per_token"] / base["decode_ms_per_token"],
+        "latency_vs_peft": cell["alignx-top1", batch]["decode_ms_per_token"] / cell["peft-top1", batch]["decode_ms_per_token"],
+        "memory_vs_base": alignx["peak_mib"] / base["peak_mib"],
     }
+
+
+def headline(by_batch: dict[int, dict[str, float]]) -> dict[str, float]:
+    """The last line: batch 8's ratios (per-example weights) and batch 1's memory against base (one merged request)."""
+    wide = by_batch[HEADLINE_BATCH]
+    return {**{k: wide[k] for k in ("latency_vs_dense", "memory_vs_dense", "latency_vs_base", "latency_vs_peft")},
+            "memory_b1_vs_base": by_batch[1]["memory_vs_base"]}
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
     """Bars of decode time per token and peak memory per method, batch 1 beside batch 8."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -381,10 +422,10 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     for axis, key, label in ((axes[0], "decode_ms_per_token", "decode time per token (ms)"),
                              (axes[1], "peak_mib", "peak memory (MiB)")):
         for i, batch in enumerate(BATCHES):
-            values = [next(r[key] for r in rows if r["method"] == m and r["batch"] == batch) for m in METHODS]
-            positions = [j + (i - (len(BATCHES) - 1) / 2) * width for j in range(len(METHODS))]
+            values = [next(r[key] for r in rows if r["method"] == m and r["batch"] == batch) for m in methods]
+            positions = [j + (i - (len(BATCHES) - 1) / 2) * width for j in range(len(methods))]
             axis.bar(positions, values, width, label=f"batch {batch}")
-        axis.set_xticks(range(len(METHODS)), METHODS, rotation=20)
+        axis.set_xticks(range(len(methods)), methods, rotation=20)
         axis.set_ylabel(label)
         axis.legend()
     figure.suptitle(title, fontsize=9)
@@ -423,6 +464,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.tokens = args.tokens or (24 if args.quick else 64)
     args.repeats = args.repeats or (5 if args.quick else 7)
+    args.methods = tuple(m for m in METHODS if not (args.quick and m == "peft-arrow"))  # quick: the targets' peers
     if not args.run:
         from alignx.config import Stage2Config
 
@@ -449,7 +491,7 @@ def main() -> None:
     load_after = os.getloadavg()
     memory_measure = "max_memory_allocated" if info["device"].startswith("cuda") else "peak RSS above the libraries"
     print(f"model={info['model']} ({info['parameters'] / 1e6:.1f}M parameters) device={info['device']} "
-          f"dtype={info['dtype']} threads={info['threads']} tokens={args.tokens} repeats={args.repeats} "
+          f"dtype={info['dtype']} cpu={info['cpu_capability']} threads={info['threads']} tokens={args.tokens} repeats={args.repeats} "
           f"load={load_before[0]:.2f}->{load_after[0]:.2f}"
           + ("" if args.run else f" random banks={args.bank_size}/axis in {args.bank_dtype}"))
     print(f"{'method':<13} {'batch':>5} {'prefill ms':>10} {'decode ms/tok':>13} {'tok/s':>8} {'peak MiB':>9} "
@@ -466,14 +508,16 @@ def main() -> None:
         "threads": info["threads"], "tokens": args.tokens, "repeats": args.repeats, "memory": memory_measure,
         "bank_size": None if args.run else args.bank_size, "bank_dtype": args.bank_dtype,
         "load_average": [load_before[0], load_after[0]], "seconds": time.perf_counter() - began,
-        "results": rows, "ratios": by_batch, "headline_batch": HEADLINE_BATCH,
+        "cpu_capability": info["cpu_capability"], "results": rows, "ratios": by_batch, "headline": headline(by_batch),
+        "headline_batch": HEADLINE_BATCH,
     }
     (args.out / "efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(rows, f"{info['model']} on {info['device']} ({info['dtype']})\n{command}", args.out / "efficiency.png")
+    plot(rows, f"{info['model']} on {info['device']} ({info['dtype']}, CPU {info['cpu_capability']})\n{command}", args.out / "efficiency.png")
     print(f"wrote {args.out / 'efficiency.json'} and {args.out / 'efficiency.png'}")
     batch_1 = " ".join(f"{k}={v:.3f}" for k, v in by_batch[1].items())
-    print(f"batch 1 (one merged request): {batch_1}; the last line is batch {HEADLINE_BATCH} (per-example weights)")
-    print(" ".join(f"{k}={v:.3f}" for k, v in by_batch[HEADLINE_BATCH].items()))
+    print(f"batch 1 (one merged request): {batch_1}; the last line is batch {HEADLINE_BATCH} (per-example weights) "
+          "and batch 1's memory")
+    print(" ".join(f"{k}={v:.3f}" for k, v in headline(by_batch).items()))
 
 
 if __name__ == "__main__":

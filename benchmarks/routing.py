@@ -42,6 +42,7 @@ def main() -> None:
     from alignx.config import ModelConfig
     from alignx.data.formatting import ChatFormatter
     from alignx.mixing import MixtureOfExperts
+    from alignx.models.checkpoint import CheckpointWeights
     from alignx.models.loading import load_base_model
     from alignx.models.precision import autocast, autocast_dtype, store_frozen_linears_in
     from alignx.stage1.features import prompt_features
@@ -51,7 +52,8 @@ def main() -> None:
     dtype = autocast_dtype(config, "cpu")
     formatter = ChatFormatter(loaded.tokenizer)
     dim = loaded.model.config.hidden_size
-    print(f"model=smollm2-135m dtype={dtype or torch.float32} threads={torch.get_num_threads()} bank={args.bank_size}/axis")
+    print(f"model=smollm2-135m dtype={dtype or torch.float32} cpu={torch.backends.cpu.get_cpu_capability()} "
+          f"threads={torch.get_num_threads()} bank={args.bank_size}/axis")
 
     router = synthetic_router(dim, args.bank_size, bank_dtype=args.bank_dtype)
     features = {15: torch.randn(1, dim), 20: torch.randn(1, dim)}
@@ -60,6 +62,9 @@ def main() -> None:
     plain = synthetic_router(dim, args.bank_size, bank_dtype=args.bank_dtype, dimension_weight=0.0)
     plain_ms = timed(lambda: plain.route(features[15], features[20]), repeats * 5) * 1000
     print(f"the same without the local-dimension term: {plain_ms:.2f} ms")
+    batch = {layer: torch.randn(len(PROMPTS), dim) for layer in (15, 20)}
+    batch_ms = timed(lambda: router.route(batch[15], batch[20]), repeats * 5) * 1000 / len(PROMPTS)
+    print(f"router+calibrators per prompt in a batch of {len(PROMPTS)}: {batch_ms:.2f} ms")
 
     prefill = timed(lambda: prompt_features(loaded.model, formatter, PROMPTS, router.layers, max_length=router.max_length,
                                                      autocast_dtype=dtype), repeats)
@@ -68,7 +73,8 @@ def main() -> None:
     if dtype is not None:  # as `alignx generate` does: frozen projections and the LM head in bf16
         store_frozen_linears_in(loaded.model, dtype, output_projection=True)
     with tempfile.TemporaryDirectory() as tmp:
-        mixture = MixtureOfExperts.attach(loaded.model, random_experts(loaded.model, Path(tmp)), ["helpful", "harmless", "honest"])
+        mixture = MixtureOfExperts.attach(loaded.model, random_experts(loaded.model, Path(tmp)), ["helpful", "harmless", "honest"],
+                                          originals=CheckpointWeights.of(config))  # a request merges in place
     soft = distinct_weight_rows()
 
     def request(batch: int, weights, tokens: int):

@@ -229,7 +229,7 @@ def arrow_shares(run: RunDir, prompt_sets: dict[str, list[str]], directory: Path
             continue
         if model is None:  # in fp32: PEFT's Arrow layer fails under bf16 autocast (alignx.baselines.arrow)
             loaded = load_base_model(config.model)
-            model, tokenizer = load_arrow(run, loaded.model), loaded.tokenizer
+            model, tokenizer = load_arrow([run.adapter_dir(axis) for axis in AXES], loaded.model), loaded.tokenizer
             formatter = ChatFormatter(tokenizer)
         texts = [formatter.prompt_text(p) for p in prompts]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding

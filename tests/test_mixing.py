@@ -12,7 +12,9 @@ from torch import nn
 from alignx.config import ModelConfig
 from alignx.errors import AlignXError
 from alignx.mixing import ExpertWeights, MixedLoRALinear, MixtureOfExperts, apply_mode
+from alignx.models.checkpoint import CheckpointWeights
 from alignx.models.loading import load_base_model
+from alignx.models.precision import store_frozen_linears_in
 from alignx.stage1.task_vector import LoraFactors, task_vector
 
 EXPERTS = ["helpful", "harmless", "honest"]
@@ -78,6 +80,13 @@ def mixture(tiny_model_dir, adapters) -> MixtureOfExperts:
     return MixtureOfExperts.attach(_base(tiny_model_dir), {a: adapters[a] for a in EXPERTS}, EXPERTS)
 
 
+@pytest.fixture(scope="module")
+def in_place_mixture(tiny_model_dir, adapters) -> MixtureOfExperts:
+    """The same experts, with the base model's weights file to restore merged weights from."""
+    return MixtureOfExperts.attach(_base(tiny_model_dir), {a: adapters[a] for a in EXPERTS}, EXPERTS,
+                                   originals=CheckpointWeights(tiny_model_dir))
+
+
 def _task_vector_model(model_dir, adapters, weights: dict[str, float]) -> nn.Module:
     """A fresh base with Σ w_a·τ_a added to its weights: task arithmetic, independent of the mixed layer."""
     model = _base(model_dir)
@@ -141,7 +150,10 @@ def test_experts_of_different_ranks(tiny_model_dir, adapters, peft_logits, batch
     assert_close_at_scale(mixed, merged)
 
 
-def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(mixture, batch):
+@pytest.mark.parametrize("which", ["mixture", "in_place_mixture"])
+def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(which, request, batch):
+    mixture = request.getfixturevalue(which)
+    assert all(layer.merges_in_place == (which == "in_place_mixture") for layer in mixture.layers.values())
     weights = torch.tensor([0.2, 0.5, 0.3])
     originals = {name: layer.base.weight.detach().clone() for name, layer in mixture.layers.items()}
     with mixture.using(weights):
@@ -160,6 +172,31 @@ def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(mixture, batch):
     with mixture.merged(weights):  # merging again with other weights and the context manager
         pass
     assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
+
+
+def test_an_in_place_merge_holds_no_second_copy_of_the_weights(in_place_mixture, mixture):
+    for which in (in_place_mixture, mixture):
+        storage = {name: layer.base.weight.data_ptr() for name, layer in which.layers.items()}
+        with which.merged([0.2, 0.5, 0.3]):
+            same = [layer.base.weight.data_ptr() == storage[name] for name, layer in which.layers.items()]
+            kept = [layer._original_weight is not None for layer in which.layers.values()]
+        assert all(same) and not any(kept) if which is in_place_mixture else not any(same) and all(kept)
+
+
+def test_a_weight_that_differs_from_its_file_merges_by_copy(tiny_model_dir, adapters, batch):
+    model = _base(tiny_model_dir)
+    changed = next(m for name, m in model.named_modules() if name.endswith("q_proj"))
+    with torch.no_grad():
+        changed.weight.add_(1e-3)  # no longer the file's tensor: reading it back would not restore it
+    before = changed.weight.detach().clone()
+    mixture = MixtureOfExperts.attach(model, {a: adapters[a] for a in EXPERTS}, EXPERTS,
+                                      originals=CheckpointWeights(tiny_model_dir))
+    in_place = {name: layer.merges_in_place for name, layer in mixture.layers.items()}
+    assert not in_place[next(n for n, layer in mixture.layers.items() if layer.base is changed)]
+    assert sum(in_place.values()) == len(in_place) - 1
+    with mixture.merged([0.0, 1.0, 0.0]):
+        pass
+    assert torch.equal(changed.weight, before)
 
 
 def test_no_weights_is_exactly_the_base_model(mixture, tiny_model_dir, batch):
@@ -201,13 +238,14 @@ def test_greedy_generate_with_per_example_weights_equals_each_alone(mixture, tin
 # autocast wherever `precision: auto` finds native bf16 (on AVX2-only CPUs torch still runs it, emulated).
 
 
-@pytest.fixture(scope="module")
-def bf16_mixture(tiny_model_dir, adapters) -> MixtureOfExperts:
-    from alignx.models.precision import store_frozen_linears_in
-
+@pytest.fixture(scope="module", params=["by-copy", "in-place"])
+def bf16_mixture(request, tiny_model_dir, adapters) -> MixtureOfExperts:
     model = _base(tiny_model_dir)
     store_frozen_linears_in(model, torch.bfloat16, output_projection=True)  # as AlignX.from_run does
-    return MixtureOfExperts.attach(model, {a: adapters[a] for a in EXPERTS}, EXPERTS)
+    originals = CheckpointWeights(tiny_model_dir) if request.param == "in-place" else None
+    mixture = MixtureOfExperts.attach(model, {a: adapters[a] for a in EXPERTS}, EXPERTS, originals=originals)
+    assert all(layer.merges_in_place == (originals is not None) for layer in mixture.layers.values())
+    return mixture
 
 
 def _bf16_logits(model, batch) -> torch.Tensor:

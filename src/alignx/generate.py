@@ -41,6 +41,7 @@ from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
 from alignx.export import resolve_pretrained
 from alignx.mixing import MODES, MixtureOfExperts, apply_mode
+from alignx.models.checkpoint import CheckpointWeights
 from alignx.models.loading import load_base_model
 from alignx.models.precision import autocast, autocast_dtype, store_frozen_linears_in
 from alignx.run import RunDir, read_json
@@ -104,10 +105,11 @@ class AlignX:
             store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         mixture = None
         if method == ARROW:  # PEFT mixes inside the model, per token; there is no per-prompt weight vector
-            loaded.model = load_arrow(run, loaded.model)
+            loaded.model = load_arrow([run.adapter_dir(axis) for axis in AXES], loaded.model)
         elif dense is None:
             experts = list(method_adapters(method)) if method in singles else list(AXES)
-            mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts)
+            mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts,
+                                              originals=CheckpointWeights.of(config.model))  # merges in place
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
         return cls(run, loaded, mixture, method, precision, router, mode, floor, fixed, dense)
 

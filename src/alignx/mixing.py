@@ -29,10 +29,17 @@ Merged deltas are computed in fp32 and cast once to the weight's dtype.
 
 Merging. When a whole batch shares one weight vector (a single request), :meth:`MixtureOfExperts.merge`
 folds Σ_a w_a·scale_a·B_a·A_a into the base weights once (computed in fp32) and switches the low-rank path
-off, so decoding runs at base speed. The merged weight is a *new* tensor; the original weight Parameter is
-kept aside and put back by :meth:`MixtureOfExperts.unmerge`, so unmerging is exact bit for bit (subtracting
-the delta again would not be, in floating point) and a weight tied to another module is never modified in
-place. The price is one extra copy of the target weights while merged.
+off, so decoding runs at base speed. Unmerging is exact bit for bit (subtracting the delta again would not
+be, in floating point), in one of two ways:
+
+* *in place*, when the model's weights files are given (``attach(..., originals=CheckpointWeights)``): the
+  merged values overwrite the base weight, and :meth:`MixtureOfExperts.unmerge` reads each original back from
+  the file and casts it to the stored dtype, which is how the model got it (``attach`` checks that, bit for
+  bit, for every projection). A merged request then holds no more than the base model: the original costs a
+  read from disk (the page cache, usually) instead of a second copy in memory;
+* *by copy* otherwise (a model built in memory, a weight that differs from its file): the merged weight is a
+  new tensor and the original Parameter is kept aside, which costs one extra copy of the target weights while
+  merged.
 
 The LoRA arithmetic itself (factor names, scales) comes from :mod:`alignx.stage1.task_vector`.
 """
@@ -40,7 +47,7 @@ The LoRA arithmetic itself (factor names, scales) comes from :mod:`alignx.stage1
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -49,6 +56,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from alignx.errors import AlignXError
+from alignx.models.checkpoint import CheckpointWeights
 from alignx.stage1.task_vector import LoraFactors, adapter_config, lora_factors
 
 MODES: tuple[str, ...] = ("soft", "top1", "threshold")
@@ -150,10 +158,12 @@ def _features(module: nn.Module) -> tuple[int, int, bool]:
 class MixedLoRALinear(nn.Module):
     """A frozen base linear layer plus E stacked LoRA experts, mixed per example by a shared holder.
 
-    ``factors`` are the experts' factors of this layer, in expert order, with ranks ``holder.ranks``.
+    ``factors`` are the experts' factors of this layer, in expert order, with ranks ``holder.ranks``;
+    ``original`` reads the base weight back from its checkpoint (merges are then in place), or is None.
     """
 
-    def __init__(self, base: nn.Module, factors: Sequence[LoraFactors], holder: ExpertWeights):
+    def __init__(self, base: nn.Module, factors: Sequence[LoraFactors], holder: ExpertWeights,
+                 original: Callable[[], torch.Tensor] | None = None):
         super().__init__()
         in_features, out_features, self._transposed = _features(base)
         ranks = tuple(f.A.shape[0] for f in factors)
@@ -171,15 +181,21 @@ class MixedLoRALinear(nn.Module):
         B_t = torch.cat([f.scale * f.B.float() for f in factors], dim=1).T.contiguous()
         self.register_buffer("A_t", A_t.to(device=weight.device), persistent=False)  # fp32: see forward
         self.register_buffer("B_t", B_t.to(device=weight.device), persistent=False)
-        self._original_weight: nn.Parameter | None = None  # set while merged
+        self._original = original
+        self._original_weight: nn.Parameter | None = None  # set while merged by copy
+        self._merged_in_place = False
 
     @property
     def merged(self) -> bool:
-        return self._original_weight is not None
+        return self._merged_in_place or self._original_weight is not None
+
+    @property
+    def merges_in_place(self) -> bool:
+        return self._original is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if self._original_weight is not None or self.holder.weights is None:
+        if self.merged or self.holder.weights is None:
             return out
         batch = x.shape[0] if x.dim() > 1 else 1
         cols = self.holder.columns(batch, x.device, torch.float32)  # [B or 1, R]
@@ -206,22 +222,40 @@ class MixedLoRALinear(nn.Module):
         return delta if self._transposed else delta.T
 
     def merge(self, column_weights: torch.Tensor) -> None:
-        """Replace the base weight by W0 + delta (a new tensor); the original Parameter is kept aside."""
-        if self._original_weight is not None:
+        """Make the base weight W0 + delta: in place where the original can be read back, else as a new
+        tensor with the original Parameter kept aside."""
+        if self.merged:
             self.unmerge()
         original = self.base.weight
+        if self._original is not None and original.dtype == torch.float32:  # W += delta with no [out, in] temporary
+            scaled = self.A_t * column_weights.to(self.A_t.device, torch.float32)  # [in, R]
+            if self._transposed:
+                original.data.addmm_(scaled, self.B_t)
+            else:
+                original.data.addmm_(self.B_t.T, scaled.T)
+            self._merged_in_place = True
+            return
         merged = (original.detach().float() + self.delta(column_weights)).to(original.dtype)
+        if self._original is not None:
+            original.data.copy_(merged)
+            self._merged_in_place = True
+            return
         self._original_weight = original
         self.base.weight = nn.Parameter(merged, requires_grad=False)
 
     def unmerge(self) -> None:
-        """Put the original weight Parameter back: bit-for-bit the weight before :meth:`merge`."""
-        if self._original_weight is not None:
+        """Restore the original weight, bit for bit the weight before :meth:`merge`."""
+        if self._merged_in_place:
+            weight = self.base.weight
+            weight.data.copy_(self._original().to(device=weight.device, dtype=weight.dtype))
+            self._merged_in_place = False
+        elif self._original_weight is not None:
             self.base.weight = self._original_weight
             self._original_weight = None
 
     def extra_repr(self) -> str:
-        return f"experts={self.holder.num_experts}, ranks={self.holder.ranks}, merged={self.merged}"
+        return (f"experts={self.holder.num_experts}, ranks={self.holder.ranks}, merged={self.merged}, "
+                f"in_place={self.merges_in_place}")
 
 
 # --------------------------------------------------------------------------------------- the mixture
@@ -250,9 +284,13 @@ class MixtureOfExperts:
         return self.merged_weights is not None
 
     @classmethod
-    def attach(cls, model: nn.Module, adapter_dirs: Mapping[str, Path | str],
-               axes_order: Sequence[str]) -> MixtureOfExperts:
-        """Wrap every module the adapters target in a :class:`MixedLoRALinear`; experts in ``axes_order``."""
+    def attach(cls, model: nn.Module, adapter_dirs: Mapping[str, Path | str], axes_order: Sequence[str],
+               originals: CheckpointWeights | None = None) -> MixtureOfExperts:
+        """Wrap every module the adapters target in a :class:`MixedLoRALinear`; experts in ``axes_order``.
+
+        With ``originals`` (the files ``model`` was loaded from), a projection whose weight is its file's tensor
+        cast to the weight's dtype, bit for bit, merges in place (see the module docstring); others by copy.
+        """
         experts = tuple(axes_order)
         missing = [a for a in experts if a not in adapter_dirs]
         extra = sorted(set(adapter_dirs) - set(experts))
@@ -306,7 +344,8 @@ class MixtureOfExperts:
         holder = ExpertWeights([next(iter(factors[a].values())).A.shape[0] for a in experts])
         layers: dict[str, MixedLoRALinear] = {}
         for m in modules:
-            layer = MixedLoRALinear(submodules[m], [factors[a][m] for a in experts], holder)
+            original = _checkpoint_reader(originals, f"{m}.weight", submodules[m].weight)
+            layer = MixedLoRALinear(submodules[m], [factors[a][m] for a in experts], holder, original)
             _replace(model, m, layer)
             layers[m] = layer
         return cls(model, experts, layers, holder)
@@ -394,6 +433,18 @@ def _expert_factors(expert: str, adapter_dir: Path) -> dict[str, LoraFactors]:
                f"its modules have different ranks {sorted(ranks)}; one rank per expert is supported")
         )
     return factors
+
+
+def _checkpoint_reader(originals: CheckpointWeights | None, key: str,
+                       weight: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """A function that reads ``weight`` back from ``originals``, if the file's ``key`` cast to the weight's dtype
+    is the weight bit for bit (checked once, now); else None."""
+    if originals is None or key not in originals:
+        return None
+    stored = originals.tensor(key)
+    if stored.shape != weight.shape or not torch.equal(stored.to(weight.device, weight.dtype), weight.detach()):
+        return None
+    return lambda: originals.tensor(key)
 
 
 def _names(modules: Sequence[str], limit: int = 4) -> str:

@@ -12,7 +12,7 @@ from alignx.run import RunDir
 def _arrow_model(run_dir):
     run = RunDir(run_dir)
     loaded = load_base_model(run.load_config().model)
-    return load_arrow(run, loaded.model), loaded.tokenizer
+    return load_arrow([run.adapter_dir(axis) for axis in AXES], loaded.model), loaded.tokenizer
 
 
 def test_recorded_coefficients_rebuild_the_delta_peft_adds(tiny_stage1_run):

@@ -15,6 +15,9 @@ and scatters them into an fp32 tensor, which raises ``scatter(): Expected self.d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from peft import ArrowConfig, create_arrow_model
 from peft.tuners.lora.arrow import ArrowLoraLinearLayer
@@ -24,10 +27,10 @@ from alignx.axes import AXES
 ARROW_CONFIG = dict(top_k=len(AXES), router_temperature=1.0, rng_seed=0)  # PEFT's defaults, seeded prototypes
 
 
-def load_arrow(run, model):
-    """``model`` (the base, already in its storage dtype) with the run's three experts under PEFT's Arrow router."""
-    paths = [str(run.adapter_dir(axis)) for axis in AXES]
-    return create_arrow_model(model, paths, ArrowConfig(**ARROW_CONFIG)).eval()
+def load_arrow(adapter_dirs: Sequence[Path | str], model):
+    """``model`` (the base, already in its storage dtype) with these experts (PEFT adapter directories, in axis
+    order) under PEFT's Arrow router."""
+    return create_arrow_model(model, [str(d) for d in adapter_dirs], ArrowConfig(**ARROW_CONFIG)).eval()
 
 
 def arrow_coefficients(layer: ArrowLoraLinearLayer, x: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,10 @@ class AxisCloud:
     def __post_init__(self) -> None:
         if self.centred.dtype not in BANK_DTYPES.values():
             raise ValueError(f"a bank is stored in float16 or float32, not {self.centred.dtype}")
-        self.centred = self.centred.contiguous()
+        # Column-major: ``centred.T`` is a contiguous [k, N] matrix, the layout in which a query block's product
+        # with the bank streams it once (row-major [N, k] read through ``.T`` measured 4× slower for one query
+        # against 20,000 points on an AVX2 CPU: 4.3 against 1.0 ms).
+        self.centred = self.centred.T.contiguous().T
         self.centre = self.centre.double()
         self._sq_norms = self.centred.float().square().sum(1)  # of the points as stored: consistent distances
 
@@ -287,7 +290,7 @@ class FractalCalibrator:
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
         for a, cloud in enumerate(self.clouds):
-            out[f"fractal.{a}.centred"] = cloud.centred
+            out[f"fractal.{a}.centred"] = cloud.centred.contiguous()  # files keep the row-major [N, k] layout
             out[f"fractal.{a}.centre"] = cloud.centre
             out[f"fractal.{a}.loo_scores"] = cloud.loo_scores
             out[f"fractal.{a}.scalars"] = torch.tensor([cloud.radius, cloud.epsilon, cloud.mean_dimension])
