@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,11 @@ def test_metrics_move(client, live_server):
     tokens = metric(live_server, "alignx_generated_tokens_total")
     chat(client, max_tokens=4)
     after = metric(live_server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="200"}')
+    # the batch's token count lands once its generate returns, which includes unmerging the request's weights
+    # (read back from the weights file): shortly after the answer reached the client
+    deadline = time.monotonic() + 30
+    while metric(live_server, "alignx_generated_tokens_total") <= tokens and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert after == before + 1 and metric(live_server, "alignx_generated_tokens_total") > tokens
     assert metric(live_server, "alignx_request_latency_seconds_count") >= 1
 

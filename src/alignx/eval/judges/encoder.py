@@ -107,8 +107,6 @@ class TextEncoder:
         return vectors
 
     def _embed_with_lm(self, texts: list[str], desc: str | None) -> np.ndarray:
-        # imported here: torch and transformers load only for a language-model encoder
-
         config = ModelConfig(name=self.model_name)
         if self._model is None:
             self._model = load_base_model(config)
