@@ -174,13 +174,20 @@ def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(which, request, bat
     assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
 
 
+def _merged_storage(mixture: MixtureOfExperts) -> tuple[list[bool], list[bool]]:
+    """Per layer, while merged: whether the weight keeps its storage, and whether an original is kept aside."""
+    storage = {name: layer.base.weight.data_ptr() for name, layer in mixture.layers.items()}
+    with mixture.merged([0.2, 0.5, 0.3]):
+        same = [layer.base.weight.data_ptr() == storage[name] for name, layer in mixture.layers.items()]
+        kept = [layer._original_weight is not None for layer in mixture.layers.values()]
+    return same, kept
+
+
 def test_an_in_place_merge_holds_no_second_copy_of_the_weights(in_place_mixture, mixture):
-    for which in (in_place_mixture, mixture):
-        storage = {name: layer.base.weight.data_ptr() for name, layer in which.layers.items()}
-        with which.merged([0.2, 0.5, 0.3]):
-            same = [layer.base.weight.data_ptr() == storage[name] for name, layer in which.layers.items()]
-            kept = [layer._original_weight is not None for layer in which.layers.values()]
-        assert all(same) and not any(kept) if which is in_place_mixture else not any(same) and all(kept)
+    same, kept = _merged_storage(in_place_mixture)
+    assert all(same) and not any(kept)
+    same, kept = _merged_storage(mixture)  # by copy: a new weight, the original kept aside
+    assert not any(same) and all(kept)
 
 
 def test_a_weight_that_differs_from_its_file_merges_by_copy(tiny_model_dir, adapters, batch):

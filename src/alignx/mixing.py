@@ -226,22 +226,18 @@ class MixedLoRALinear(nn.Module):
         tensor with the original Parameter kept aside."""
         if self.merged:
             self.unmerge()
-        original = self.base.weight
-        if self._original is not None and original.dtype == torch.float32:  # W += delta with no [out, in] temporary
+        weight = self.base.weight
+        if self._original is None:
+            self._original_weight = weight
+            merged = (weight.detach().float() + self.delta(column_weights)).to(weight.dtype)
+            self.base.weight = nn.Parameter(merged, requires_grad=False)
+            return
+        if weight.dtype == torch.float32:  # W += (A·diag(w)·B) laid out like W, with no [out, in] temporary
             scaled = self.A_t * column_weights.to(self.A_t.device, torch.float32)  # [in, R]
-            if self._transposed:
-                original.data.addmm_(scaled, self.B_t)
-            else:
-                original.data.addmm_(self.B_t.T, scaled.T)
-            self._merged_in_place = True
-            return
-        merged = (original.detach().float() + self.delta(column_weights)).to(original.dtype)
-        if self._original is not None:
-            original.data.copy_(merged)
-            self._merged_in_place = True
-            return
-        self._original_weight = original
-        self.base.weight = nn.Parameter(merged, requires_grad=False)
+            weight.data.addmm_(*((scaled, self.B_t) if self._transposed else (self.B_t.T, scaled.T)))
+        else:  # computed in fp32, rounded once into the stored dtype
+            weight.data.copy_(weight.detach().float() + self.delta(column_weights))
+        self._merged_in_place = True
 
     def unmerge(self) -> None:
         """Restore the original weight, bit for bit the weight before :meth:`merge`."""

@@ -14,13 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 
 from alignx.config import ModelConfig
-from alignx.models.digests import weight_files
-from alignx.models.gguf_cache import gguf_cache
-from alignx.models.source import resolve_model_source
+from alignx.models.digests import hub_snapshot, weight_files
+from alignx.models.loading import model_directory
 
 
 class CheckpointWeights:
@@ -40,18 +38,10 @@ class CheckpointWeights:
     def of(cls, config: ModelConfig) -> "CheckpointWeights | None":
         """The files ``config``'s model loads from (a GGUF's cache, a directory, or the local copy of a hub
         model), or None where there are none to read back (pickled weights, a hub model not in the cache)."""
-        source = resolve_model_source(config.name)
-        if source.kind in ("embedded", "gguf"):
-            directory = gguf_cache(Path(source.location))
-        elif source.kind == "directory":
-            directory = Path(source.location)
-        else:
-            config_path = try_to_load_from_cache(source.location, "config.json")
-            if not isinstance(config_path, str):
-                return None
-            directory = Path(config_path).parent
+        location = model_directory(config)
+        directory = Path(location) if Path(location).is_dir() else hub_snapshot(location)
         try:
-            return cls(directory)
+            return None if directory is None else cls(directory)
         except FileNotFoundError:
             return None
 

@@ -68,9 +68,13 @@ def directory_weights_sha256(directory: Path) -> str:
     return digest
 
 
+def hub_snapshot(hub_id: str) -> Path | None:
+    """The local Hugging Face cache's copy of a hub model (where it was loaded from), or None if not cached."""
+    config_path = try_to_load_from_cache(hub_id, "config.json")
+    return Path(config_path).parent if isinstance(config_path, str) else None
+
+
 def hub_weights_sha256(hub_id: str) -> str:
     """Digest of a hub model's weight files, found in the local Hugging Face cache it was just loaded from."""
-    config_path = try_to_load_from_cache(hub_id, "config.json")
-    if not isinstance(config_path, str):
-        return ""
-    return directory_weights_sha256(Path(config_path).parent)
+    snapshot = hub_snapshot(hub_id)
+    return "" if snapshot is None else directory_weights_sha256(snapshot)
