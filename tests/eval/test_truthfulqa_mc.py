@@ -1,5 +1,6 @@
 """TruthfulQA MC1/MC2 scoring: hand-computed cases and the batched log-likelihood against one row at a time."""
 
+import contextlib
 import math
 
 import pytest
@@ -60,3 +61,33 @@ def test_the_primers_cache_gives_the_same_scores(tiny_model_dir):
     other = PrefixCache(model, tokenizer, "Something else entirely")  # not the context's start: not used
     assert continuation_scores(model, tokenizer, mc_context("What?"), choices, other) == \
         continuation_scores(model, tokenizer, mc_context("What?"), choices)
+
+
+def test_questions_scored_together_equal_one_at_a_time(tiny_model_dir):
+    """Several questions in one batch (contexts of different lengths, continuations sorted across them and cut
+    into chunks) give each question the scores it gets alone, with and without the primer's cache; ``rows``
+    names the questions of every batch it runs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignx.eval.truthfulqa_mc import batched_continuation_scores, continuation_scores, primer_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    requests = [(mc_context("What is red?"), [" A colour.", " Nothing at all, really, it is a long answer.", " Red."]),
+                (mc_context("Is the sky green, or is it some other colour on a clear day?"), [" No.", " Yes, always."]),
+                (mc_context("Why?"), [" Because.", " Nobody knows why, and nobody will."])]
+    seen = []
+
+    def rows(questions):
+        seen.append(questions)
+        return contextlib.nullcontext()
+
+    shared = primer_cache(model, tokenizer)
+    for prefix in (None, shared):
+        together = batched_continuation_scores(model, tokenizer, requests, prefix, rows=rows, max_rows=3)
+        for (context, choices), scores in zip(requests, together):
+            alone = continuation_scores(model, tokenizer, context, choices, prefix)
+            assert [g for _, g in scores] == [g for _, g in alone]
+            assert [s for s, _ in scores] == pytest.approx([s for s, _ in alone], abs=1e-4)
+    assert seen[0] == [0, 1, 2]  # the contexts: one batch of every question
+    assert all(len(batch) <= 3 for batch in seen[1:]) and sorted(q for batch in seen[1:4] for q in batch) == [0, 0, 0, 1, 1, 2, 2]

@@ -51,7 +51,7 @@ from alignx.eval.statistics import (
     win_outcomes,
     with_ci,
 )
-from alignx.eval.truthfulqa_mc import primer_cache, score_question
+from alignx.eval.truthfulqa_mc import primer_cache, score_questions
 from alignx.generate import ORACLE, AlignX
 from alignx.models.precision import autocast
 from alignx.run import RunDir, atomic_write_json, atomic_write_text
@@ -173,28 +173,39 @@ def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], p
             append_jsonl(target, rows)
 
 
+MC_QUESTIONS_PER_BATCH = 8  # questions scored together (alignx.eval.truthfulqa_mc.batched_continuation_scores)
+
+
 def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path: Path) -> None:
     device = next(aligner.loaded.model.parameters()).device
     model, tokenizer = aligner.loaded.model, aligner.loaded.tokenizer
-    axis = [BENCHMARKS["truthfulqa_mc"].oracle_axis]
-    bar = tqdm(todo, total=len(all_items), initial=len(all_items) - len(todo), unit="question",
+    axis = BENCHMARKS["truthfulqa_mc"].oracle_axis
+    todo = sorted(todo, key=lambda item: len(item["prompt"]))  # similar lengths batch with less padding
+    groups = [todo[start : start + MC_QUESTIONS_PER_BATCH] for start in range(0, len(todo), MC_QUESTIONS_PER_BATCH)]
+    bar = tqdm(total=len(all_items), initial=len(all_items) - len(todo), unit="question",
                desc=f"[eval] {method} truthfulqa_mc", dynamic_ncols=True)
     if aligner.router is None:  # the same weights for every question: merge them once, run the primer once
-        weights, _ = aligner.weights_for([todo[0]["prompt"]], axis)
+        weights, _ = aligner.weights_for([todo[0]["prompt"]], [axis])
         with aligner.experts(weights), autocast(aligner.precision, device):
             shared = primer_cache(model, tokenizer)
-            for item in bar:
-                append_jsonl(path, [_mc_row(aligner, item, weights, score_question(model, tokenizer, item, shared))])
+            for group in groups:
+                scores = score_questions(model, tokenizer, group, shared)
+                append_jsonl(path, [_mc_row(aligner, item, weights, 0, s) for item, s in zip(group, scores)])
+                bar.update(len(group))
+        bar.close()
         return
-    for item in bar:  # a routed method: each question its own weights, on the low-rank path (no merge per question)
-        weights, _ = aligner.weights_for([item["prompt"]], axis)
-        with aligner.experts(weights, merge=False), autocast(aligner.precision, device):
-            scores = score_question(model, tokenizer, item)
-        append_jsonl(path, [_mc_row(aligner, item, weights, scores)])
+    for group in groups:  # a routed method: each question its own weights, on the low-rank path (no merge per question)
+        weights, _ = aligner.weights_for([item["prompt"] for item in group], [axis] * len(group))
+        with autocast(aligner.precision, device):
+            scores = score_questions(model, tokenizer, group,
+                                     rows=lambda questions: aligner.experts(weights[questions], merge=False))
+        append_jsonl(path, [_mc_row(aligner, item, weights, i, s) for i, (item, s) in enumerate(zip(group, scores))])
+        bar.update(len(group))
+    bar.close()
 
 
-def _mc_row(aligner, item: dict, weights, scores: dict) -> dict:
-    return {"id": item["id"], **scores, **({"weights": aligner.named_weights(weights, 0)} if weights is not None else {})}
+def _mc_row(aligner, item: dict, weights, row: int, scores: dict) -> dict:
+    return {"id": item["id"], **scores, **({"weights": aligner.named_weights(weights, row)} if weights is not None else {})}
 
 
 def _pending(items: list[dict], path: Path) -> list[dict]:

@@ -15,8 +15,10 @@ weights apply to every choice of that question, so MC scores measure the same mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -42,13 +44,13 @@ def mc_context(question: str) -> str:
 
 
 def continuation_logprobs(model, tokenizer, context: str, continuations: list[str]) -> list[float]:
-    """Sum of log P(continuation tokens | context) for each continuation (see :func:`continuation_scores`)."""
+    """Sum of log P(continuation tokens | context) for each continuation (see :func:`batched_continuation_scores`)."""
     return [logprob for logprob, _ in continuation_scores(model, tokenizer, context, continuations)]
 
 
 class PrefixCache:
     """The KV cache of a context prefix every request shares (the QA primer), computed once for one model
-    and one set of weights; :func:`continuation_scores` then runs only the rest of each context."""
+    and one set of weights; :func:`batched_continuation_scores` then runs only the rest of each context."""
 
     def __init__(self, model, tokenizer, prefix: str):
         self.ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
@@ -57,46 +59,91 @@ class PrefixCache:
             model(input_ids=torch.tensor([self.ids], device=next(model.parameters()).device), past_key_values=self.cache,
                   use_cache=True, logits_to_keep=1)
 
+    def covers(self, context_ids: list[int]) -> bool:
+        return len(self.ids) < len(context_ids) and context_ids[: len(self.ids)] == self.ids
 
-@torch.inference_mode()
+
 def continuation_scores(model, tokenizer, context: str, continuations: list[str],
                         prefix: PrefixCache | None = None) -> list[tuple[float, bool]]:
     """(sum of log P(continuation tokens | context), whether every one of them is the greedy choice) for each
-    continuation: what lm-eval's ``loglikelihood`` returns.
+    continuation: what lm-eval's ``loglikelihood`` returns. One request of :func:`batched_continuation_scores`."""
+    return batched_continuation_scores(model, tokenizer, [(context, continuations)], prefix)[0]
 
-    The context (the ~300-token primer plus the question) is run once and its KV cache repeated for the
-    continuations, which are then one batched forward pass of their own few tokens: about eight times
-    less work than running every context + choice pair, with the same log-probabilities. With ``prefix``
-    (the model's cache of the context's first tokens, made with the same weights), only the rest of the context
-    is run; it is used only when the context's tokens start with the prefix's.
+
+def _no_weights(requests: list[int]):
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def batched_continuation_scores(
+    model, tokenizer, requests: Sequence[tuple[str, Sequence[str]]], prefix: PrefixCache | None = None,
+    rows: Callable[[list[int]], ContextManager] = _no_weights, max_rows: int = 32,
+) -> list[list[tuple[float, bool]]]:
+    """:func:`continuation_scores` of several ``(context, continuations)`` requests in two batched passes.
+
+    1. Every context, right-padded, in one batch: the ~190-token TruthfulQA context once per request, not once
+       per continuation. With ``prefix`` (the model's cache of the contexts' first tokens, made with the same
+       weights, used only when every context starts with it) only the rest of each context runs.
+    2. Every continuation's own tokens, on a copy of its context's cache, in batches of at most ``max_rows``
+       continuations of similar length (little padding), whatever request they come from.
+
+    Positions are given explicitly and pads are masked, so each score is the one request's alone (up to the
+    summation order of a batched matmul). ``rows(indices)``: the context in which the model runs a batch whose
+    rows belong to these requests, e.g. a routed method's per-request expert weights.
     """
-    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    tails = []
-    for continuation in continuations:
-        whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-        tails.append(whole[len(context_ids):] or [tokenizer.eos_token_id])
     device = next(model.parameters()).device
-    start = 0
-    if prefix is not None and len(prefix.ids) < len(context_ids) and context_ids[: len(prefix.ids)] == prefix.ids:
-        cache, start = copy.deepcopy(prefix.cache), len(prefix.ids)
-    else:
-        cache = DynamicCache()
-    first = model(input_ids=torch.tensor([context_ids[start:]], device=device), past_key_values=cache, use_cache=True,
-                  logits_to_keep=1).logits[0, -1].float().log_softmax(-1)  # predicts each tail's first token
-    width = max(len(t) for t in tails)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tails], device=device)
-    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in tails], device=device)
-    cache.batch_repeat_interleave(len(tails))
-    attention = torch.cat([torch.ones(len(tails), len(context_ids), dtype=mask.dtype, device=device), mask], dim=1)
-    total = first[ids[:, 0]]
-    greedy = first.argmax() == ids[:, 0]
-    if width > 1:
-        logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=True).logits[:, :-1].float()
-        logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        total = total + (logprobs * mask[:, 1:]).sum(dim=1)
-        greedy = greedy & ((logits.argmax(-1) == ids[:, 1:]) | (mask[:, 1:] == 0)).all(dim=1)
-    return [(float(v), bool(g)) for v, g in zip(total, greedy)]
+    contexts = [tokenizer(context, add_special_tokens=False)["input_ids"] for context, _ in requests]
+    tails = [[tokenizer(context + continuation, add_special_tokens=False)["input_ids"][len(ids):] or [tokenizer.eos_token_id]
+              for continuation in continuations] for (context, continuations), ids in zip(requests, contexts)]
+    start = len(prefix.ids) if prefix is not None and all(prefix.covers(ids) for ids in contexts) else 0
+    rests = [ids[start:] for ids in contexts]
+    rest_ids, rest_mask = _right_padded(rests, pad)
+    width = rest_ids.shape[1]
+    cache = DynamicCache()
+    if start:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(requests))
+    last = torch.tensor([len(rest) - 1 for rest in rests])
+    keep = torch.unique(last)  # the positions whose logits predict a continuation's first token
+    with rows(list(range(len(requests)))):
+        logits = model(input_ids=rest_ids.to(device), position_ids=(start + torch.arange(width)).expand(len(requests), -1).to(device),
+                       attention_mask=torch.cat([torch.ones(len(requests), start, dtype=torch.long), rest_mask], 1).to(device),
+                       past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device)).logits
+    first = logits[torch.arange(len(requests)), torch.searchsorted(keep, last).to(device)].float().log_softmax(-1)
+
+    pairs = sorted(((r, c) for r, request_tails in enumerate(tails) for c in range(len(request_tails))),
+                   key=lambda pair: len(tails[pair[0]][pair[1]]))
+    out: list[list[tuple[float, bool] | None]] = [[None] * len(request_tails) for request_tails in tails]
+    for begin in range(0, len(pairs), max_rows):
+        chunk = pairs[begin : begin + max_rows]
+        owner = torch.tensor([r for r, _ in chunk])
+        ids, mask = _right_padded([tails[r][c] for r, c in chunk], pad)
+        ids, mask = ids.to(device), mask.to(device)
+        total = first[owner, ids[:, 0]]
+        greedy = first[owner].argmax(-1) == ids[:, 0]
+        if ids.shape[1] > 1:
+            own_cache = copy.deepcopy(cache)
+            own_cache.batch_select_indices(owner.to(device))
+            positions = (start + last + 1)[owner][:, None] + torch.arange(ids.shape[1])
+            attention = torch.cat([torch.ones(len(chunk), start, dtype=torch.long), rest_mask[owner], mask.cpu()], 1)
+            with rows(owner.tolist()):
+                logits = model(input_ids=ids, position_ids=positions.to(device), attention_mask=attention.to(device),
+                               past_key_values=own_cache, use_cache=True).logits[:, :-1].float()
+            logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            total = total + (logprobs * mask[:, 1:]).sum(dim=1)
+            greedy = greedy & ((logits.argmax(-1) == ids[:, 1:]) | (mask[:, 1:] == 0)).all(dim=1)
+        for (r, c), value, is_greedy in zip(chunk, total.tolist(), greedy.tolist()):
+            out[r][c] = (float(value), bool(is_greedy))
+    return out  # type: ignore[return-value]
+
+
+def _right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N, longest]`` token ids padded on the right with ``pad``, and the mask of the real tokens."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.tensor([sequence + [pad] * (width - len(sequence)) for sequence in sequences])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(sequence) for sequence in sequences])[:, None]).long()
+    return ids, mask
 
 
 def mc_scores(mc1_logprobs: list[float], mc1_labels: list[int], mc2_logprobs: list[float], mc2_labels: list[int]) -> dict:
@@ -108,19 +155,29 @@ def mc_scores(mc1_logprobs: list[float], mc1_labels: list[int], mc2_logprobs: li
     return {"mc1": float(mc1_labels[best] == 1), "mc2": true_mass / sum(mass)}
 
 
+def score_questions(model, tokenizer, items: Sequence[dict], prefix: PrefixCache | None = None,
+                    rows: Callable[[list[int]], ContextManager] = _no_weights) -> list[dict]:
+    """MC1 and MC2 of TruthfulQA items (``mc1_targets``/``mc2_targets``: {answer: 0/1}), scored together
+    (:func:`batched_continuation_scores`); ``prefix``: the primer's cache (:func:`primer_cache`) when every question
+    runs with the same weights; ``rows``: as there, for per-question weights."""
+    layouts, requests = [], []
+    for item in items:
+        mc1 = list(item["mc1_targets"].items())
+        mc2 = list(item["mc2_targets"].items())
+        choices = [answer for answer, _ in mc1] + [answer for answer, _ in mc2 if answer not in item["mc1_targets"]]
+        layouts.append((mc1, mc2, choices))
+        requests.append((mc_context(item["prompt"]), [" " + c for c in choices]))
+    results = []
+    for (mc1, mc2, choices), scores in zip(layouts, batched_continuation_scores(model, tokenizer, requests, prefix, rows)):
+        logprobs = {choice: logprob for choice, (logprob, _) in zip(choices, scores)}
+        results.append(mc_scores([logprobs[a] for a, _ in mc1], [label for _, label in mc1],
+                                 [logprobs[a] for a, _ in mc2], [label for _, label in mc2]))
+    return results
+
+
 def score_question(model, tokenizer, item: dict, prefix: PrefixCache | None = None) -> dict:
-    """MC1 and MC2 of one TruthfulQA item (``mc1_targets``/``mc2_targets``: {answer: 0/1}); ``prefix``: the
-    primer's cache (:func:`primer_cache`) when every question runs with the same weights."""
-    context = mc_context(item["prompt"])
-    mc1 = list(item["mc1_targets"].items())
-    mc2 = list(item["mc2_targets"].items())
-    choices = [answer for answer, _ in mc1] + [answer for answer, _ in mc2 if answer not in item["mc1_targets"]]
-    scores = continuation_scores(model, tokenizer, context, [" " + c for c in choices], prefix)
-    logprobs = {choice: logprob for choice, (logprob, _) in zip(choices, scores)}
-    return mc_scores(
-        [logprobs[a] for a, _ in mc1], [label for _, label in mc1],
-        [logprobs[a] for a, _ in mc2], [label for _, label in mc2],
-    )
+    """MC1 and MC2 of one TruthfulQA item (:func:`score_questions`)."""
+    return score_questions(model, tokenizer, [item], prefix)[0]
 
 
 def primer_cache(model, tokenizer) -> PrefixCache:
