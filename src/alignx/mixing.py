@@ -210,11 +210,14 @@ class MixedLoRALinear(nn.Module):
         try:
             h = torch.mm(x.reshape(-1, x.shape[-1]).float(), self.A_t)  # [B*T, R]
             h.view(batch, -1, h.shape[-1]).mul_(cols.unsqueeze(1))
-            delta = torch.mm(h, self.B_t)  # [B*T, out]
+            if out.dtype == torch.float32:  # out += h @ B_t in one kernel, with no [B*T, out] temporary
+                out.view(-1, out.shape[-1]).addmm_(h, self.B_t)
+            else:
+                out.add_(torch.mm(h, self.B_t).view(out.shape))
         finally:
             if autocasting:
                 torch.set_autocast_enabled(device, True)
-        return out.add_(delta.view(out.shape))
+        return out
 
     def delta(self, column_weights: torch.Tensor) -> torch.Tensor:
         """Σ_a w_a·scale_a·B_a·A_a in fp32, laid out like the base weight; ``column_weights``: ``[R]``."""
