@@ -57,7 +57,7 @@ class PrefixCache:
         self.ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         self.cache = DynamicCache()
         with torch.inference_mode():
-            model(input_ids=torch.tensor([self.ids], device=next(model.parameters()).device), **_cache_argument(model, self.cache),
+            model(input_ids=torch.tensor([self.ids], device=next(model.parameters()).device), **{_cache_keyword(model): self.cache},
                   use_cache=True, logits_to_keep=1)
 
     def covers(self, context_ids: list[int]) -> bool:
@@ -71,11 +71,11 @@ def continuation_scores(model, tokenizer, context: str, continuations: list[str]
     return batched_continuation_scores(model, tokenizer, [(context, continuations)], prefix)[0]
 
 
-def _cache_argument(model, cache: DynamicCache) -> dict:
-    """The KV cache as this model's ``forward`` takes it: ``cache=`` in recent transformers, which deprecates the
-    older ``past_key_values=`` (removed in 5.40), still the only name in the releases before."""
+def _cache_keyword(model) -> str:
+    """The keyword under which this model's ``forward`` takes a KV cache: ``cache`` in recent transformers, which
+    deprecates the older ``past_key_values`` (removed in 5.40), still the only name in the releases before."""
     forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
-    return {"cache": cache} if "cache" in inspect.signature(forward).parameters else {"past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _no_weights(requests: list[int]):
@@ -100,6 +100,7 @@ def batched_continuation_scores(
     rows belong to these requests, e.g. a routed method's per-request expert weights.
     """
     device = next(model.parameters()).device
+    cache_keyword = _cache_keyword(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     contexts = [tokenizer(context, add_special_tokens=False)["input_ids"] for context, _ in requests]
     tails = [[tokenizer(context + continuation, add_special_tokens=False)["input_ids"][len(ids):] or [tokenizer.eos_token_id]
@@ -117,7 +118,7 @@ def batched_continuation_scores(
     with rows(list(range(len(requests)))):
         logits = model(input_ids=rest_ids.to(device), position_ids=(start + torch.arange(width)).expand(len(requests), -1).to(device),
                        attention_mask=torch.cat([torch.ones(len(requests), start, dtype=torch.long), rest_mask], 1).to(device),
-                       **_cache_argument(model, cache), use_cache=True, logits_to_keep=keep.to(device)).logits
+                       **{cache_keyword: cache}, use_cache=True, logits_to_keep=keep.to(device)).logits
     first = logits[torch.arange(len(requests)), torch.searchsorted(keep, last).to(device)].float().log_softmax(-1)
 
     pairs = sorted(((r, c) for r, request_tails in enumerate(tails) for c in range(len(request_tails))),
@@ -137,7 +138,7 @@ def batched_continuation_scores(
             attention = torch.cat([torch.ones(len(chunk), start, dtype=torch.long), rest_mask[owner], mask.cpu()], 1)
             with rows(owner.tolist()):
                 logits = model(input_ids=ids, position_ids=positions.to(device), attention_mask=attention.to(device),
-                               **_cache_argument(model, own_cache), use_cache=True).logits[:, :-1].float()
+                               **{cache_keyword: own_cache}, use_cache=True).logits[:, :-1].float()
             logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
             total = total + (logprobs * mask[:, 1:]).sum(dim=1)
             greedy = greedy & ((logits.argmax(-1) == ids[:, 1:]) | (mask[:, 1:] == 0)).all(dim=1)
