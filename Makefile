@@ -53,7 +53,7 @@ demo: data-check install
 clean-demo:
 	rm -rf runs/demo
 
-# The study (docs/study.md): the experts trained until their loss curves flatten, banks from every training row,
+# The study (docs/study.md): the experts trained until their loss curves flatten, banks from every training prompt (helpful capped at 5,000),
 # every method of the comparison on the same items, the axis-loss matrix and paired statistics. Resumable like
 # the demo: run it again after an interruption. Each step prints its number, the time, and its own progress bar.
 STUDY_RUN := runs/study
