@@ -53,9 +53,10 @@ demo: data-check install
 clean-demo:
 	rm -rf runs/demo
 
-# The study (docs/study.md): the experts trained until their loss curves flatten, banks from every training prompt (helpful capped at 5,000),
-# every method of the comparison on the same items, the axis-loss matrix and paired statistics. Resumable like
-# the demo: run it again after an interruption. Each step prints its number, the time, and its own progress bar.
+# The study (docs/study.md): the experts trained until their loss curves flatten, banks from every training
+# prompt (the helpful sample capped at 5,000 rows), every method of the comparison on the same items, the
+# axis-loss matrix and paired statistics. Resumable like the demo: run it again after an interruption. Each step
+# prints its number, the time, and its own progress bar.
 STUDY_RUN := runs/study
 STUDY_METHODS := alignx,oracle,base,sft-mix,moe-uncalibrated,merge-linear,merge-ties,trinityx,arrow,expert-helpful,expert-harmless,expert-honest
 # the matrix leaves out arrow (fp32, the slowest forward) and the paper router; the benchmarks have both
