@@ -59,8 +59,9 @@ clean-demo:
 # prints its number, the time, and its own progress bar.
 STUDY_RUN := runs/study
 STUDY_METHODS := alignx,oracle,base,sft-mix,moe-uncalibrated,merge-linear,merge-ties,trinityx,arrow,expert-helpful,expert-harmless,expert-honest
-# the matrix leaves out arrow (fp32, the slowest forward) and the paper router; the benchmarks have both
-STUDY_LOSS_METHODS := alignx,oracle,best-expert,base,sft-mix,moe-uncalibrated,merge-linear,merge-ties,trinityx
+# the matrix leaves out arrow (fp32, the slowest forward), the paper router, merge-linear and trinityx (two more
+# fixed mixes beside merge-ties, 2 min each); the benchmarks have them all
+STUDY_LOSS_METHODS := alignx,oracle,best-expert,base,sft-mix,moe-uncalibrated,merge-ties
 STEP = @echo "[study $(1)/7 $$(date +%H:%M:%S)] $(2)"
 
 study: data-check install

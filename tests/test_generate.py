@@ -99,6 +99,22 @@ def test_a_shared_vector_merges_unless_told_not_to_and_both_give_the_same_logits
     torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["expert-honest", "merge-linear", "alignx", "base"])
+def test_a_held_pass_merges_a_fixed_methods_vector_once_and_answers_as_without(run_dir, method, monkeypatch):
+    aligner = AlignX.from_run(run_dir, method=method)
+    alone = aligner.generate(PROMPTS, max_new_tokens=3, batch_size=1)
+    merges = []
+    if aligner.mixture is not None:
+        merge = aligner.mixture.merge
+        monkeypatch.setattr(aligner.mixture, "merge", lambda weights: (merges.append(weights), merge(weights)))
+    with aligner.held():
+        held = aligner.generate(PROMPTS, max_new_tokens=3, batch_size=1)
+    assert [g.response for g in held] == [g.response for g in alone]
+    # a fixed vector: merged once for the pass; routed: each one-prompt batch its own vector, held or not
+    assert len(merges) == {"expert-honest": 1, "merge-linear": 1, "alignx": len(PROMPTS), "base": 0}[method]
+    assert aligner.mixture is None or not aligner.mixture.is_merged
+
+
 def test_top1_mode_gives_one_hot_weights(run_dir):
     results = AlignX.from_run(run_dir, mode="top1").generate(PROMPTS, max_new_tokens=2)
     for r in results:  # a prompt the gate flags keeps the fallback (uniform by default), see below

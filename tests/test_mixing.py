@@ -174,6 +174,28 @@ def test_merge_equals_the_mixed_forward_and_unmerge_is_exact(which, request, bat
     assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
 
 
+def test_a_nested_merge_of_the_same_weights_merges_nothing_and_other_weights_restore_the_outer(
+        in_place_mixture, batch, monkeypatch):
+    mixture = in_place_mixture
+    outer, inner = torch.tensor([0.2, 0.5, 0.3]), torch.tensor([0.0, 1.0, 0.0])
+    originals = {name: layer.base.weight.detach().clone() for name, layer in mixture.layers.items()}
+    with mixture.merged(outer):
+        held = {name: layer.base.weight.detach().clone() for name, layer in mixture.layers.items()}
+        expected = _logits(mixture.model, batch)
+        merges = []
+        monkeypatch.setattr(MixtureOfExperts, "merge", lambda self, w: merges.append(w))
+        with mixture.merged(outer.tolist()):  # the same vector, given as a list
+            assert_close_at_scale(_logits(mixture.model, batch), expected)
+        assert merges == []
+        monkeypatch.undo()
+        with mixture.merged(inner):
+            assert torch.equal(mixture.merged_weights, inner)
+        assert torch.equal(mixture.merged_weights, outer)
+        assert all(torch.equal(layer.base.weight, held[n]) for n, layer in mixture.layers.items())
+    assert not mixture.is_merged
+    assert all(torch.equal(layer.base.weight, originals[n]) for n, layer in mixture.layers.items())
+
+
 def _merged_storage(mixture: MixtureOfExperts) -> tuple[list[bool], list[bool]]:
     """Per layer, while merged: whether the weight keeps its storage, and whether an original is kept aside."""
     storage = {name: layer.base.weight.data_ptr() for name, layer in mixture.layers.items()}

@@ -373,8 +373,8 @@ class MixtureOfExperts:
 
     # --- merging
 
-    def merge(self, weights: torch.Tensor | Sequence[float]) -> None:
-        """Fold Σ_a w_a·scale_a·B_a·A_a into the base weights (one vector ``[E]`` for the whole batch)."""
+    def _vector(self, weights: torch.Tensor | Sequence[float]) -> torch.Tensor:
+        """``weights`` as the one fp32 vector ``[E]`` a merge takes."""
         vector = torch.as_tensor(weights).detach().to(torch.float32)
         if vector.dim() == 2 and vector.shape[0] == 1:
             vector = vector[0]
@@ -385,6 +385,11 @@ class MixtureOfExperts:
             )
         if not torch.isfinite(vector).all():
             raise AlignXError("expert weights contain NaN or infinite values")
+        return vector
+
+    def merge(self, weights: torch.Tensor | Sequence[float]) -> None:
+        """Fold Σ_a w_a·scale_a·B_a·A_a into the base weights (one vector ``[E]`` for the whole batch)."""
+        vector = self._vector(weights)
         columns = vector[self.holder.expert_of_column]
         for layer in self.layers.values():
             layer.merge(columns)
@@ -398,12 +403,21 @@ class MixtureOfExperts:
 
     @contextlib.contextmanager
     def merged(self, weights: torch.Tensor | Sequence[float]) -> Iterator[MixtureOfExperts]:
-        """Run a block with ``weights`` merged into the base weights, then unmerge."""
-        self.merge(weights)
+        """Run a block with ``weights`` merged into the base weights, then restore what was merged before
+        (nothing, or an enclosing block's weights). Inside a block already merged with these very weights it
+        merges nothing: a pass that holds one vector for all its batches merges it once, not once per batch."""
+        vector, previous = self._vector(weights), self.merged_weights
+        if previous is not None and torch.equal(previous, vector):
+            yield self
+            return
+        self.merge(vector)
         try:
             yield self
         finally:
-            self.unmerge()
+            if previous is None:
+                self.unmerge()
+            else:
+                self.merge(previous)
 
     def detach(self) -> nn.Module:
         """Unmerge and put the original base modules back; returns the model."""

@@ -75,7 +75,7 @@ def run_method(run: RunDir, method: str, items: dict[str, list[Example]], batch_
         aligner = AlignX.from_run(run.root, method=method)
         total = sum(len(v) for v in items.values())
         with tqdm(total=total, initial=total - sum(len(v) for v in todo.values()), unit="item",
-                  desc=f"[axis-loss] {method}", dynamic_ncols=True) as bar:
+                  desc=f"[axis-loss] {method}", dynamic_ncols=True) as bar, aligner.held():
             for axis, examples in todo.items():
                 examples = sorted(examples, key=lambda e: len(e.user_text) + len(e.response))  # less padding
                 for start in range(0, len(examples), batch_size):

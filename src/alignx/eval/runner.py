@@ -133,7 +133,14 @@ def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, l
     if not any(pending.values()) and not mc_pending:
         return
     aligner = AlignX.from_run(run.root, method=method)
+    with aligner.held():
+        _generate_pending(aligner, config, method, items, pending, paths)
+        if mc_pending:
+            _run_mc(aligner, method, items["truthfulqa_mc"], mc_pending, paths.mc(method))
+    del aligner
 
+
+def _generate_pending(aligner, config, method, items, pending: dict[str, list[dict]], paths: EvalPaths) -> None:
     options = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                    do_sample=config.eval.do_sample, temperature=config.eval.temperature, top_p=config.eval.top_p)
     for benchmark, todo in pending.items():
@@ -154,9 +161,6 @@ def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, l
             append_jsonl(paths.generations(method, benchmark), rows)
             bar.update(len(batch))
         bar.close()
-    if mc_pending:
-        _run_mc(aligner, method, items["truthfulqa_mc"], mc_pending, paths.mc(method))
-    del aligner
 
 
 def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], paths: EvalPaths) -> None:
