@@ -2,8 +2,9 @@
 
 Reads every ``<run>/experts/<name>/train_log.jsonl`` (the three axis experts, sft-mix, ...), plots the per-step
 loss and its moving average (window 16) in ``<run>/loss_curves.png`` (or ``--output``), and prints per curve the
-mean loss of the first and last 16 steps and the change between the last two quarters of training, relative
-to the first quarter's drop: near 0 means the curve has flattened. Last line: ``<name>_flat=<x> ...``.
+mean loss of the first and last 16 steps, the OLS slope of the second half with its 95 % interval (one that
+includes 0: the curve has flattened, by this test), and the mean loss of each block of ``--block`` steps (where
+the curve stops falling). Last line: ``<name>_slope=<x> ...``.
 
     python benchmarks/loss_curves.py --run runs/study --output docs/study/loss_curves.png
 """
@@ -48,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/study")
     parser.add_argument("--output", help="where the plot goes (default: <run>/loss_curves.png)")
+    parser.add_argument("--block", type=int, default=8, help="steps per block of the block means (default 8)")
     args = parser.parse_args()
     run = Path(args.run)
     found = curves(run)
@@ -71,6 +73,10 @@ def main() -> None:
         slope, half = late_slope(loss)
         print(f"{name:<16}{len(loss):>6}{loss[:WINDOW].mean():>10.4f}{loss[-WINDOW:].mean():>10.4f}   "
               f"{slope:+.3f} ± {half:.3f}")
+    print(f"\nmean loss per block of {args.block} steps")
+    for name, loss in found.items():
+        blocks = [loss[start : start + args.block].mean() for start in range(0, len(loss), args.block)]
+        print(f"{name:<16}" + " ".join(f"{b:.3f}" for b in blocks))
     print(f"plot: {output}")
     print(" ".join(f"{name.replace('-', '_')}_slope={late_slope(loss)[0]:+.3f}" for name, loss in found.items()))
 
