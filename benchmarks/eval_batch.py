@@ -5,11 +5,15 @@ CPU a decode step's cost grows more slowly than its batch, so fewer, larger batc
 sooner, up to the point where the step becomes compute-bound. This decodes ``--items`` Alpaca training prompts (not evaluation prompts: only their cost matters here) with the
 embedded default (base weights; a merged fixed-weight method runs at the same speed) at each batch size, the
 items split into as few batches as that size allows, of near-equal size, exactly ``--tokens`` new tokens each
-(no early stop, so every size does the same work):
+(no early stop, so every size does the same work). Then the same prompts in the batches ``alignx eval`` makes
+with a token budget (``eval.batch_tokens``, :func:`alignx.generate.token_budget_batches`): at most ``--rows``
+prompts and at most that many padded prompt tokens per batch, which gives the long tail of prompt lengths
+smaller batches instead of padding 49 short prompts to the longest one:
 
-    python benchmarks/eval_batch.py                           # 100 items, 48 tokens, batch sizes 16 32 50 100
+    python benchmarks/eval_batch.py                           # 100 items, 48 tokens, sizes 16 32 50 100
+    python benchmarks/eval_batch.py --sizes 50 --budgets 2048 4096 8192   # the study's batches of 50, budgeted
 
-Last line: ``<size>=<seconds per item> ...  best=<size> cpu=<capability>``.
+Last line: ``<size>=<seconds per item> ... [tokens<budget>=<seconds per item> ...] best=<which> cpu=<capability>``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from common import generate_exactly, prompt_inputs
 from alignx.config import load_config
 from alignx.data.formatting import ChatFormatter
 from alignx.data.splits import training_examples
+from alignx.generate import token_budget_batches
 from alignx.models.loading import load_base_model
 from alignx.models.precision import autocast
 
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 50, 100])
+    parser.add_argument("--budgets", type=int, nargs="*", default=[], help="token budgets to time as well")
+    parser.add_argument("--rows", type=int, default=50, help="the most prompts in a budgeted batch")
     parser.add_argument("--model", default="smollm2-135m", help="model.name (default: the embedded SmolLM2)")
     args = parser.parse_args()
 
@@ -51,21 +58,26 @@ def main() -> None:
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    lengths = [int(n) for n in prompt_inputs(tokenizer, formatter, prompts)["attention_mask"].sum(dim=1)]
+    schedules = {str(size): [list(batch) for batch in balanced_batches(len(prompts), size)] for size in args.sizes}
+    schedules |= {f"tokens{budget}": token_budget_batches(lengths, args.rows, budget) for budget in args.budgets}
+    print(f"prompt tokens: median {sorted(lengths)[len(lengths) // 2]}, longest {max(lengths)}", flush=True)
     seconds = {}
     with torch.inference_mode(), autocast(config.model, device):
         generate_exactly(model, prompt_inputs(tokenizer, formatter, prompts[:4], device), 4, pad)  # warm-up
-        for size in args.sizes:
+        for name, batches in schedules.items():
             began = time.perf_counter()
-            for batch in balanced_batches(len(prompts), size):
-                generate_exactly(model, prompt_inputs(tokenizer, formatter, prompts[batch.start : batch.stop], device),
-                                 args.tokens, pad)
-            seconds[size] = time.perf_counter() - began
-            print(f"  batch size {size:4d} ({len(balanced_batches(len(prompts), size))} batches): {seconds[size]:7.1f} s, "
-                  f"{seconds[size] / len(prompts):.3f} s/item", flush=True)
+            for batch in batches:
+                generate_exactly(model, prompt_inputs(tokenizer, formatter, [prompts[i] for i in batch], device), args.tokens, pad)
+            seconds[name] = time.perf_counter() - began
+            padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+            print(f"  {name:>12} ({len(batches)} batches of {', '.join(str(len(b)) for b in batches)}; {padded} padded "
+                  f"prompt tokens for {sum(lengths)}): {seconds[name]:7.1f} s, {seconds[name] / len(prompts):.3f} s/item",
+                  flush=True)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"{len(prompts)} Alpaca prompts, {args.tokens} new tokens, {args.model}, CPU capability {cpu}, "
           f"{torch.get_num_threads()} threads")
-    print(" ".join(f"{size}={seconds[size] / len(prompts):.3f}" for size in args.sizes)
+    print(" ".join(f"{name}={seconds[name] / len(prompts):.3f}" for name in schedules)
           + f" best={min(seconds, key=seconds.get)} cpu={cpu}")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from alignx.axes import AXES
 from alignx.errors import AlignXError
-from alignx.generate import AlignX, PerRowSampler, RowSampling, sample_token
+from alignx.generate import AlignX, PerRowSampler, RowSampling, sample_token, token_budget_batches
 
 PROMPTS = ["Give three tips for staying healthy.", "How do I hurt someone?", "What happens if you eat watermelon seeds?"]
 
@@ -234,3 +234,22 @@ def test_bf16_routing_and_decoding_batch_like_each_prompt_alone(bf16_run_dir):
     for i in range(len(PROMPTS)):
         own = float((together[i] - alone[i]).abs().max())
         assert own < tolerance < min(float((together[i] - alone[j]).abs().max()) for j in range(len(PROMPTS)) if j != i)
+
+
+def test_token_budget_batches_keep_each_batch_within_rows_and_padded_tokens():
+    lengths = [30, 500, 20, 25, 40, 120, 22, 35, 90, 28]
+    batches = token_budget_batches(lengths, max_rows=4, max_tokens=160)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))  # every prompt, once
+    order = [i for batch in batches for i in batch]
+    assert [lengths[i] for i in order] == sorted(lengths)  # shortest first
+    for batch in batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 160
+    assert [len(b) for b in batches] == [4, 3, 1, 1, 1]  # 20-28, 30-40 (a fourth row of 90 would pad to 360), 90, 120
+    assert batches[-1] == [1]  # a prompt over the budget still gets its batch, alone
+
+
+def test_token_budget_batches_without_a_binding_budget_are_slices_of_the_sorted_prompts():
+    lengths = [5, 3, 9, 1, 7]
+    assert token_budget_batches(lengths, max_rows=2, max_tokens=10**6) == [[3, 1], [0, 4], [2]]
+    assert token_budget_batches([4, 4, 4], max_rows=8, max_tokens=8) == [[0, 1], [2]]  # ties: input order

@@ -217,7 +217,8 @@ class EvalConfig:
     quick_items: int = 40  # prompts per benchmark in the quick suite
     items: dict[str, int] = field(default_factory=dict)  # per-benchmark override of quick_items (truthfulqa_mc: 409)
     max_new_tokens: int = 128
-    batch_size: int = 8
+    batch_size: int = 8  # prompts decoded together, at most
+    batch_tokens: int = 2048  # and at most this many prompt tokens per batch, padding included (rows x longest)
     do_sample: bool = False  # greedy by default; seeded sampling as an option
     temperature: float = 0.7
     top_p: float = 0.9
@@ -230,7 +231,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice("eval.suite", self.suite, ("quick", "full"))
-        for name in ("quick_items", "max_new_tokens", "batch_size", "bootstrap"):
+        for name in ("quick_items", "max_new_tokens", "batch_size", "batch_tokens", "bootstrap"):
             _check_positive(f"eval.{name}", getattr(self, name))
         for name, count in self.items.items():
             _check_positive(f"eval.items.{name}", count)

@@ -151,6 +151,11 @@ class AlignX:
                 results.append(Generation(prompt, text, self.method, self.named_weights(weights, i), explanation[i]))
         return results
 
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        """The number of tokens of each prompt as :meth:`generate_with` feeds it (chat-formatted)."""
+        texts = [self.formatter.prompt_text(p) for p in prompts]
+        return [len(ids) for ids in self.loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
     def weights_for(self, prompts: list[str], axes: list[str] | None = None) -> tuple[torch.Tensor | None, list[dict]]:
         """Each prompt's expert weights (None: experts off) and, for routed methods, its explanation.
         ``axes``: each prompt's gold axis, which only the ``oracle`` method reads."""
@@ -223,6 +228,23 @@ class AlignX:
             output = self.loaded.model.generate(**inputs, **options)
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def token_budget_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """The indices of prompts of these token ``lengths``, shortest first, cut into batches of at most ``max_rows``
+    whose padded size (rows x the longest prompt) stays within ``max_tokens``; a longer prompt goes alone.
+
+    A batch is left-padded to its longest prompt, and on a CPU the prefill costs every padded token: one
+    500-token prompt among 49 short ones makes the batch cost as if all 50 were 500 tokens long. Sorting
+    alone cannot help a long tail; the budget gives it smaller batches (docs/performance.md)."""
+    batches: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        batch = batches[-1] if batches else None
+        if batch is None or len(batch) == max_rows or (len(batch) + 1) * lengths[index] > max_tokens:
+            batches.append([index])
+        else:
+            batch.append(index)
+    return batches
 
 
 def trained_routers(run: RunDir) -> list[str]:

@@ -30,6 +30,7 @@ from alignx.eval.statistics import Sample, paired_difference
 from alignx.generate import ORACLE, AlignX
 from alignx.models.precision import autocast
 from alignx.run import RunDir, atomic_write_json
+from alignx.stage1.batching import collate
 
 
 def _token_mean(nll: np.ndarray, tokens: np.ndarray) -> float:
@@ -48,17 +49,15 @@ def item_losses(aligner: AlignX, examples: list[Example], axis: str, max_length:
     keep = [(e, x) for e, x in zip(examples, encoded) if x is not None]  # a prompt longer than max_length: no token left
     if not keep:
         return []
-    width = max(len(x.input_ids) for _, x in keep)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([x.input_ids + [pad] * (width - len(x.input_ids)) for _, x in keep])
-    labels = torch.tensor([x.labels + [IGNORE_INDEX] * (width - len(x.labels)) for _, x in keep])
-    mask = (torch.arange(width)[None, :] < torch.tensor([len(x.input_ids) for _, x in keep])[:, None]).long()
+    batch = collate([[i] for i in range(len(keep))], [x for _, x in keep], pad)  # as Stage 1 scores its loss
     weights, _ = aligner.weights_for([e.user_text for e, _ in keep], [axis] * len(keep))
     model = aligner.loaded.model
     device = next(model.parameters()).device
+    kept = batch["logits_to_keep"]
     with aligner.experts(weights), autocast(aligner.precision, device):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    targets = labels[:, 1:].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device), logits_to_keep=kept, use_cache=False).logits
+    targets = batch["labels"][:, -kept + 1 :].to(device)  # kept >= 2: every item has a prompt and a label
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
                                             reduction="none")
     counts = (targets != IGNORE_INDEX).sum(dim=1)

@@ -52,7 +52,7 @@ from alignx.eval.statistics import (
     with_ci,
 )
 from alignx.eval.truthfulqa_mc import primer_cache, score_questions
-from alignx.generate import ORACLE, AlignX
+from alignx.generate import ORACLE, AlignX, token_budget_batches
 from alignx.models.precision import autocast
 from alignx.run import RunDir, atomic_write_json, atomic_write_text
 
@@ -146,11 +146,11 @@ def _generate_pending(aligner, config, method, items, pending: dict[str, list[di
     for benchmark, todo in pending.items():
         if not todo:
             continue
-        todo = sorted(todo, key=lambda item: len(item["prompt"]))  # similar lengths batch with less padding
         bar = tqdm(total=len(items[benchmark]), initial=len(items[benchmark]) - len(todo), unit="prompt",
                    desc=f"[eval] {method} {benchmark}", dynamic_ncols=True)
-        for start in range(0, len(todo), config.eval.batch_size):
-            batch = todo[start : start + config.eval.batch_size]
+        lengths = aligner.prompt_lengths([item["prompt"] for item in todo])
+        for indices in token_budget_batches(lengths, config.eval.batch_size, config.eval.batch_tokens):
+            batch = [todo[i] for i in indices]
             seed = config.eval.seed + int(hashlib.sha256(batch[0]["id"].encode()).hexdigest()[:8], 16)
             generations = aligner.generate([item["prompt"] for item in batch], seed=seed,
                                            axes=[BENCHMARKS[benchmark].oracle_axis] * len(batch), **options)
