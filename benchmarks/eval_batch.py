@@ -1,14 +1,15 @@
 """How the evaluation's batch size sets its cost: the same prompts decoded at several batch sizes, one run.
 
-`alignx eval` decodes each benchmark's items in batches of ``eval.batch_size``, sorted by prompt length. On a
-CPU a decode step's cost grows more slowly than its batch, so fewer, larger batches finish the same items
-sooner, up to the point where the step becomes compute-bound. This decodes ``--items`` Alpaca training prompts (not evaluation prompts: only their cost matters here) with the
-embedded default (base weights; a merged fixed-weight method runs at the same speed) at each batch size, the
-items split into as few batches as that size allows, of near-equal size, exactly ``--tokens`` new tokens each
-(no early stop, so every size does the same work). Then the same prompts in the batches ``alignx eval`` makes
-with a token budget (``eval.batch_tokens``, :func:`alignx.generate.token_budget_batches`): at most ``--rows``
-prompts and at most that many padded prompt tokens per batch, which gives the long tail of prompt lengths
-smaller batches instead of padding 49 short prompts to the longest one:
+`alignx eval` decodes each benchmark's items in batches of ``eval.batch_size``, sorted by prompt length. On a CPU a
+decode step's cost grows more slowly than its batch, so fewer, larger batches finish the same items sooner, up to
+the point where the step becomes compute-bound. This decodes ``--items`` training prompts of ``--axis`` (default
+helpful: Alpaca; not evaluation prompts: only their cost matters here) with the embedded default (base weights; a
+merged fixed-weight method runs at the same speed) at each batch size, the items split into as few batches as that
+size allows, of near-equal size, exactly ``--tokens`` new tokens each (no early stop, so every size does the same
+work). Then the same prompts in the batches ``alignx eval`` makes with a token budget (``eval.batch_tokens``,
+:func:`alignx.generate.token_budget_batches`): at most ``--rows`` prompts and at most that many padded prompt
+tokens per batch, which gives the long tail of prompt lengths smaller batches instead of padding 49 short prompts
+to the longest one:
 
     python benchmarks/eval_batch.py                           # 100 items, 48 tokens, sizes 16 32 50 100
     python benchmarks/eval_batch.py --sizes 50 --budgets 2048 4096 8192   # the study's batches of 50, budgeted
@@ -47,11 +48,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 50, 100])
     parser.add_argument("--budgets", type=int, nargs="*", default=[], help="token budgets to time as well")
     parser.add_argument("--rows", type=int, default=50, help="the most prompts in a budgeted batch")
+    parser.add_argument("--axis", default="helpful", help="whose training prompts (default: helpful, Alpaca)")
     parser.add_argument("--model", default="smollm2-135m", help="model.name (default: the embedded SmolLM2)")
     args = parser.parse_args()
 
     config = load_config(None, [f"model.name={args.model}", f"data.max_rows_per_axis={args.items}"])
-    prompts = sorted((example.user_text for example in training_examples("helpful", config.data).examples[: args.items]), key=len)
+    prompts = sorted((example.user_text for example in training_examples(args.axis, config.data).examples[: args.items]), key=len)
     loaded = load_base_model(config.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     formatter = ChatFormatter(tokenizer)
@@ -75,7 +77,7 @@ def main() -> None:
                   f"prompt tokens for {sum(lengths)}): {seconds[name]:7.1f} s, {seconds[name] / len(prompts):.3f} s/item",
                   flush=True)
     cpu = torch.backends.cpu.get_cpu_capability()
-    print(f"{len(prompts)} Alpaca prompts, {args.tokens} new tokens, {args.model}, CPU capability {cpu}, "
+    print(f"{len(prompts)} {args.axis} training prompts, {args.tokens} new tokens, {args.model}, CPU capability {cpu}, "
           f"{torch.get_num_threads()} threads")
     print(" ".join(f"{name}={seconds[name] / len(prompts):.3f}" for name in schedules)
           + f" best={min(seconds, key=seconds.get)} cpu={cpu}")
