@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from alignx.axes import AXES
-from alignx.eval.benchmarks import HEADLINE
+from alignx.eval.benchmarks import BENCHMARKS, HEADLINE
 from alignx.eval.judges import Judge
 from alignx.generate import AlignX
 from alignx.eval.runner import _routing, axis_collapse, eval_paths, plan, read_jsonl, run_eval
@@ -89,6 +89,29 @@ def test_oracle_answers_with_each_benchmarks_gold_expert(eval_config, monkeypatc
     oracle = read_jsonl(paths.generations("oracle", "beavertails"))
     assert {r["id"]: r["response"] for r in oracle} == expert and {r["method"] for r in oracle} == {"oracle"}
     assert again["methods"]["oracle"]["benchmarks"]["truthfulqa_mc"] == again["methods"]["expert-honest"]["benchmarks"]["truthfulqa_mc"]
+
+
+def test_generation_batches_keep_to_the_token_budget(eval_config, monkeypatch):
+    import dataclasses
+
+    run, paths = RunDir(eval_config.run_dir), eval_paths(RunDir(eval_config.run_dir), "quick")
+    sizes = []
+    original = AlignX.generate
+
+    def spy(self, prompts, **kwargs):
+        sizes.append(len(prompts))
+        return original(self, prompts, **kwargs)
+
+    monkeypatch.setattr(AlignX, "generate", spy)
+    for budget, expected in ((10**6, {2, 1}), (1, {1})):  # 3 items in batches of 2; a budget below any prompt: alone
+        generating = [name for name, spec in BENCHMARKS.items() if spec.generates]
+        for benchmark in generating:
+            paths.generations("base", benchmark).unlink(missing_ok=True)
+        sizes.clear()
+        evaluation = dataclasses.replace(eval_config.eval, batch_tokens=budget, axis_collapse=False)
+        run_eval(run, dataclasses.replace(eval_config, eval=evaluation), ["base"], judges=judges(), log=lambda *_: None)
+        assert set(sizes) == expected and sum(sizes) == 3 * len(generating)
+        assert all(len(read_jsonl(paths.generations("base", benchmark))) == 3 for benchmark in generating)
 
 
 def test_item_counts_per_benchmark(eval_config):
