@@ -239,11 +239,10 @@ def token_budget_batches(lengths: list[int], max_rows: int, max_tokens: int) -> 
     alone cannot help a long tail; the budget gives it smaller batches (docs/performance.md)."""
     batches: list[list[int]] = []
     for index in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
-        batch = batches[-1] if batches else None
-        if batch is None or len(batch) == max_rows or (len(batch) + 1) * lengths[index] > max_tokens:
-            batches.append([index])
+        if batches and len(batches[-1]) < max_rows and (len(batches[-1]) + 1) * lengths[index] <= max_tokens:
+            batches[-1].append(index)
         else:
-            batch.append(index)
+            batches.append([index])
     return batches
 
 

@@ -103,8 +103,8 @@ def test_generation_batches_keep_to_the_token_budget(eval_config, monkeypatch):
         return original(self, prompts, **kwargs)
 
     monkeypatch.setattr(AlignX, "generate", spy)
+    generating = [name for name, spec in BENCHMARKS.items() if spec.generates]
     for budget, expected in ((10**6, {2, 1}), (1, {1})):  # 3 items in batches of 2; a budget below any prompt: alone
-        generating = [name for name, spec in BENCHMARKS.items() if spec.generates]
         for benchmark in generating:
             paths.generations("base", benchmark).unlink(missing_ok=True)
         sizes.clear()
