@@ -19,7 +19,8 @@ to the longest one:
 a schedule run with another cache is named ``<schedule>/<cache>``. ``--profile``: after the timings, each schedule
 once more under ``torch.profiler``, printing where its operators spent their time.
 
-Last line: ``<size>=<seconds per item> ... [tokens<budget>=<seconds per item> ...] best=<which> cpu=<capability>``.
+Last line: ``<size>=<seconds per item> ... [tokens<budget>=<seconds per item> ...] [<schedule>/<cache>=<seconds per
+item> ...] best=<which> cpu=<capability>``.
 """
 
 from __future__ import annotations
@@ -91,13 +92,14 @@ def main() -> None:
             print(f"  {name:>12} ({len(batches)} batches of {', '.join(str(len(b)) for b in batches)}; {padded} padded "
                   f"prompt tokens for {sum(lengths)}): {seconds[name]:7.1f} s, {seconds[name] / len(prompts):.3f} s/item",
                   flush=True)
-        for name, batches, cache in runs if args.profile else []:  # once more, under the profiler (slower than the clock)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
-                decode(batches, cache)
-            events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
-            total = sum(event.self_cpu_time_total for event in events)
-            print(f"  {name:>12} profiled: {total / 1e6:.1f} s in operators, "
-                  + ", ".join(f"{event.key} {event.self_cpu_time_total / total:.0%}" for event in events[:5]), flush=True)
+        if args.profile:  # each schedule once more, under the profiler (which runs slower than the clock above)
+            for name, batches, cache in runs:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+                    decode(batches, cache)
+                events = sorted(profiler.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+                total = sum(event.self_cpu_time_total for event in events)
+                print(f"  {name:>12} profiled: {total / 1e6:.1f} s in operators, "
+                      + ", ".join(f"{event.key} {event.self_cpu_time_total / total:.0%}" for event in events[:5]), flush=True)
     cpu = torch.backends.cpu.get_cpu_capability()
     print(f"{len(prompts)} {args.axis} training prompts, {args.tokens} new tokens, {args.model}, CPU capability {cpu}, "
           f"{torch.get_num_threads()} threads")
