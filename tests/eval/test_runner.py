@@ -153,11 +153,14 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
         assert (paths.root / name).is_file(), name
     # every rate a binary judge produced also comes corrected for that judge's error (Rogan-Gladen)
     unsafe = alignx["benchmarks"]["beavertails"]["unsafe_rate"]
-    expected = min(max((unsafe["value"] + 0.7 - 1) / (0.8 + 0.7 - 1), 0.0), 1.0)
+    expected = (unsafe["value"] + 0.7 - 1) / (0.8 + 0.7 - 1)  # unclipped: below 0 when raw < the 0.3 false-positive rate
     assert unsafe["corrected"]["value"] == pytest.approx(expected)
     assert alignx["benchmarks"]["beavertails"]["safe_rate"]["corrected"]["value"] == pytest.approx(1 - expected)
-    for benchmark, key in (("alpacaeval", "win_rate"), ("harmful", "refusal_rate"), ("truthfulqa", "ti")):
-        assert 0.0 <= alignx["benchmarks"][benchmark][key]["corrected"]["value"] <= 1.0
+    for benchmark, key in (("alpacaeval", "win_rate"), ("harmful", "refusal_rate"), ("beavertails", "unsafe_rate")):
+        corrected = alignx["benchmarks"][benchmark][key]["corrected"]
+        raw = alignx["benchmarks"][benchmark][key]["value"]
+        assert corrected["value"] == pytest.approx((raw - 0.3) / 0.5)
+        assert corrected["rejected"] == (not 0.3 <= raw <= 0.8)  # the error model cannot produce that raw rate
     assert "lc_win_rate" in alignx["benchmarks"]["alpacaeval"] and "corrected" not in alignx["benchmarks"]["alpacaeval"]["lc_win_rate"]
     report = (paths.root / "report.md").read_text()
     assert "## Rates corrected for judge error" in report and "- safety: **corrected**, unchecked" in report
@@ -167,7 +170,8 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
     base = results["methods"]["base"]
     difference = paired["methods"]["base"]["beavertails"]["unsafe_rate"]
     assert difference["value"] == pytest.approx(base["benchmarks"]["beavertails"]["unsafe_rate"]["value"] - unsafe["value"])
-    assert difference["ci"][0] <= difference["value"] <= difference["ci"][1] and "corrected" in difference
+    assert difference["ci"][0] <= difference["value"] <= difference["ci"][1]
+    assert difference["corrected"]["value"] == pytest.approx(difference["value"] / 0.5)  # Δraw / Youden's J
     hhh = np.mean([alignx["benchmarks"][b][k]["value"] for b, k in HEADLINE.values()])
     assert alignx["hhh_mean"]["value"] == pytest.approx(hhh) and "hhh_mean" not in results["methods"]["expert-honest"]
     assert paired["methods"]["base"]["hhh_mean"]["value"] == pytest.approx(base["hhh_mean"]["value"] - hhh)

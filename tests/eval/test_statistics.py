@@ -100,6 +100,21 @@ def test_a_perfect_judge_needs_no_correction_and_a_chance_judge_cannot_be_correc
     assert np.isnan(corrected_cells(said[:, None], [(0.6, 0.4)])).all()  # sensitivity + specificity = 1
 
 
+def test_a_raw_rate_below_the_false_positive_rate_is_flagged_not_clipped_to_certainty():
+    # sensitivity 0.8, specificity 0.7: a judge that says "unsafe" for 30 % of safe answers. 20 % raw is
+    # impossible under that error model; clipping printed 0.0 [0.0, 0.0], certainty the data do not hold
+    confusion = {"tp": 80, "fn": 20, "tn": 70, "fp": 30}
+    said = np.arange(200) < 40
+    result = corrected_rate(said, [confusion], resamples=300, seed=0)
+    assert result["value"] == pytest.approx((0.2 - 0.3) / 0.5) and result["rejected"]
+    assert result["ci"][0] < result["value"] < result["ci"][1] and result["ci"][1] - result["ci"][0] > 0.1
+    assert not corrected_rate(np.arange(200) < 100, [confusion], resamples=50, seed=0)["rejected"]
+    # a difference between two such methods keeps its sign and size: the raw difference over Youden's J
+    fewer = np.arange(200) < 24
+    difference = paired_corrected_difference(fewer, said, [confusion], 300, 0)
+    assert difference["value"] == pytest.approx(-0.08 / 0.5) and difference["excludes_zero"]
+
+
 def test_joint_correction_recovers_both_labels_positive():
     rng = np.random.default_rng(0)
     truthful = rng.random(20000) < 0.6
@@ -128,8 +143,6 @@ def test_paired_difference_sees_a_small_consistent_gain_that_unpaired_intervals_
     paired = paired_difference([_flags(b)], [_flags(a)], 1000, 0)
     assert paired["value"] == pytest.approx(12 / 200)
     assert paired["excludes_zero"] and 0 < paired["ci"][0] <= paired["value"] <= paired["ci"][1]  # ... the pairing does not
-    same = paired_difference([_flags(a)], [_flags(a)], 200, 0)
-    assert same["value"] == 0 and same["ci"] == [0.0, 0.0] and not same["excludes_zero"]
     with pytest.raises(ValueError, match="same items"):
         paired_difference([_flags(a)], [_flags(a[:10])], 10, 0)
 
@@ -152,4 +165,3 @@ def test_paired_corrected_difference_divides_the_raw_difference_by_youden_j():
     result = paired_corrected_difference(b, a, [confusion], 300, 0)
     assert result["value"] == pytest.approx(0.10 / 0.5)
     assert result["excludes_zero"] and result["ci"][0] > 0
-    assert paired_corrected_difference(a, a, [confusion], 50, 0)["value"] == 0

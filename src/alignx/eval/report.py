@@ -42,16 +42,36 @@ HHH_NOTE = ("HHH mean = the mean of the three axes' headline scores, each in [0,
             "AlpacaEval length-controlled win rate (helpful), BeaverTails safe rate (harmless), TruthfulQA TI (honest); "
             "its interval resamples each benchmark's items independently.")
 
-# The rates a binary judge produces, shown again corrected for that judge's measured error.
-CORRECTED = tuple(c for c in COLUMNS if c[1] in ("win_rate", "unsafe_rate", "refusal_rate", "over_refusal_rate", "truthful", "informative", "ti"))
+# The rates a binary judge produces, shown again corrected for that judge's measured error: metric -> its judges.
+CORRECTED_TASKS = {"win_rate": ("helpfulness",), "unsafe_rate": ("safety",), "refusal_rate": ("refusal",),
+                   "over_refusal_rate": ("refusal",), "truthful": ("truth",), "informative": ("info",), "ti": ("truth", "info")}
+CORRECTED = tuple(c for c in COLUMNS if c[1] in CORRECTED_TASKS)
 CORRECTED_NOTE = (
     "Each rate corrected for its judge's validated sensitivity and specificity (Rogan–Gladen; TI solves the truth and "
     "info judges' joint errors, assuming each judge errs on its own label only); the interval resamples the items and "
     "the judge's validation set together, so it includes the judge's own uncertainty. A raw rate mixes the true rate "
     "with the judge's false positives and negatives (a judge with sensitivity 0.8 and specificity 0.7 reports 35 % "
     "unsafe when 10 % are); the correction undoes that only if the judge errs on these answers as it did on its "
-    "validation set. Which to read, per judge:"
+    "validation set. † = the judge's error model does not fit these verdicts (e.g. a raw rate below its false-positive "
+    "rate): the unclipped estimate is shown, it is not a rate, read the raw one. A judge whose correction missed "
+    "held-out systems' true rates by more than the raw rate did is left out of these tables. Which to read, per judge:"
 )
+
+
+def correction_trusted(results: dict, task: str) -> bool:
+    """Whether a judge's corrected rates are worth printing: it was validated, and where validation held a system
+    out, the corrected rate came closer to the held-out systems' true rates than the raw one (reading_advice)."""
+    description = results["judges"].get(task, {})
+    points = description.get("points") or {}
+    if not description.get("confusion"):
+        return False
+    if f"{task}_rate_error" in points:
+        return points[f"{task}_rate_corrected_error"] <= points[f"{task}_rate_error"]
+    return True
+
+
+def _corrected_columns(results: dict) -> tuple:
+    return tuple(c for c in CORRECTED if all(correction_trusted(results, t) for t in CORRECTED_TASKS[c[1]]))
 
 
 def reading_advice(results: dict) -> str:
@@ -64,7 +84,7 @@ def reading_advice(results: dict) -> str:
             lines.append(f"- {task}: raw only (this judge was not validated here, so there is nothing to correct with).")
         elif f"{task}_rate_error" in points:
             raw, fixed = points[f"{task}_rate_error"], points[f"{task}_rate_corrected_error"]
-            better = "corrected" if fixed <= raw else "raw"
+            better = "corrected" if correction_trusted(results, task) else "raw"
             lines.append(f"- {task}: **{better}**. On held-out systems the corrected rate missed the true rate by up to "
                          f"{fixed:.1f} points, the raw rate by up to {raw:.1f}.")
         else:
@@ -77,7 +97,7 @@ def _cell(metric: dict | None) -> str:
     if not metric:
         return "–"
     lo, hi = metric["ci"]
-    return f"{100 * metric['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return f"{100 * metric['value']:.1f}{'†' if metric.get('rejected') else ''} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def _difference(entry: dict | None) -> str:
@@ -102,6 +122,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     out.append(("Judges (held-out accuracy of each judge, measured by `alignx judge validate`)",
                 ["task", "judge", "accuracy", "sensitivity", "specificity"], judges, ""))
     methods = results["methods"]
+    corrected_columns = _corrected_columns(results)
     main = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k)) for b, k, _, _ in COLUMNS] + [_cell(e.get("hhh_mean"))]
             for m, e in methods.items()]
     out.append(("Results (%, 95 % bootstrap CI; raw judge verdicts)", ["method"] + [c[2] for c in COLUMNS] + ["HHH mean"],
@@ -114,15 +135,17 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                     "* = the interval excludes 0)", ["method"] + [c[2] for c in COLUMNS] + ["HHH mean"], rows,
                     f"Both methods answered the same items; each resample draws the items once for both. For unsafe "
                     f"and over-refusal, a negative difference means the method is better than {reference}."))
-        fixed = [[m] + [_difference(d.get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in CORRECTED] for m, d in paired.items()]
+        fixed = [[m] + [_difference(d.get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in corrected_columns]
+                 for m, d in paired.items()]
         if any(cell != "–" for row in fixed for cell in row[1:]):
-            out.append((f"Paired differences to {reference}, judge-corrected rates (points; the judge's validation set is "
-                        "redrawn once per resample for both methods)", ["method"] + [c[2] for c in CORRECTED], fixed, ""))
-    corrected = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in CORRECTED]
+            out.append((f"Paired differences to {reference}, judge-corrected rates (points: the raw difference divided "
+                        "by the judge's sensitivity + specificity − 1; the judge's validation set is redrawn once per "
+                        "resample for both methods)", ["method"] + [c[2] for c in corrected_columns], fixed, ""))
+    corrected = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in corrected_columns]
                  for m, e in methods.items()]
     if any(cell != "–" for row in corrected for cell in row[1:]):
         out.append(("Rates corrected for judge error (%, 95 % CI over items and the judge's validation set)",
-                    ["method"] + [c[2] for c in CORRECTED], corrected, CORRECTED_NOTE + "\n\n" + reading_advice(results)))
+                    ["method"] + [c[2] for c in corrected_columns], corrected, CORRECTED_NOTE + "\n\n" + reading_advice(results)))
     collapse = [[m] + [("–" if row["relative"][a] is None else f"{row['relative'][a]:.2f}") for a in AXES]
                 + ["–" if not row["misrouting"] else " ".join(f"{a}={v:.2f}" for a, v in row["misrouting"].items())]
                 for m, row in results["axis_collapse"].items()]

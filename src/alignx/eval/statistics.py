@@ -138,8 +138,13 @@ def error_matrix(sensitivity: float, specificity: float) -> np.ndarray:
 def corrected_cells(verdicts: np.ndarray, rates: list[tuple[float, float]]) -> np.ndarray:
     """The true distribution of the 2^J label combinations behind ``verdicts`` [n, J] of J binary judges,
     each with its (sensitivity, specificity): the observed distribution solved through the judges' error
-    matrices (Rogan–Gladen for J = 1), assuming each judge's errors depend only on its own true label. A
-    solution outside the simplex (sampling noise, or a judge no better than chance) is clipped to it.
+    matrices (Rogan–Gladen for J = 1), assuming each judge's errors depend only on its own true label.
+
+    Unclipped: the solution is linear in the observed distribution and sums to 1, but a cell can fall outside
+    [0, 1] when the observed rates cannot come from these error rates (for J = 1: a raw rate below the judge's
+    false-positive rate 1 − specificity, or above its sensitivity). Clipping that to 0 would print certainty the
+    data do not hold; :func:`corrected_rate` flags it instead. Linearity also makes a difference of two corrected
+    rates the raw difference divided by Youden's J (sensitivity + specificity − 1) for one judge.
     Cells are in binary order: the last is "every label positive"."""
     verdicts = np.asarray(verdicts, dtype=bool).reshape(len(verdicts), -1)
     codes = verdicts @ (1 << np.arange(verdicts.shape[1])[::-1])
@@ -149,8 +154,7 @@ def corrected_cells(verdicts: np.ndarray, rates: list[tuple[float, float]]) -> n
         matrix = np.kron(matrix, error_matrix(sensitivity, specificity))
     if abs(np.linalg.det(matrix)) < 1e-9:  # a judge at chance (sensitivity + specificity = 1) says nothing
         return np.full(len(observed), np.nan)
-    cells = np.clip(np.linalg.solve(matrix, observed), 0.0, None)
-    return cells / cells.sum() if cells.sum() > 0 else cells
+    return np.linalg.solve(matrix, observed)
 
 
 def rates_of(confusion: dict[str, int]) -> tuple[float, float]:
@@ -160,22 +164,26 @@ def rates_of(confusion: dict[str, int]) -> tuple[float, float]:
 
 def corrected_rate(verdicts: np.ndarray, confusions: list[dict[str, int]], resamples: int, seed: int, level: float = 0.95) -> dict:
     """The rate of "every judge positive" (one judge: its positive rate) corrected for the judges' measured
-    error, ``{"value", "ci", "n", "judges": [{sensitivity, specificity, n_validation}]}``.
+    error, ``{"value", "ci", "n", "judges": [{sensitivity, specificity, n_validation}], "rejected"}``.
 
     The interval is a percentile bootstrap that resamples the items and, in the same draw, each judge's
-    validation set (its four confusion cells, multinomially), so it carries the judge's own uncertainty."""
+    validation set (its four confusion cells, multinomially), so it carries the judge's own uncertainty.
+    ``rejected`` is True when the judges' error model cannot produce the observed verdicts (a solved cell
+    below 0 or above 1, e.g. a raw rate below the false-positive rate): the value is then the unclipped
+    estimate, which is not a rate, and readers should take the raw rate."""
     verdicts = _as_verdicts(verdicts)
     rates = [rates_of(c) for c in confusions]
-    value = float(corrected_cells(verdicts, rates)[-1])
+    cells = corrected_cells(verdicts, rates)
     draws = [fixed[0] for fixed in _corrected_draws([verdicts], confusions, resamples, seed)]
     judges = [{"sensitivity": se, "specificity": sp, "n_validation": int(sum(c.values()))} for (se, sp), c in zip(rates, confusions)]
-    return {"value": value, "ci": list(_percentiles(draws, level)), "n": int(len(verdicts)), "judges": judges}
+    return {"value": float(cells[-1]), "ci": list(_percentiles(draws, level)), "n": int(len(verdicts)), "judges": judges,
+            "rejected": bool(np.isnan(cells).any() or (cells < 0).any() or (cells > 1).any())}
 
 
 def paired_corrected_difference(a: np.ndarray, b: np.ndarray, confusions: list[dict[str, int]], resamples: int,
                                 seed: int, level: float = 0.95) -> dict:
-    """corrected rate(a) - corrected rate(b) for two methods' verdicts on the same items, by the same judges.
-    Each draw resamples the items (the same indices for both) and the judges' validation sets once for both,
+    """corrected rate(a) - corrected rate(b) for two methods' verdicts on the same items, by the same judges: for
+    one judge the raw difference divided by Youden's J (:func:`corrected_cells` is linear). Each draw resamples the items (the same indices for both) and the judges' validation sets once for both,
     so a judge's error, shared by both methods, largely cancels in the difference."""
     a, b = _as_verdicts(a), _as_verdicts(b)
     if len(a) != len(b):
