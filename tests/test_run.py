@@ -1,12 +1,14 @@
 """The run directory: atomic writes, damaged files named in errors, and a lock against concurrent runs."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import alignx.run
 from alignx.errors import AlignXError
 from alignx.run import RunDir, atomic_dir, atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
 
@@ -35,6 +37,47 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
             raise RuntimeError("killed half way")
     assert (final / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_atomic_dir_is_not_stopped_by_what_a_crashed_replace_left(tmp_path):
+    final = tmp_path / "adapter"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("first")
+    parked = tmp_path / f".adapter.old-{os.getpid()}"  # what a replace killed half way left, under a reused pid
+    (parked / "a.txt").parent.mkdir()
+    (parked / "a.txt").write_text("from a crash")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    staged = tmp_path / f".adapter.{int(dead.stdout)}-x1y2.tmp"  # a dead process's staging directory
+    staged.mkdir()
+    for fallback in (False, True):
+        with pytest.MonkeyPatch.context() as patch:
+            if fallback:  # a file system without an atomic exchange: the old directory is moved aside first
+                patch.setattr(alignx.run, "_exchange", lambda a, b: False)
+            with atomic_dir(final) as tmp:
+                (tmp / "a.txt").write_text(f"fallback={fallback}")
+        assert (final / "a.txt").read_text() == f"fallback={fallback}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [parked.name, "adapter"]  # a live pid's is left alone
+
+
+def test_atomic_dir_never_leaves_a_moment_without_the_directory(tmp_path, monkeypatch):
+    final = tmp_path / "adapter"
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("first")
+    seen = []
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+
+        def watched(*args, real=real, **kwargs):
+            seen.append(final.is_dir())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, watched)
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: (seen.append(final.is_dir()), real_rmtree(*a, **k)))
+    with atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("second")
+    assert seen and all(seen)
+    assert (final / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["adapter"]
 
 
 def test_truncated_safetensors_is_named_in_the_error(tmp_path):

@@ -20,11 +20,13 @@ Every write goes to a temporary file in the same directory and is moved into pla
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -85,6 +87,10 @@ class RunDir:
 
     def has_adapter(self, axis: str) -> bool:
         return (self.adapter_dir(axis) / "adapter_config.json").is_file()
+
+    def has_trained_expert(self, axis: str) -> bool:
+        """Whether the axis's training finished: its adapter and its summary (written before the adapter)."""
+        return self.has_adapter(axis) and self.summary_path(axis).is_file()
 
     def read_manifest(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():
@@ -213,19 +219,75 @@ def load_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``final`` only if the block completes."""
+    """Yield a temporary sibling directory that replaces ``final`` only if the block completes.
+
+    Where the system can (Linux ``renameat2`` with ``RENAME_EXCHANGE``: ext4, xfs, btrfs, tmpfs and others),
+    the new directory and the old one swap places in one step, so ``final`` is never missing. POSIX
+    ``rename`` alone cannot replace a non-empty directory; elsewhere the old one is first moved aside, and for
+    that moment ``final`` does not exist. Every temporary name (the staging directory, the old one moved aside)
+    is unique and carries this process's id, so a crash leaves nothing in the way of the next replace, and
+    whatever a dead process left is removed here."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _remove_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+        if not final.exists():
+            os.rename(tmp, final)
+            return
+        if _exchange(tmp, final):
+            old = tmp  # the old directory, now under the temporary name
         else:
-            os.replace(tmp, final)
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}-", suffix=".old", dir=final.parent))
+            os.rename(final, old)  # onto an empty directory, which POSIX allows
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(old, final)
+                raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)  # what fails to go here carries this pid: a later replace removes it
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or the file
+    system cannot, so the caller falls back to two renames."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _remove_leftovers(final: Path) -> None:
+    """Remove the temporary siblings of ``final`` that :func:`atomic_dir` made in processes no longer running
+    (a crash or kill -9 mid-replace); those of live processes, this one included, may still be in use."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:(\d+)-[^/]+\.(?:tmp|old)|old-(\d+))$")
+    for path in final.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink() and not _alive(int(match.group(1) or match.group(2))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this id runs (a reused id only delays the clean-up: names never collide)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True

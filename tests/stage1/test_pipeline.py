@@ -13,6 +13,7 @@ from alignx.axes import AXES
 from alignx.config import load_config
 from alignx.errors import AlignXError
 from alignx.run import RunDir
+from alignx.stage1 import train
 from alignx.stage1.pipeline import run_stage1
 
 ARCHS = ("llama", "mistral", "gemma", "qwen2")
@@ -64,6 +65,38 @@ def test_rerun_skips_finished_work_and_refuses_changed_settings(tmp_path, tiny_m
     assert any("skipping" in m for m in messages)
     with pytest.raises(AlignXError, match="train.lr"):
         run_stage1(_config(tmp_path / "run", tiny_model_dir, data_dir, "axes=honest", "train.lr=0.5"))
+
+
+def test_a_stage1_stopped_between_an_expert_and_its_summary_finishes_it_on_rerun(tmp_path, tiny_model_dir, data_dir,
+                                                                                 monkeypatch):
+    config = _config(tmp_path / "run", tiny_model_dir, data_dir, "axes=honest")
+    run = RunDir(config.run_dir)
+    real_write = train.atomic_write_json
+
+    def killed_at_the_summary(path, value):
+        if path == run.summary_path("honest"):
+            raise KeyboardInterrupt
+        real_write(path, value)
+
+    monkeypatch.setattr(train, "atomic_write_json", killed_at_the_summary)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage1(config, log=lambda *_: None)
+    monkeypatch.undo()
+    run_stage1(config, resume=True, log=lambda *_: None)
+    assert run.has_adapter("honest") and run.summary_path("honest").is_file()
+    entry = run.read_manifest()["experts"]["honest"]
+    assert entry["steps"] == 2 and "encoding_skipped" in entry
+
+    run.summary_path("honest").unlink()  # what a run stopped there by an older alignx left: trained again
+    run_stage1(config, log=lambda *_: None)
+    assert json.loads(run.summary_path("honest").read_text())["steps"] == 2
+
+    stamp = (run.adapter_dir("honest") / "adapter_model.safetensors").stat().st_mtime_ns
+    manifest = run.read_manifest()
+    run.update_manifest(experts={"honest": {"encoding_skipped": entry["encoding_skipped"]}})  # stopped before the entry
+    run_stage1(config, log=lambda *_: None)
+    assert (run.adapter_dir("honest") / "adapter_model.safetensors").stat().st_mtime_ns == stamp  # skipped
+    assert run.read_manifest()["experts"]["honest"] == manifest["experts"]["honest"]
 
 
 def test_concurrent_runs_on_one_directory_are_refused(tmp_path, tiny_model_dir, data_dir):

@@ -1,7 +1,7 @@
 """The Stage 1 recipe: for each axis, train its expert and build its task-feature bank, resumably.
 
-Finished work is recognised by its artifact (the adapter directory, the feature file) and skipped on a
-rerun, so an interrupted ``alignx stage1`` picks up where it stopped.
+Finished work is recognised by its artifacts (an expert's adapter directory with its summary, the feature
+file) and skipped on a rerun, so an interrupted ``alignx stage1`` picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from alignx.errors import AlignXError
 from alignx.models.loading import load_base_model
 from alignx.models.precision import autocast_dtype
 from alignx.models.source import resolve_model_source
-from alignx.run import RunDir, atomic_save_safetensors, load_safetensors
+from alignx.run import RunDir, atomic_save_safetensors, load_safetensors, read_json
 from alignx.stage1.features import feature_settings, prompt_features
 from alignx.stage1.train import ExpertTrainer, encode_examples
 
@@ -56,8 +56,11 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
         for axis, split in splits.items():
             if state.is_main_process:
                 run.update_manifest(splits={axis: {"rows": len(split.examples), "sha256": split.sha256, "skipped": dict(split.skipped)}})
-            if run.has_adapter(axis):
+            if run.has_trained_expert(axis):
                 log(f"[stage1] {axis}: expert already trained in {run.adapter_dir(axis)}; skipping")
+                entry = run.read_manifest().get("experts", {}).get(axis, {})
+                if state.is_main_process and "steps" not in entry:  # stopped after the expert, before its entry
+                    run.update_manifest(experts={axis: {**read_json(run.summary_path(axis)), **entry}})
             else:
                 loaded = _load_base(config)
                 encoded, skipped = encode_examples(
@@ -69,6 +72,8 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
                         f"train.max_length={config.train.max_length} once formatted; raise train.max_length"
                     )
                 log(f"[stage1] {axis}: training on {len(encoded)} rows ({sum(skipped.values())} skipped: {dict(skipped)})")
+                if state.is_main_process:  # before training, so a rerun that finds the expert can complete its entry
+                    run.update_manifest(experts={axis: {"encoding_skipped": dict(skipped)}})
                 trainer = ExpertTrainer(config, run, axis, loaded.model, loaded.tokenizer, encoded)
                 summary = trainer.train(resume=resume)
                 if state.is_main_process:

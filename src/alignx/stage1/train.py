@@ -231,12 +231,13 @@ class ExpertTrainer:
         )
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            # the summary first: the trained artifact appears last, so whoever finds it finds its summary too
+            atomic_write_json(self.run.summary_path(self.axis), asdict(summary))
             if self.save is not None:
                 self.save(accelerator.unwrap_model(model))
             else:
                 with atomic_dir(self.run.adapter_dir(self.axis)) as tmp:
                     accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-            atomic_write_json(self.run.summary_path(self.axis), asdict(summary))
             shutil.rmtree(self.run.checkpoints_dir(self.axis), ignore_errors=True)
         accelerator.wait_for_everyone()
         return summary
