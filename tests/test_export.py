@@ -1,8 +1,10 @@
 """`alignx export`: the hub layout, its model card, and loading it back (AlignX.from_pretrained, PEFT)."""
 
 import dataclasses
+import json
 import shutil
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from alignx.cli import main
 from alignx.errors import AlignXError
 from alignx.eval.judges import Judge
 from alignx.eval.runner import run_eval
-from alignx.export import export_run, resolve_pretrained
+from alignx.export import MARKER, export_run, resolve_pretrained
 from alignx.generate import AlignX
 from alignx.run import RunDir
 
@@ -77,20 +79,70 @@ def test_each_exported_expert_loads_alone_in_peft(evaluated_run, tmp_path, tiny_
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 
-def test_export_replaces_an_earlier_export_and_refuses_anything_else(evaluated_run, tmp_path):
+def test_export_replaces_only_an_earlier_export_of_its_own_files(evaluated_run, tmp_path):
     output = export_run(evaluated_run, tmp_path / "export")
-    (output / "stale.txt").write_text("left from before")
+    marker = json.loads((output / MARKER).read_text())
+    assert marker["format"] == "alignx-export" and "experts/honest/adapter/adapter_model.safetensors" in marker["files"]
+    (output / "README.md").write_text("edited")  # a file the export wrote: replaced
     export_run(evaluated_run, output)
-    assert not (output / "stale.txt").exists()
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "notes.txt").write_text("mine")
-    with pytest.raises(AlignXError, match="is not an export"):
-        export_run(evaluated_run, other)
-    with pytest.raises(AlignXError, match="the run itself"):
-        export_run(evaluated_run, evaluated_run.root)
+    assert (output / "README.md").read_text().startswith("---\nbase_model: ")
+    (output / "stale.txt").write_text("mine, added since")
+    with pytest.raises(AlignXError, match=r"earlier export but holds files it did not write \(stale.txt\)"):
+        export_run(evaluated_run, output)
+    assert (output / "stale.txt").read_text() == "mine, added since"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (export_run(evaluated_run, empty) / MARKER).is_file()
     with pytest.raises(AlignXError, match="not an AlignX run"):
         export_run(RunDir(tmp_path / "nothing"), tmp_path / "out")
+
+
+def test_export_never_writes_over_a_users_directory(evaluated_run, tmp_path):
+    project = tmp_path / "project"  # a project of the user's, config.yaml and all
+    (project / "src").mkdir(parents=True)
+    for name, text in (("config.yaml", "mine: true\n"), ("src/main.py", "print('mine')\n"), ("notes.txt", "mine\n")):
+        (project / name).write_text(text)
+    with pytest.raises(AlignXError, match="is not empty and is not an AlignX export"):
+        export_run(evaluated_run, project)
+    assert sorted(p.relative_to(project).as_posix() for p in project.rglob("*")) == \
+        ["config.yaml", "notes.txt", "src", "src/main.py"]
+    (project / "file").write_text("x")
+    with pytest.raises(AlignXError, match="is a file or a link"):
+        export_run(evaluated_run, project / "file")
+
+
+def test_export_never_writes_over_or_above_its_own_run(evaluated_run, tmp_path):
+    holder = tmp_path / "holder"
+    shutil.copytree(evaluated_run.root, holder / "run")
+    (holder / "config.yaml").write_text("mine: true\n")
+    run = RunDir(holder / "run")
+    with pytest.raises(AlignXError, match="is the run itself"):
+        export_run(run, run.root)
+    with pytest.raises(AlignXError, match="is a directory holding the run"):
+        export_run(run, holder)
+    assert run.has_adapter("honest") and (holder / "config.yaml").is_file()
+
+
+def test_a_hub_download_fetches_only_the_files_of_an_export_at_the_revision_given(monkeypatch, tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    repository = ["README.md", MARKER, "config.yaml", "manifest.json", "experts/honest/adapter/adapter_config.json",
+                  "experts/honest/adapter/adapter_model.safetensors", "experts/honest/summary.json",
+                  "stage2/alignx/mocae.json", "stage2/alignx/mocae.safetensors", "stage2/trinityx.json",
+                  "modeling_evil.py", "pytorch_model.bin", "experts/honest/adapter/adapter_model.bin", "setup.sh"]
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, sorted(filter_repo_objects(repository, allow_patterns=allow_patterns))))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_pretrained("someone/alignx-export", revision="0123abcd") == tmp_path
+    repo_id, revision, fetched = calls[0]
+    assert (repo_id, revision) == ("someone/alignx-export", "0123abcd")
+    assert fetched == sorted(repository[:10])  # no code, no pickles
+    with pytest.raises(AlignXError, match="a revision is for a hub repository id"):
+        resolve_pretrained(tmp_path, revision="0123abcd")
 
 
 def test_the_cli_exports_and_a_missing_hub_repository_is_explained(evaluated_run, tmp_path, capsys):
