@@ -1,6 +1,7 @@
 """The axis-loss matrix of a run: Axis Collapse measured without generation (``alignx.eval.axis_loss``).
 
-Per method and axis, the mean per-token NLL of held-out gold responses, teacher-forced, with each method's own
+Per method and axis, the mean per-token NLL of the content tokens of held-out gold responses (the template's
+end-of-turn scored apart and printed in its own table), teacher-forced, with each method's own
 weights for that prompt: helpful = Alpaca rows outside the training sample, harmless = BeaverTails eval-half
 responses labelled safe, honest = the correct answers of TruthfulQA 409-817. Forgetting shows as a method's loss
 on an axis above that axis's own expert; misrouting as a router's loss above the oracle's. Every difference to
@@ -9,7 +10,8 @@ on an axis above that axis's own expert; misrouting as a router's loss above the
 Methods: every one the run has (base, the three experts, oracle, best-expert, merge-linear, trinityx, the
 trained baselines, every Stage 2 router, and PEFT's Arrow unless ``--no-arrow``), or ``--methods``; with
 ``--quick``, the last line's five (the experts come with the oracle).
-``best-expert`` is the single expert with the lowest mean over axes (one adapter for every prompt).
+``best-expert`` is the single expert with the lowest mean over axes (one adapter for every prompt), chosen on the
+other half of the items for each half (cross-fitted), so it is not the minimum of three noisy means.
 
 Per-item losses are cached under ``<run>/axis-loss/``: an interrupted run resumes. Last line:
 ``alignx=<mean NLL over axes> oracle=<x> sft_mix=<x> base=<x> best_expert=<x>`` (``sft_mix`` absent when the run
@@ -64,7 +66,7 @@ def main() -> None:
           f"items_per_axis={items} methods={','.join(methods)}")
     result = axis_loss_matrix(run, config, methods, items, batch_size=args.batch_size, max_length=config.train.max_length)
     matrix, paired = result["matrix"], result.get("paired_to_alignx", {})
-    print(f"\nmean per-token NLL of held-out gold responses (items: {result['items']}); "
+    print(f"\nmean per-token NLL of the content tokens of held-out gold responses (items: {result['items']}); "
           "Δ = method − alignx, paired bootstrap 95 % CI, * = excludes 0")
     print(f"{'method':<28}" + "".join(f"{a:>10}" for a in [*AXES, "mean"]) + "   Δ mean vs alignx")
     for method, row in matrix.items():
@@ -73,6 +75,9 @@ def main() -> None:
                                          + (" *" if delta["excludes_zero"] else ""))
         name = f"{method} ({row['expert']})" if "expert" in row else method
         print(f"{name:<28}" + "".join(f"{row[a]:>10.4f}" for a in [*AXES, "mean"]) + note)
+    print("\nend-of-turn NLL per answer (not in the matrix above; a fall here is learning when to stop)")
+    for method, row in result["end_of_turn"].items():
+        print(f"{method:<28}" + "".join(f"{row[a]:>10.4f}" for a in [*AXES, "mean"]))
     print(f"wall_s={time.time() - started:.0f}")
     print(" ".join(f"{m.replace('-', '_')}={matrix[m]['mean']:.4f}" for m in HEADLINE if m in matrix))
 

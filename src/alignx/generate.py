@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +45,8 @@ from alignx.export import resolve_pretrained
 from alignx.mixing import MODES, MixtureOfExperts, apply_mode
 from alignx.models.checkpoint import CheckpointWeights
 from alignx.models.loading import load_base_model
-from alignx.models.precision import autocast, autocast_dtype, store_frozen_linears_in
-from alignx.run import RunDir, read_json
+from alignx.models.precision import autocast, autocast_dtype, resolve_precision, store_frozen_linears_in
+from alignx.run import RunDir, file_sha256, read_json
 from alignx.stage1.features import prompt_features
 from alignx.stage2.mocae import MoCaE
 from alignx.stage2.pipeline import stage2_dir
@@ -259,6 +261,32 @@ def trained_baselines(run: RunDir) -> list[str]:
 def available_methods(run: RunDir) -> list[str]:
     """Every method this run can generate with (trinityx once Stage 2 has written its weights)."""
     return [*FIXED_METHODS, ARROW, ORACLE, *trained_baselines(run), *trained_routers(run)]
+
+
+def method_fingerprint(run: RunDir, method: str) -> str:
+    """A digest of what decides a method's outputs here: the method, every file :meth:`AlignX.from_run` reads for
+    it (the three experts' adapters, a baseline's adapters or routers, a router's directory, Stage 2's global
+    weights), the base model it names and the precision it runs in on this machine (``auto`` is bf16 on one CPU
+    and fp32 on another). ``alignx eval`` and the axis-loss matrix key every cached answer and loss by it, so a
+    retrained expert or a refitted router in the same run directory is scored anew, never silently reused."""
+    config = run.load_config()
+    sources = [run.adapter_dir(axis) for axis in AXES]
+    if method in ADAPTER_METHODS:
+        sources += [run.adapter_dir(name) for name in method_adapters(method)]
+    elif method == "moe-dense":
+        sources.append(run.expert_dir(method))
+    elif method == "trinityx":
+        sources.append(stage2_dir(run) / "trinityx.json")
+    elif (stage2_dir(run) / method / "mocae.json").is_file():
+        sources.append(stage2_dir(run) / method)
+    precision = "fp32" if method == ARROW else config.model.precision
+    digest = hashlib.sha256(json.dumps({"method": method, "model": config.model.name, "precision": str(
+        resolve_precision(precision, "cpu"))}, sort_keys=True).encode())
+    for source in sources:
+        for path in sorted(source.rglob("*")) if source.is_dir() else [source]:
+            if path.is_file():
+                digest.update(f"{path.relative_to(run.root)}={file_sha256(path)};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:

@@ -11,6 +11,10 @@ def test_labels_cover_exactly_the_completion(tiny_tokenizer):
     assert row.labels[len(prompt_ids) :] == row.input_ids[len(prompt_ids) :]
     completion = tiny_tokenizer.decode(row.input_ids[len(prompt_ids) :])
     assert completion == "Four.<|im_end|>\n"
+    # the response's own tokens come first, then the template's end-of-turn
+    content = row.input_ids[len(prompt_ids) : len(prompt_ids) + row.response_tokens]
+    assert tiny_tokenizer.decode(content) == "Four."
+    assert tiny_tokenizer.decode(row.input_ids[len(prompt_ids) + row.response_tokens :]) == "<|im_end|>\n"
 
 
 def test_injection_goes_into_the_system_turn(tiny_tokenizer):
@@ -38,6 +42,7 @@ def test_truncation_that_leaves_no_response_drops_the_row(tiny_tokenizer):
     assert formatter.encode_training("sys", "word " * 200, "answer", max_length=32) is None
     row = formatter.encode_training("sys", "short", "answer " * 100, max_length=40)
     assert len(row.input_ids) == 40 and row.num_label_tokens > 0
+    assert row.response_tokens == row.num_label_tokens  # the cut removed the end-of-turn: every label is content
 
 
 def test_models_without_chat_template_use_alpaca_format(tiny_tokenizer):
@@ -50,6 +55,7 @@ def test_models_without_chat_template_use_alpaca_format(tiny_tokenizer):
     assert "### Instruction:\nSYS\n\nDo X\n\n### Response:\n" in text
     row = formatter.encode_training("SYS", "Do X", "Done", max_length=512)
     assert plain.decode([t for t, l in zip(row.input_ids, row.labels) if l != IGNORE_INDEX]) == "Done<|im_end|>"
+    assert row.num_label_tokens - row.response_tokens == 1  # the eos token
 
 
 def test_templates_without_system_role_get_the_injection_in_the_user_turn(tiny_tokenizer):

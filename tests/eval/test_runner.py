@@ -13,7 +13,7 @@ from alignx.axes import AXES
 from alignx.eval.benchmarks import BENCHMARKS, HEADLINE
 from alignx.eval.judges import Judge
 from alignx.generate import AlignX
-from alignx.eval.runner import _routing, axis_collapse, eval_paths, plan, read_jsonl, run_eval
+from alignx.eval.runner import _routing, axis_collapse, current_rows, eval_paths, plan, read_jsonl, run_eval
 from alignx.run import RunDir
 
 
@@ -193,7 +193,7 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
 
     # an interruption mid-file: one finished row and a torn line remain
     generations = paths.generations("base", "alpacaeval")
-    lines = generations.read_text().splitlines()
+    lines = [json.dumps(row) for row in current_rows(generations, results["keys"]["base"])]
     generations.write_text(lines[0] + "\n" + lines[1][:10])
     from alignx.generate import AlignX
 
@@ -225,6 +225,32 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
     retrained["safety"].identity = "test-length-safety@retrained"
     run_eval(run, eval_config, ["alignx", "base"], judges=retrained, log=lambda *_: None)
     assert retrained["safety"].calls > 0 and retrained["truth"].calls == 0
+
+
+def test_a_refitted_router_is_evaluated_anew_and_the_others_are_reused(eval_config, tmp_path, monkeypatch):
+    import dataclasses
+
+    shutil.copytree(eval_config.run_dir, tmp_path / "run")
+    config = dataclasses.replace(eval_config, run_dir=str(tmp_path / "run"),
+                                 eval=dataclasses.replace(eval_config.eval, axis_collapse=False))
+    run = RunDir(config.run_dir)
+    first = run_eval(run, config, ["alignx", "base"], judges=judges(), log=lambda *_: None)
+    router = run.root / "stage2" / "alignx" / "mocae.json"
+    router.write_text(router.read_text() + "\n")  # Stage 2 fitted again: another file, whatever its weights
+    generated = []
+    original = AlignX.generate
+
+    def spy(self, prompts, **kwargs):
+        generated.append(self.method)
+        return original(self, prompts, **kwargs)
+
+    monkeypatch.setattr(AlignX, "generate", spy)
+    again = run_eval(run, config, ["alignx", "base"], judges=judges(), log=lambda *_: None)
+    assert set(generated) == {"alignx"}  # base depends on nothing that changed
+    assert again["keys"]["alignx"] != first["keys"]["alignx"] and again["keys"]["base"] == first["keys"]["base"]
+    paths = eval_paths(run, "quick")
+    assert len(read_jsonl(paths.generations("alignx", "alpacaeval"))) == 6  # the old rows stay, under their old key
+    assert len(read_jsonl(paths.mc("alignx"))) == 6
 
 
 def test_unknown_method_is_a_clear_error(eval_config):

@@ -24,10 +24,15 @@ _SENTINEL = "\x00alignx-system\x00"
 
 @dataclass
 class EncodedExample:
-    """Token ids of one training row and its labels (``IGNORE_INDEX`` wherever no loss is taken)."""
+    """Token ids of one training row and its labels (``IGNORE_INDEX`` wherever no loss is taken).
+
+    ``response_tokens``: how many of the labelled tokens are the response's own text; the labels after them are
+    the template's end-of-turn (SmolLM2: ``<|im_end|>\n``). Training learns both; an evaluation of what a model
+    says scores the content apart, because on a one-line answer the end-of-turn can cost as much as the rest."""
 
     input_ids: list[int]
     labels: list[int]
+    response_tokens: int
 
     @property
     def num_label_tokens(self) -> int:
@@ -106,12 +111,20 @@ class ChatFormatter:
     def encode_training(self, system: str, user: str, response: str, max_length: int) -> EncodedExample | None:
         """Token ids and labels of one row; ``None`` when truncation leaves no response token to learn."""
         prompt_ids = self._ids(self.prompt_text(user, system))
-        completion_ids = self._ids(self.completion_text(response))
+        completion = self.completion_text(response)
+        encoding = self.tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
+        completion_ids = encoding["input_ids"]
+        start = completion.find(response.strip())
+        if start < 0:
+            raise ValueError("chat template rewrites the response text in a way AlignX cannot locate")
+        end = start + len(response.strip())  # the template's end-of-turn follows
+        response_tokens = sum(1 for token_start, _ in encoding["offset_mapping"] if token_start < end)
         input_ids = (prompt_ids + completion_ids)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
             return None
-        return EncodedExample(input_ids=input_ids, labels=labels)
+        return EncodedExample(input_ids=input_ids, labels=labels,
+                              response_tokens=min(response_tokens, len(labels) - len(prompt_ids)))
 
     def encode_prompt(self, user: str, max_length: int) -> EncodedPrompt:
         """Ids of the inference-time prompt and the mask of the user's content tokens (first ``max_length``)."""

@@ -7,15 +7,25 @@ routes the prompt, a fixed-weight method uses its weights, the ``oracle`` its go
 shows as a method's loss on an axis above that axis's own expert; misrouting as a router's loss above the
 oracle's.
 
+Only the response's own (content) tokens are scored: the template's end-of-turn (SmolLM2: ``<|im_end|>\n``) is
+reported apart. On one-line TruthfulQA answers (11.8 tokens) base SmolLM2 pays ~15 nats for ``<|im_end|>``
+against ~2.6 per content token, 39 % of the summed loss, so a loss with it in would read "learned when to stop"
+as "learned the answer". The matrix gives the per-token mean (the headline), the per-answer mean (each answer's
+summed content NLL, averaged over answers) and the end-of-turn NLL per answer.
+
 The oracle is not run again: its weights on an axis are that axis's expert's one-hot weights, so its rows
-are the expert's rows (the same computation). Per item the file keeps the summed NLL and the token count, so
+are the expert's rows (the same computation). Per item the file keeps the summed NLLs and token counts, so
 an axis's value is a token-weighted mean and paired bootstrap intervals resample items.
 
-Layout under ``<run>/axis-loss/``: ``<method>.jsonl`` (one line per item: id, axis, nll, tokens; appended a
-batch at a time, so an interrupted run resumes) and ``matrix.json``.
+Layout under ``<run>/axis-loss/``: ``<method>.jsonl`` (one line per item: id, axis, nll, tokens, end_nll,
+end_tokens and the key of what produced it; appended a batch at a time, so an interrupted run resumes) and
+``matrix.json``. A row counts only under its key (:func:`alignx.generate.method_fingerprint` with the batch
+size and length limit): a retrained expert or refitted router is scored anew.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import torch
@@ -27,7 +37,7 @@ from alignx.data.formatting import IGNORE_INDEX
 from alignx.data.splits import Example, gold_responses
 from alignx.eval.runner import append_jsonl, read_jsonl
 from alignx.eval.statistics import Sample, paired_difference
-from alignx.generate import ORACLE, AlignX
+from alignx.generate import ORACLE, AlignX, method_fingerprint
 from alignx.models.precision import autocast
 from alignx.run import RunDir, atomic_write_json
 from alignx.stage1.batching import collate
@@ -43,7 +53,8 @@ def gold_items(config: AlignXConfig, items_per_axis: int) -> dict[str, list[Exam
 
 @torch.inference_mode()
 def item_losses(aligner: AlignX, examples: list[Example], axis: str, max_length: int) -> list[dict]:
-    """Summed NLL and token count of each gold response under ``aligner``'s weights for its prompt."""
+    """Summed NLL and token count of each gold response's content tokens, and of its end-of-turn tokens, under
+    ``aligner``'s weights for its prompt."""
     formatter, tokenizer = aligner.formatter, aligner.loaded.tokenizer
     encoded = [formatter.encode_training(None, e.user_text, e.response, max_length) for e in examples]
     keep = [(e, x) for e, x in zip(examples, encoded) if x is not None]  # a prompt longer than max_length: no token left
@@ -60,15 +71,21 @@ def item_losses(aligner: AlignX, examples: list[Example], axis: str, max_length:
     targets = batch["labels"][:, -kept + 1 :].to(device)  # kept >= 2: every item has a prompt and a label
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
                                             reduction="none")
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    return [{"id": e.id, "axis": axis, "nll": float(n), "tokens": int(c)}
-            for (e, _), n, c in zip(keep, nll.sum(dim=1).cpu(), counts.cpu())]
+    labelled = targets != IGNORE_INDEX
+    order = labelled.cumsum(dim=1)  # 1 at a row's first label token, 2 at its second, ...
+    content = labelled & (order <= torch.tensor([x.response_tokens for _, x in keep], device=device)[:, None])
+    end = labelled & ~content
+    return [{"id": e.id, "axis": axis, "nll": float(c), "tokens": int(ct), "end_nll": float(t), "end_tokens": int(tt)}
+            for (e, _), c, ct, t, tt in zip(keep, (nll * content).sum(dim=1).cpu(), content.sum(dim=1).cpu(),
+                                             (nll * end).sum(dim=1).cpu(), end.sum(dim=1).cpu())]
 
 
 def run_method(run: RunDir, method: str, items: dict[str, list[Example]], batch_size: int, max_length: int) -> list[dict]:
-    """Every item's loss under one method (resumed from ``<run>/axis-loss/<method>.jsonl``)."""
+    """Every item's loss under one method (resumed from ``<run>/axis-loss/<method>.jsonl``, rows of another key
+    ignored)."""
     path = run.root / "axis-loss" / f"{method}.jsonl"
-    done = {row["id"] for row in read_jsonl(path)}
+    key = hashlib.sha256(f"{method_fingerprint(run, method)}/{batch_size}/{max_length}/content".encode()).hexdigest()[:16]
+    done = {row["id"] for row in read_jsonl(path) if row.get("key") == key}
     todo = {axis: [e for e in examples if e.id not in done] for axis, examples in items.items()}
     if any(todo.values()):
         aligner = AlignX.from_run(run.root, method=method)
@@ -79,19 +96,20 @@ def run_method(run: RunDir, method: str, items: dict[str, list[Example]], batch_
                 examples = sorted(examples, key=lambda e: len(e.user_text) + len(e.response))  # less padding
                 for start in range(0, len(examples), batch_size):
                     batch = examples[start : start + batch_size]
-                    append_jsonl(path, item_losses(aligner, batch, axis, max_length))
+                    append_jsonl(path, [{**row, "key": key} for row in item_losses(aligner, batch, axis, max_length)])
                     bar.update(len(batch))
         del aligner
     wanted = {e.id for examples in items.values() for e in examples}
-    return [row for row in read_jsonl(path) if row["id"] in wanted]
+    return list({row["id"]: row for row in read_jsonl(path) if row["id"] in wanted and row.get("key") == key}.values())
 
 
 def axis_loss_matrix(run: RunDir, config: AlignXConfig, methods: list[str], items_per_axis: int, *,
                      batch_size: int = 8, max_length: int = 256, resamples: int = 1000) -> dict:
-    """The matrix (method x axis mean NLL, and the mean over axes), with paired differences to ``alignx``.
+    """The matrix (method x axis mean NLL over content tokens, and the mean over axes), the same per answer and for
+    the end-of-turn, with paired differences to ``alignx``.
 
-    ``methods`` may include ``oracle`` (built from the experts' rows) and ``best-expert``: the single expert
-    with the lowest mean over axes, i.e. the best one adapter for every prompt."""
+    ``methods`` may include ``oracle`` (built from the experts' rows) and ``best-expert``: the one adapter for every
+    prompt, chosen by :func:`cross_fitted_best` so that no item both picks the expert and scores it."""
     items = gold_items(config, items_per_axis)
     experts = [f"expert-{axis}" for axis in AXES]
     needed = list(dict.fromkeys(m for m in methods if m not in (ORACLE, "best-expert")))
@@ -100,23 +118,62 @@ def axis_loss_matrix(run: RunDir, config: AlignXConfig, methods: list[str], item
     rows = {method: run_method(run, method, items, batch_size, max_length) for method in needed}
     if ORACLE in methods:
         rows[ORACLE] = [r for axis in AXES for r in rows[f"expert-{axis}"] if r["axis"] == axis]
+    chosen = {}
+    if "best-expert" in methods:
+        rows["best-expert"], chosen = cross_fitted_best({e: rows[e] for e in experts})
     by_axis = {m: {axis: sorted((r for r in rs if r["axis"] == axis), key=lambda r: r["id"]) for axis in AXES}
                for m, rs in rows.items()}
-    samples = {m: {axis: Sample({"nll": np.array([r["nll"] for r in axis_rows]),
-                                 "tokens": np.array([r["tokens"] for r in axis_rows], dtype=float)}, _token_mean)
-                   for axis, axis_rows in table.items()} for m, table in by_axis.items()}
-    matrix = {m: {**{axis: s.value() for axis, s in table.items()}, "mean": float(np.mean([s.value() for s in table.values()]))}
-              for m, table in samples.items()}
-    if "best-expert" in methods:
-        best = min(experts, key=lambda e: matrix[e]["mean"])
-        matrix["best-expert"] = {**matrix[best], "expert": best}
-        samples["best-expert"] = samples[best]
-    result = {"items": {axis: len(v) for axis, v in items.items()}, "metric": "mean per-token NLL of held-out gold responses",
-              "matrix": {m: matrix[m] for m in [*methods, *(e for e in experts if e in matrix and e not in methods)]}}
-    if "alignx" in samples:
-        result["paired_to_alignx"] = {
-            m: {**{axis: paired_difference([samples[m][axis]], [samples["alignx"][axis]], resamples, 0) for axis in AXES},
-                "mean": paired_difference([samples[m][a] for a in AXES], [samples["alignx"][a] for a in AXES], resamples, 0)}
-            for m in result["matrix"] if m != "alignx"}
+    measures = {"per_token": lambda rs: Sample({"nll": _column(rs, "nll"), "tokens": _column(rs, "tokens")}, _token_mean),
+                "per_answer": lambda rs: Sample({"nll": _column(rs, "nll")}, _mean),
+                "end_of_turn": lambda rs: Sample({"nll": _column(rs, "end_nll")}, _mean)}
+    samples = {name: {m: {axis: sample(axis_rows) for axis, axis_rows in table.items()} for m, table in by_axis.items()}
+               for name, sample in measures.items()}
+    order = [*methods, *(e for e in experts if e in rows and e not in methods)]
+
+    def table(name: str) -> dict:
+        out = {}
+        for m in order:
+            values = {axis: samples[name][m][axis].value() for axis in AXES}
+            out[m] = {**values, "mean": float(np.mean(list(values.values()))),
+                      **({"expert": "/".join(sorted(set(chosen.values())))} if m == "best-expert" else {})}
+        return out
+
+    result = {"items": {axis: len(v) for axis, v in items.items()},
+              "metric": "mean per-token NLL of the content tokens of held-out gold responses (end-of-turn apart)",
+              "matrix": table("per_token"), "per_answer": table("per_answer"), "end_of_turn": table("end_of_turn"),
+              **({"best_expert_by_fold": chosen} if chosen else {})}
+    if "alignx" in rows:
+        result["paired_to_alignx"] = {m: _paired(samples["per_token"], m, resamples) for m in order if m != "alignx"}
+        result["paired_to_alignx_per_answer"] = {m: _paired(samples["per_answer"], m, resamples) for m in order if m != "alignx"}
     atomic_write_json(run.root / "axis-loss" / "matrix.json", result)
     return result
+
+
+def cross_fitted_best(expert_rows: dict[str, list[dict]]) -> tuple[list[dict], dict[str, str]]:
+    """The best single expert for every prompt without selection bias: items fall in two folds by a hash of their
+    id, and each fold takes the expert with the lowest mean over axes (per-token content NLL) on the *other* fold.
+    Choosing and scoring on the same items would make "best expert" the minimum of three noisy means, biased low.
+    Returns the rows (each fold's from its chosen expert) and ``{fold: expert}``."""
+    def fold(row: dict) -> str:
+        return str(int(hashlib.sha256(row["id"].encode()).hexdigest()[:8], 16) % 2)
+
+    def score(rows: list[dict]) -> float:
+        return float(np.mean([_token_mean(_column(part, "nll"), _column(part, "tokens"))
+                              for axis in AXES if (part := [r for r in rows if r["axis"] == axis])]))
+
+    chosen = {k: min(expert_rows, key=lambda e: score([r for r in expert_rows[e] if fold(r) != k])) for k in ("0", "1")}
+    return [r for k, e in chosen.items() for r in expert_rows[e] if fold(r) == k], chosen
+
+
+def _column(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([r[key] for r in rows], dtype=float)
+
+
+def _mean(nll: np.ndarray) -> float:
+    return float(nll.mean()) if len(nll) else float("nan")
+
+
+def _paired(samples: dict[str, dict[str, Sample]], method: str, resamples: int) -> dict:
+    ours, theirs = samples["alignx"], samples[method]
+    return {**{axis: paired_difference([theirs[axis]], [ours[axis]], resamples, 0) for axis in AXES},
+            "mean": paired_difference([theirs[a] for a in AXES], [ours[a] for a in AXES], resamples, 0)}

@@ -10,9 +10,13 @@ Layout under ``<run>/eval/<suite>/``::
     report.md, report.html, *.png            see :mod:`alignx.eval.report`
 
 Nothing finished is redone: generation and MC files are appended one batch (one question) at a time and
-a rerun skips the ids already there; a judge's score is reused while the judge (its identity: a retrained
+a rerun skips the ids already there under the same key; a judge's score is reused while the judge (its identity: a retrained
 offline judge is another judge) and the response are unchanged, so an expensive online judge is never asked
 twice. Scored files and results are written atomically.
+
+Every generation and MC row carries the key of what produced it (:func:`result_key`: the method's fingerprint,
+i.e. its adapters, router and precision, and the generation settings), and only rows of the current key count:
+retraining an expert or refitting Stage 2 in the same run directory generates and scores anew.
 
 Axis Collapse (METHOD.md section 5): each axis's headline score of a method relative to that axis's own
 expert (``expert-<axis>``): helpful = length-controlled win rate, harmless = 1 - unsafe rate on
@@ -52,7 +56,7 @@ from alignx.eval.statistics import (
     with_ci,
 )
 from alignx.eval.truthfulqa_mc import primer_cache, score_questions
-from alignx.generate import ORACLE, AlignX, token_budget_batches
+from alignx.generate import ORACLE, AlignX, method_fingerprint, token_budget_batches
 from alignx.models.precision import autocast
 from alignx.run import RunDir, atomic_write_json, atomic_write_text
 
@@ -104,11 +108,12 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
     todo = plan(methods, config.eval.axis_collapse)
     items = {name: benchmark_items(name, config.data, config.eval) for name in BENCHMARKS}
     judges = judges if judges is not None else load_eval_judges(config, todo)  # fail before, not after, generating
+    keys = {method: result_key(run, config, method) for method in todo}
     for method, benchmarks in todo.items():
-        _generate_method(run, config, method, benchmarks, items, paths, log)
-    results = summarise(config, todo, items, paths, judges, log)
+        _generate_method(run, config, method, benchmarks, items, paths, keys, log)
+    results = summarise(config, todo, items, paths, judges, keys, log)
     atomic_write_json(paths.results, results)
-    answers = collect_answers(todo, items, paths)
+    answers = collect_answers(todo, items, paths, keys)
     write_exports(paths.root, items, {benchmark: {method: {i: a["response"] for i, a in rows.items()}
                                                   for method, rows in entry["methods"].items()}
                                       for benchmark, entry in answers.items()})
@@ -125,22 +130,37 @@ def load_eval_judges(config: AlignXConfig, todo: dict[str, list[str]]) -> dict[s
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, log) -> None:
+def result_key(run: RunDir, config: AlignXConfig, method: str) -> str:
+    """What produced a method's answers: its fingerprint (:func:`alignx.generate.method_fingerprint`) and every
+    generation setting that changes a token (batch composition too: bf16 answers depend on their batch-mates)."""
+    settings = {k: getattr(config.eval, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed",
+                                                      "batch_size", "batch_tokens")}
+    text = json.dumps({"method": method_fingerprint(run, method), **settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def current_rows(path: Path, key: str) -> list[dict]:
+    """The rows of a generation or MC file that the current ``key`` produced (a later row of an id wins)."""
+    return list({row["id"]: row for row in read_jsonl(path) if row.get("key") == key}.values())
+
+
+def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, keys: dict[str, str], log) -> None:
+    key = keys[method]
     if method == ORACLE:
-        _reuse_expert_answers(benchmarks, items, paths)
-    pending = {b: _pending(items[b], paths.generations(method, b)) for b in benchmarks if BENCHMARKS[b].generates}
-    mc_pending = _pending(items["truthfulqa_mc"], paths.mc(method)) if "truthfulqa_mc" in benchmarks else []
+        _reuse_expert_answers(benchmarks, items, paths, keys)
+    pending = {b: _pending(items[b], paths.generations(method, b), key) for b in benchmarks if BENCHMARKS[b].generates}
+    mc_pending = _pending(items["truthfulqa_mc"], paths.mc(method), key) if "truthfulqa_mc" in benchmarks else []
     if not any(pending.values()) and not mc_pending:
         return
     aligner = AlignX.from_run(run.root, method=method)
     with aligner.held():
-        _generate_pending(aligner, config, method, items, pending, paths)
+        _generate_pending(aligner, config, method, items, pending, paths, key)
         if mc_pending:
-            _run_mc(aligner, method, items["truthfulqa_mc"], mc_pending, paths.mc(method))
+            _run_mc(aligner, method, items["truthfulqa_mc"], mc_pending, paths.mc(method), key)
     del aligner
 
 
-def _generate_pending(aligner, config, method, items, pending: dict[str, list[dict]], paths: EvalPaths) -> None:
+def _generate_pending(aligner, config, method, items, pending: dict[str, list[dict]], paths: EvalPaths, key: str) -> None:
     options = dict(max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                    do_sample=config.eval.do_sample, temperature=config.eval.temperature, top_p=config.eval.top_p)
     for benchmark, todo in pending.items():
@@ -154,7 +174,7 @@ def _generate_pending(aligner, config, method, items, pending: dict[str, list[di
             seed = config.eval.seed + int(hashlib.sha256(batch[0]["id"].encode()).hexdigest()[:8], 16)
             generations = aligner.generate([item["prompt"] for item in batch], seed=seed,
                                            axes=[BENCHMARKS[benchmark].oracle_axis] * len(batch), **options)
-            rows = [{"id": item["id"], "prompt": item["prompt"], "response": g.response, "method": method,
+            rows = [{"id": item["id"], "key": key, "prompt": item["prompt"], "response": g.response, "method": method,
                      **({"weights": g.weights} if g.weights is not None else {}),
                      **({"routing": g.explanation} if g.explanation else {})}
                     for item, g in zip(batch, generations)]
@@ -163,16 +183,18 @@ def _generate_pending(aligner, config, method, items, pending: dict[str, list[di
         bar.close()
 
 
-def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], paths: EvalPaths) -> None:
+def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], paths: EvalPaths, keys: dict[str, str]) -> None:
     """The oracle's answer to an item is its gold axis's expert's answer: the same one-hot weights, batches and
-    seeds, so the same computation. Copy what that expert already answered instead of generating it again."""
+    seeds, so the same computation. Copy what that expert already answered (under its current key) instead of
+    generating it again."""
     for benchmark in benchmarks:
         spec = BENCHMARKS[benchmark]
         source = paths.mc if not spec.generates else (lambda m: paths.generations(m, benchmark))
         target = source(ORACLE)
-        wanted = {item["id"] for item in _pending(items[benchmark], target)}
-        rows = [{**row, **({"method": ORACLE} if "method" in row else {})}
-                for row in read_jsonl(source(f"expert-{spec.oracle_axis}")) if row["id"] in wanted]
+        wanted = {item["id"] for item in _pending(items[benchmark], target, keys[ORACLE])}
+        expert = f"expert-{spec.oracle_axis}"
+        rows = [{**row, "key": keys[ORACLE], **({"method": ORACLE} if "method" in row else {})}
+                for row in current_rows(source(expert), keys.get(expert, "")) if row["id"] in wanted]
         if rows:
             append_jsonl(target, rows)
 
@@ -180,7 +202,7 @@ def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], p
 MC_QUESTIONS_PER_BATCH = 8  # questions scored together (alignx.eval.truthfulqa_mc.batched_continuation_scores)
 
 
-def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path: Path) -> None:
+def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path: Path, key: str) -> None:
     device = next(aligner.loaded.model.parameters()).device
     model, tokenizer = aligner.loaded.model, aligner.loaded.tokenizer
     axis = BENCHMARKS["truthfulqa_mc"].oracle_axis
@@ -194,7 +216,7 @@ def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path:
             shared = primer_cache(model, tokenizer)
             for group in groups:
                 scores = score_questions(model, tokenizer, group, shared)
-                append_jsonl(path, [_mc_row(aligner, item, weights, 0, s) for item, s in zip(group, scores)])
+                append_jsonl(path, [_mc_row(aligner, item, weights, 0, s, key) for item, s in zip(group, scores)])
                 bar.update(len(group))
         bar.close()
         return
@@ -203,17 +225,17 @@ def _run_mc(aligner, method: str, all_items: list[dict], todo: list[dict], path:
         with autocast(aligner.precision, device):
             scores = score_questions(model, tokenizer, group,
                                      rows=lambda questions: aligner.experts(weights[questions], merge=False))
-        append_jsonl(path, [_mc_row(aligner, item, weights, i, s) for i, (item, s) in enumerate(zip(group, scores))])
+        append_jsonl(path, [_mc_row(aligner, item, weights, i, s, key) for i, (item, s) in enumerate(zip(group, scores))])
         bar.update(len(group))
     bar.close()
 
 
-def _mc_row(aligner, item: dict, weights, row: int, scores: dict) -> dict:
-    return {"id": item["id"], **scores, **({"weights": aligner.named_weights(weights, row)} if weights is not None else {})}
+def _mc_row(aligner, item: dict, weights, row: int, scores: dict, key: str) -> dict:
+    return {"id": item["id"], "key": key, **scores, **({"weights": aligner.named_weights(weights, row)} if weights is not None else {})}
 
 
-def _pending(items: list[dict], path: Path) -> list[dict]:
-    done = {row["id"] for row in read_jsonl(path)}
+def _pending(items: list[dict], path: Path, key: str) -> list[dict]:
+    done = {row["id"] for row in current_rows(path, key)}
     return [item for item in items if item["id"] not in done]
 
 
@@ -283,7 +305,7 @@ def _judge_item(row: dict, item: dict) -> JudgeItem:
 
 # ---------------------------------------------------------------------------------------------- summary
 def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths,
-              judges: dict[str, Judge], log=print) -> dict:
+              judges: dict[str, Judge], keys: dict[str, str], log=print) -> dict:
     b, seed = config.eval.bootstrap, config.eval.seed
     confusions = {task: judge.describe().get("confusion") for task, judge in judges.items()}
     by_id = {name: {item["id"]: item for item in rows} for name, rows in items.items()}
@@ -295,12 +317,12 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
         for benchmark in benchmarks:
             spec = BENCHMARKS[benchmark]
             if not spec.generates:
-                rows = _complete(read_jsonl(paths.mc(method)), items[benchmark], method, benchmark)
+                rows = _complete(current_rows(paths.mc(method), keys[method]), items[benchmark], method, benchmark)
                 samples[method][benchmark] = {key: Metric(Sample({"flags": np.array([r[key] for r in rows])}, rate))
                                               for key in ("mc1", "mc2")}
                 metrics[benchmark] = {key: with_ci(m.sample.values, rate, b, seed) for key, m in samples[method][benchmark].items()}
                 continue
-            rows = _complete(read_jsonl(paths.generations(method, benchmark)), items[benchmark], method, benchmark)
+            rows = _complete(current_rows(paths.generations(method, benchmark), keys[method]), items[benchmark], method, benchmark)
             p = _score(method, benchmark, rows, by_id[benchmark], judges, paths)
             samples[method][benchmark] = benchmark_samples(benchmark, rows, by_id[benchmark], p)
             metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], p, b, seed, confusions)
@@ -318,6 +340,7 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
         "suite": config.eval.suite,
         "items_per_benchmark": {name: len(rows) for name, rows in items.items()},
         "generation": {k: getattr(config.eval, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")},
+        "keys": keys,
         "bootstrap": {"resamples": b, "level": 0.95, "seed": seed},
         "judges": {task: judge.describe() for task, judge in judges.items()},
         "methods": methods,
@@ -362,7 +385,7 @@ def paired_differences(samples: dict[str, dict[str, dict[str, Metric]]], referen
     return out
 
 
-def collect_answers(todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths) -> dict:
+def collect_answers(todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths, keys: dict[str, str]) -> dict:
     """Per generating benchmark, its prompts and each method's answer, final weights and judge probabilities
     (what report.html shows side by side): ``{benchmark: {"items": [{id, prompt}], "methods": {method:
     {id: {"response", "weights", "scores": {task: p}}}}}}``."""
@@ -377,7 +400,7 @@ def collect_answers(todo: dict[str, list[str]], items: dict[str, list[dict]], pa
             entry["methods"][method] = {
                 row["id"]: {"response": row["response"], "weights": row.get("weights"),
                             "scores": {task: score["p"] for task, score in scored.get(row["id"], {}).items()}}
-                for row in read_jsonl(paths.generations(method, benchmark))}
+                for row in current_rows(paths.generations(method, benchmark), keys[method])}
         answers[benchmark] = entry
     return answers
 
