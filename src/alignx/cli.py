@@ -173,7 +173,9 @@ def _normalise_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = _normalise_argv(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from alignx.eval.lm_eval_cli import passthrough  # lm-eval's own line bypasses this parser
+
+    args = passthrough(argv) or parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -1,17 +1,21 @@
 """AlignX inside lm-evaluation-harness: the ``alignx`` model, so any lm-eval task runs on a routed model.
 
 Install the extra (``pip install 'alignx[lm-eval]'``) and run lm-eval through AlignX, which registers the model
-before handing lm-eval its own command line (lm-eval finds models only in its registry, not in other packages)::
+before handing lm-eval its own command line, untouched (lm-eval finds models only in its registry, not in other
+packages)::
 
-    alignx lm-eval --model alignx --model_args run=runs/demo,method=alignx --tasks truthfulqa_mc2
-    python -m alignx.eval.lm_harness --model alignx --model_args run=runs/demo --tasks truthfulqa_mc2
+    alignx lm-eval --model alignx --model_args run=runs/mine,method=alignx --tasks truthfulqa_mc2
+    python -m alignx.eval.lm_harness --model alignx --model_args run=runs/mine --tasks truthfulqa_mc2
 
-In Python, importing this module registers it: ``lm_eval.simple_evaluate(model="alignx", model_args=...)``.
+lm-eval 0.4.13 also takes the line with its ``run`` subcommand (``alignx lm-eval run --model alignx ...``);
+``alignx lm-eval -- --help`` shows lm-eval's own options. In Python, importing this module registers the model:
+``lm_eval.simple_evaluate(model="alignx", model_args=...)``.
 
 Every request is routed on its own context. A few-shot context routes on what is asked: its last block (after
 the last blank line, lm-eval's default few-shot delimiter), with a ``Q:``/``A:`` frame removed, so TruthfulQA's
 question is routed as ``alignx eval`` routes it (``route=context`` routes the whole context instead). The route's
-weights hold for every continuation of that context. Log-likelihoods use lm-eval's token split
+weights hold for every continuation of that context. ``method=oracle`` is refused: it needs each prompt's gold
+axis, which an lm-eval request does not carry. Log-likelihoods use lm-eval's token split
 (:func:`alignx.eval.truthfulqa_mc.continuation_scores`) on the raw text with no chat template, as lm-eval's
 ``hf`` model does; ``generate_until`` decodes greedily from the raw context and cuts at the first stop string.
 """
@@ -31,7 +35,7 @@ from tqdm.auto import tqdm
 
 from alignx.errors import AlignXError
 from alignx.eval.truthfulqa_mc import continuation_scores
-from alignx.generate import AlignX
+from alignx.generate import ORACLE, AlignX
 from alignx.models.precision import autocast
 
 ROUTES = ("last", "context")
@@ -59,13 +63,16 @@ class AlignXLM(LM):
             raise AlignXError("the alignx lm-eval model needs run=<run directory>, e.g. --model_args run=runs/demo")
         if route not in ROUTES:
             raise AlignXError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+        if method == ORACLE:  # it routes by each prompt's gold axis, and an lm-eval request has none
+            raise AlignXError("method=oracle needs each prompt's gold axis, which lm-eval requests do not carry: "
+                              "use method=alignx (or expert-<axis> for one expert everywhere); `alignx eval` scores the oracle")
         self.aligner = AlignX.from_run(run, method=method, mode=mode)
         self.route, self.max_length = route, int(max_length)
         self.tokenizer = self.aligner.loaded.tokenizer
         self.model = self.aligner.loaded.model
 
     def _weights(self, context: str):
-        weights, _ = self.aligner.weights_for([routing_text(context, self.route)], ["honest"])
+        weights, _ = self.aligner.weights_for([routing_text(context, self.route)])
         return weights
 
     def _scored(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
@@ -118,9 +125,15 @@ class AlignXLM(LM):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's own command line, with the ``alignx`` model registered."""
-    sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    """lm-eval's own command line (``argv``, default ``sys.argv[1:]``), with the ``alignx`` model registered.
+
+    lm-eval reads ``sys.argv`` itself, so it is set for the call and restored after."""
+    saved = sys.argv
+    sys.argv = [saved[0], *(saved[1:] if argv is None else argv)]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":
