@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prompts into a task-feature bank. Finished axes are skipped; --resume continues an interrupted one. "
         "Subcommand `task-vector` writes an expert's task vector.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="run directory layout: see `python -c 'import alignx.run; help(alignx.run)'` or the README",
+        epilog="run directory layout: see `python -c 'import alignx.run; help(alignx.run)'` or docs/cli.md",
     )
     _add_config_arguments(stage1)
     stage1.add_argument("--axes", help="comma-separated subset of helpful,harmless,honest (default: all)")
