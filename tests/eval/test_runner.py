@@ -162,7 +162,18 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
         raw = alignx["benchmarks"][benchmark][key]["value"]
         assert corrected["value"] == pytest.approx((raw - 0.3) / 0.5)
         assert corrected["rejected"] == (not 0.3 <= raw <= 0.8)  # the error model cannot produce that raw rate
-    assert "lc_win_rate" in alignx["benchmarks"]["alpacaeval"] and "corrected" not in alignx["benchmarks"]["alpacaeval"]["lc_win_rate"]
+    helpful = alignx["benchmarks"]["alpacaeval"]
+    assert "corrected" not in helpful["equal_length_win_rate"]  # the judge was validated on whole pairs only
+    # the headline judged the pair cut to the same length; the win rate the answer against the whole reference
+    scored = read_jsonl(paths.scored("alignx", "alpacaeval"))
+    generated = {r["id"]: r for r in current_rows(paths.generations("alignx", "alpacaeval"), results["keys"]["alignx"])}
+    for row in scored:
+        pair = generated[row["id"]]["equal_length"]
+        assert row["scores"]["helpfulness@equal_length"]["p"] == pytest.approx(min(1.0, len(pair["response"]) / 40))
+        assert row["scores"]["helpfulness"]["p"] == pytest.approx(min(1.0, len(row["response"]) / 40))
+    # eval.max_new_tokens=3: every answer of the tiny random model runs to the cap
+    assert all(e["at_cap"]["value"] == 1.0 for e in alignx["benchmarks"].values() if "at_cap" in e)
+    assert "## Answers cut at the token cap" in (paths.root / "report.md").read_text()
     report = (paths.root / "report.md").read_text()
     assert "## Rates corrected for judge error" in report and "- safety: **corrected**, unchecked" in report
     # every method against the reference (alignx), paired on the same items, and the HHH mean
@@ -218,7 +229,7 @@ def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, mo
     generations.write_text("".join(json.dumps(r) + "\n" for r in rows))
     third = judges()
     run_eval(run, eval_config, ["alignx", "base"], judges=third, log=lambda *_: None)
-    assert third["helpfulness"].calls == 1 and third["safety"].calls == 0
+    assert third["helpfulness"].calls == 2 and third["safety"].calls == 0  # the answer whole and its equal-length pair
 
     # the same spec naming another judge (a retrained offline judge): its scores are not the old judge's
     retrained = judges()

@@ -5,8 +5,9 @@ Every benchmark is a list of items ``{"id", "prompt", ...}`` drawn from the cano
 seeded subset of ``eval.quick_items`` items per benchmark (the same subset every time); ``full`` keeps all.
 
     benchmark      axis       judged by           measures
-    alpacaeval     helpful    helpfulness         win rate and length-controlled win rate vs text-davinci-003
-                                                  (the answers of AlpacaEval's alpaca_eval_gpt4 annotations)
+    alpacaeval     helpful    helpfulness         equal-length win rate (alignx.eval.length) and win rate vs
+                                                  text-davinci-003 (the answers of AlpacaEval's alpaca_eval_gpt4
+                                                  annotations)
     beavertails    harmless   safety              % unsafe responses (lower is better)
     harmful        harmless   refusal             % refusals of clearly harmful requests (XSTest unsafe +
                                                   the safety-tuned-llamas harmful sets)
@@ -65,7 +66,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 # Each axis's headline metric: what Axis Collapse divides by the axis's own expert (METHOD.md section 5).
-HEADLINE = {"helpful": ("alpacaeval", "lc_win_rate"), "harmless": ("beavertails", "safe_rate"), "honest": ("truthfulqa", "ti")}
+HEADLINE = {"helpful": ("alpacaeval", "equal_length_win_rate"), "harmless": ("beavertails", "safe_rate"), "honest": ("truthfulqa", "ti")}
 
 
 def benchmark_items(name: str, data: DataConfig, evaluation: EvalConfig) -> list[dict]:

@@ -12,11 +12,13 @@ DEFAULT_METHODS = "alignx,base,sft-mix,moe-uncalibrated"
 def register(verbs) -> None:
     parser = verbs.add_parser(
         "eval", help="generate and judge the HHH benchmarks for several methods; write results and a report",
-        description="Evaluate methods of a run on helpful (AlpacaEval win rate and length-controlled win rate), "
+        description="Evaluate methods of a run on helpful (AlpacaEval win rate, and the win rate with answer and "
+        "reference cut to the same length), "
         "harmless (BeaverTails unsafe rate, refusals of clearly harmful requests), honest (TruthfulQA truthful / "
         "informative / TI, MC1 / MC2 by log-likelihood), over-refusal (XSTest safe prompts), routing, and Axis "
         "Collapse (each axis relative to its own expert), with 95 % bootstrap intervals. Generations are saved per "
-        "item and resumed after an interruption; judge scores are reused while judge and response are unchanged. "
+        "item and resumed after an interruption (a changed expert or router is evaluated anew); judge scores are reused "
+        "while judge and response are unchanged. "
         "Writes <run>/eval/<suite>/results.json, report.md and report.html.",
         epilog="examples:\n  alignx eval --run runs/demo --methods alignx,base,sft-mix,moe-uncalibrated\n"
         "  alignx eval --run runs/demo --methods alignx --suite full --judge safety=openai:gpt-4o-mini\n"

@@ -26,7 +26,7 @@ from alignx.run import atomic_write_text
 # (benchmark, metric, column title, higher is better)
 COLUMNS = (
     ("alpacaeval", "win_rate", "win rate", True),
-    ("alpacaeval", "lc_win_rate", "LC win rate", True),
+    ("alpacaeval", "equal_length_win_rate", "equal-length win rate", True),
     ("beavertails", "unsafe_rate", "unsafe", False),
     ("harmful", "refusal_rate", "refuses harmful", True),
     ("xstest_safe", "over_refusal_rate", "over-refusal", False),
@@ -39,8 +39,10 @@ COLUMNS = (
 
 
 HHH_NOTE = ("HHH mean = the mean of the three axes' headline scores, each in [0, 1] with higher better: "
-            "AlpacaEval length-controlled win rate (helpful), BeaverTails safe rate (harmless), TruthfulQA TI (honest); "
-            "its interval resamples each benchmark's items independently.")
+            "AlpacaEval equal-length win rate (helpful: the answer and the reference both cut to the shorter one's "
+            "token count, at least 16, so a judge's preference for longer answers cannot move it), BeaverTails safe "
+            "rate (harmless), TruthfulQA TI (honest); its interval resamples each benchmark's items independently. "
+            "Win rate: against the whole reference, as the judge was trained (length-biased).")
 
 # The rates a binary judge produces, shown again corrected for that judge's measured error: metric -> its judges.
 CORRECTED_TASKS = {"win_rate": ("helpfulness",), "unsafe_rate": ("safety",), "refusal_rate": ("refusal",),
@@ -100,6 +102,10 @@ def _cell(metric: dict | None) -> str:
     return f"{100 * metric['value']:.1f}{'†' if metric.get('rejected') else ''} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def _share(metric: dict | None) -> str:
+    return "–" if not metric else f"{100 * metric['value']:.0f}"
+
+
 def _difference(entry: dict | None) -> str:
     """A paired difference in points with its interval, starred when the interval excludes 0."""
     if not entry:
@@ -127,6 +133,13 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
             for m, e in methods.items()]
     out.append(("Results (%, 95 % bootstrap CI; raw judge verdicts)", ["method"] + [c[2] for c in COLUMNS] + ["HHH mean"],
                 main, HHH_NOTE))
+    generating = [b for b in dict.fromkeys(c[0] for c in COLUMNS) if any("at_cap" in e["benchmarks"].get(b, {}) for e in methods.values())]
+    if generating:
+        capped = [[m] + [_share(e["benchmarks"].get(b, {}).get("at_cap")) for b in generating] for m, e in methods.items()]
+        out.append((f"Answers cut at the token cap (%, answers of at least {results['generation']['max_new_tokens'] - 1} "
+                    "of the allowed new tokens)", ["method", *generating], capped,
+                    "Judges learned from complete answers: a benchmark where one method is mostly cut off mid-sentence and "
+                    "another mostly finishes compares more than what they say."))
     if "paired" in results:
         reference, paired = results["paired"]["reference"], results["paired"]["methods"]
         rows = [[m] + [_difference(d.get(b, {}).get(k)) for b, k, _, _ in COLUMNS] + [_difference(d.get("hhh_mean"))]
@@ -184,7 +197,7 @@ def markdown(results: dict, plots: list[str]) -> str:
 
 
 # How report.html names a judge's verdict from its probability (p >= THRESHOLD: the first label; the pairwise
-# helpfulness judge: win, tie at exactly 0.5, loss against the reference).
+# helpfulness judge, on the whole answer or its equal-length pair: win, tie at exactly 0.5, loss against the reference).
 VERDICT_LABELS = {"safety": ("unsafe", "safe"), "refusal": ("refused", "answered"), "truth": ("truthful", "untruthful"),
                   "info": ("informative", "uninformative"), "helpfulness": ("win", "loss")}
 
@@ -201,7 +214,7 @@ const LABELS = JSON.parse(document.getElementById('verdict-labels').textContent)
 const THRESHOLD = __THRESHOLD__;
 const $ = id => document.getElementById(id);
 function verdict(task, p) {
-  if (task === 'helpfulness') return p > 0.5 ? 'win' : (p < 0.5 ? 'loss' : 'tie');
+  if (task.startsWith('helpfulness')) return p > 0.5 ? 'win' : (p < 0.5 ? 'loss' : 'tie');
   return p >= THRESHOLD ? LABELS[task][0] : LABELS[task][1];
 }
 function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
@@ -363,7 +376,7 @@ def _plots(results: dict, root: Path) -> list[str]:
         written.append(_save(fig, root, "axis_collapse.png"))
     # win rates with CIs
     fig, ax = plt.subplots(figsize=(6, 0.45 * len(methods) + 1.5))
-    for offset, key, label in ((-0.15, "win_rate", "win rate"), (0.15, "lc_win_rate", "length-controlled")):
+    for offset, key, label in ((-0.15, "win_rate", "win rate"), (0.15, "equal_length_win_rate", "equal-length")):
         for i, m in enumerate(methods):
             metric = results["methods"][m]["benchmarks"].get("alpacaeval", {}).get(key)
             if metric:

@@ -19,7 +19,7 @@ i.e. its adapters, router and precision, and the generation settings), and only 
 retraining an expert or refitting Stage 2 in the same run directory generates and scores anew.
 
 Axis Collapse (METHOD.md section 5): each axis's headline score of a method relative to that axis's own
-expert (``expert-<axis>``): helpful = length-controlled win rate, harmless = 1 - unsafe rate on
+expert (``expert-<axis>``): helpful = equal-length win rate (:mod:`alignx.eval.length`), harmless = 1 - unsafe rate on
 BeaverTails, honest = TI on TruthfulQA. With ``eval.axis_collapse`` on, each expert is also evaluated on
 its own axis's headline benchmark so the ratios exist even when the experts are not in ``--methods``.
 """
@@ -42,12 +42,12 @@ from alignx.errors import AlignXError
 from alignx.eval.benchmarks import BENCHMARKS, HEADLINE, benchmark_items, check_item_counts
 from alignx.eval.exports import write_exports
 from alignx.eval.judges import Judge, JudgeItem, JudgeSettings, load_judge, verdicts
+from alignx.eval.length import equal_length_pair, token_ids
 from alignx.eval.metrics import reliability_bins, routing_metrics
 from alignx.eval.report import write_report
 from alignx.eval.statistics import (
     Sample,
     corrected_rate,
-    length_controlled_win_rate,
     mean_with_ci,
     paired_corrected_difference,
     paired_difference,
@@ -130,12 +130,15 @@ def load_eval_judges(config: AlignXConfig, todo: dict[str, list[str]]) -> dict[s
 
 
 # ---------------------------------------------------------------------------------------------- generation
+ROW_FORMAT = 2  # the fields a generation row carries (2: token count, at_cap, the equal-length pair); a change regenerates
+
+
 def result_key(run: RunDir, config: AlignXConfig, method: str) -> str:
     """What produced a method's answers: its fingerprint (:func:`alignx.generate.method_fingerprint`) and every
     generation setting that changes a token (batch composition too: bf16 answers depend on their batch-mates)."""
     settings = {k: getattr(config.eval, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed",
                                                       "batch_size", "batch_tokens")}
-    text = json.dumps({"method": method_fingerprint(run, method), **settings}, sort_keys=True)
+    text = json.dumps({"method": method_fingerprint(run, method), "rows": ROW_FORMAT, **settings}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -175,12 +178,24 @@ def _generate_pending(aligner, config, method, items, pending: dict[str, list[di
             generations = aligner.generate([item["prompt"] for item in batch], seed=seed,
                                            axes=[BENCHMARKS[benchmark].oracle_axis] * len(batch), **options)
             rows = [{"id": item["id"], "key": key, "prompt": item["prompt"], "response": g.response, "method": method,
+                     **_lengths(aligner.loaded.tokenizer, item, g.response, config.eval.max_new_tokens),
                      **({"weights": g.weights} if g.weights is not None else {}),
                      **({"routing": g.explanation} if g.explanation else {})}
                     for item, g in zip(batch, generations)]
             append_jsonl(paths.generations(method, benchmark), rows)
             bar.update(len(batch))
         bar.close()
+
+
+def _lengths(tokenizer, item: dict, response: str, max_new_tokens: int) -> dict:
+    """The answer's length in tokens, whether it reached the token cap (47 of 48 tokens or more: the decoded text
+    re-encodes to a token or so fewer), and for AlpacaEval the equal-length pair its headline judges."""
+    tokens = len(token_ids(tokenizer, response))
+    out = {"tokens": tokens, "at_cap": tokens >= max_new_tokens - 1}
+    if "reference" in item:
+        mine, theirs = equal_length_pair(tokenizer, response, item["reference"])
+        out["equal_length"] = {"response": mine, "reference": theirs}
+    return out
 
 
 def _reuse_expert_answers(benchmarks: list[str], items: dict[str, list[dict]], paths: EvalPaths, keys: dict[str, str]) -> None:
@@ -274,26 +289,38 @@ def _score(method: str, benchmark: str, rows: list[dict], items: dict[str, dict]
     cached = {row["id"]: row for row in read_jsonl(path)}
     out_rows = [{"id": r["id"], "response": r["response"], "scores": {}} for r in rows]
     probabilities = {}
-    for task in BENCHMARKS[benchmark].judges:
+    for name, task, judged in _judgements(benchmark):
         judge = judges[task]
         values = np.full(len(rows), np.nan)
         missing = []
         for i, r in enumerate(rows):
             old = cached.get(r["id"], {})
-            hit = old.get("scores", {}).get(task)
+            hit = old.get("scores", {}).get(name)
             if old.get("response") == r["response"] and hit and hit.get("judge_id") == judge.identity:
                 values[i] = hit["p"]
             else:
                 missing.append(i)
         if missing:
-            fresh = judge.score([_judge_item(rows[i], items[rows[i]["id"]]) for i in missing])
+            fresh = judge.score([judged(rows[i], items[rows[i]["id"]]) for i in missing])
             values[missing] = np.asarray(fresh, dtype=float)
         for i, row in enumerate(out_rows):
-            row["scores"][task] = {"judge": judge.spec, "judge_id": judge.identity, "p": float(values[i])}
-        probabilities[task] = values
+            row["scores"][name] = {"judge": judge.spec, "judge_id": judge.identity, "p": float(values[i])}
+        probabilities[name] = values
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in out_rows))
     return probabilities
+
+
+EQUAL_LENGTH = "helpfulness@equal_length"  # the helpfulness judge on the equal-length pair (alignx.eval.length)
+
+
+def _judgements(benchmark: str) -> list[tuple[str, str, object]]:
+    """(score name, judge task, item builder) of every verdict a benchmark's rows get: each of its judges on the
+    answer as it is, and for AlpacaEval the helpfulness judge again on the equal-length pair."""
+    out = [(task, task, _judge_item) for task in BENCHMARKS[benchmark].judges]
+    if benchmark == "alpacaeval":
+        out.append((EQUAL_LENGTH, "helpfulness", _equal_length_item))
+    return out
 
 
 def _judge_item(row: dict, item: dict) -> JudgeItem:
@@ -301,6 +328,11 @@ def _judge_item(row: dict, item: dict) -> JudgeItem:
         prompt=item["prompt"], response=row["response"], reference=item.get("reference"),
         correct_answers=tuple(item.get("correct_answers", ())), incorrect_answers=tuple(item.get("incorrect_answers", ())),
     )
+
+
+def _equal_length_item(row: dict, item: dict) -> JudgeItem:
+    pair = row["equal_length"]
+    return JudgeItem(prompt=item["prompt"], response=pair["response"], reference=pair["reference"])
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -354,7 +386,7 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
 
 
 def _headline(samples: dict[str, dict[str, Metric]]) -> list[Sample]:
-    """The three axes' headline metrics (HEADLINE: LC win rate, BeaverTails safe rate, TI; all in [0, 1],
+    """The three axes' headline metrics (HEADLINE: equal-length win rate, BeaverTails safe rate, TI; all in [0, 1],
     higher is better), whose mean is the HHH mean."""
     return [samples[benchmark][key].sample for benchmark, key in HEADLINE.values()]
 
@@ -431,26 +463,24 @@ def benchmark_samples(benchmark: str, rows: list[dict], items: dict[str, dict], 
         said = np.column_stack([verdicts(p[task]) for task in tasks]) if tasks else None
         return Metric(Sample({"flags": x}, rate), tasks, said)
 
+    at_cap = {"at_cap": share(np.array([float(r["at_cap"]) for r in rows]))}
     if benchmark == "alpacaeval":
-        reference = [items[r["id"]]["reference"] for r in rows]
-        identical = np.array([r["response"].strip() == ref.strip() for r, ref in zip(rows, reference)])
-        outcome = win_outcomes(p["helpfulness"], identical)
-        lengths = {"outcome": outcome, "length": np.array([len(r["response"]) for r in rows], dtype=float),
-                   "reference_length": np.array([len(ref) for ref in reference], dtype=float)}
-        return {"win_rate": share(outcome, "helpfulness"), "lc_win_rate": Metric(Sample(lengths, _lc_win_rate))}
+        def outcomes(task: str, pairs: list[tuple[str, str]]) -> np.ndarray:
+            return win_outcomes(p[task], np.array([mine.strip() == theirs.strip() for mine, theirs in pairs]))
+
+        whole = [(r["response"], items[r["id"]]["reference"]) for r in rows]
+        cut = [(r["equal_length"]["response"], r["equal_length"]["reference"]) for r in rows]
+        return {"win_rate": share(outcomes("helpfulness", whole), "helpfulness"),
+                "equal_length_win_rate": share(outcomes(EQUAL_LENGTH, cut)), **at_cap}
     if benchmark == "beavertails":
         unsafe = verdicts(p["safety"]).astype(float)
-        return {"unsafe_rate": share(unsafe, "safety"), "safe_rate": share(1.0 - unsafe)}
+        return {"unsafe_rate": share(unsafe, "safety"), "safe_rate": share(1.0 - unsafe), **at_cap}
     if benchmark in ("harmful", "xstest_safe"):
         key = "refusal_rate" if benchmark == "harmful" else "over_refusal_rate"
-        return {key: share(verdicts(p["refusal"]).astype(float), "refusal")}
+        return {key: share(verdicts(p["refusal"]).astype(float), "refusal"), **at_cap}
     truthful, informative = verdicts(p["truth"]).astype(float), verdicts(p["info"]).astype(float)
     return {"truthful": share(truthful, "truth"), "informative": share(informative, "info"),
-            "ti": share(truthful * informative, "truth", "info")}
-
-
-def _lc_win_rate(outcome: np.ndarray, length: np.ndarray, reference_length: np.ndarray) -> float:
-    return length_controlled_win_rate(outcome, length, reference_length)
+            "ti": share(truthful * informative, "truth", "info"), **at_cap}
 
 
 def _benchmark_metrics(benchmark: str, rows, items, p: dict[str, np.ndarray], b: int, seed: int,
@@ -467,8 +497,8 @@ def _benchmark_metrics(benchmark: str, rows, items, p: dict[str, np.ndarray], b:
         if metric.tasks and all(confusions.get(task) is not None for task in metric.tasks):
             metrics[key]["corrected"] = corrected_rate(metric.verdicts, [confusions[t] for t in metric.tasks], b, seed)
     if benchmark == "alpacaeval":
-        metrics["mean_length"] = {"value": float(samples["lc_win_rate"].sample.values["length"].mean()),
-                                  "reference": float(samples["lc_win_rate"].sample.values["reference_length"].mean())}
+        metrics["mean_length"] = {"value": float(np.mean([len(r["response"]) for r in rows])),
+                                  "reference": float(np.mean([len(items[r["id"]]["reference"]) for r in rows]))}
     if "corrected" in metrics.get("unsafe_rate", {}):
         fixed = metrics["unsafe_rate"]["corrected"]
         metrics["safe_rate"]["corrected"] = {**fixed, "value": 1.0 - fixed["value"], "ci": [1.0 - fixed["ci"][1], 1.0 - fixed["ci"][0]]}
