@@ -49,6 +49,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The base-model flags of every verb that loads a run (generate, serve): only these, never the run's own
+    config, let a model run its own code (alignx.models.loading.run_model_config)."""
+    parser.add_argument("--model", help="load the base model from here instead of where the run's config says "
+                        "(hub id, local directory, .gguf file, or smollm2-135m)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the base model run its own code (a run's config.yaml can never turn this on)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignx",
@@ -122,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=0.9)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--explain", action="store_true", help="print the router, fractal and natural distributions and the final weights")
+    add_base_model_arguments(generate)
 
     baseline = verbs.add_parser(
         "baseline", help="train or merge a baseline that needs its own artifacts (sft-mix, sft-sequential, merge-ties, moe-dense)",
@@ -157,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("--run", required=True, help="run directory with the three experts (alignx stage1)")
-    export.add_argument("--output", required=True, help="directory to write; an export already there is replaced")
+    export.add_argument("--output", required=True,
+                        help="a new or empty directory, or an earlier export to replace (nothing else is written over)")
     for module in _PACKAGE_VERBS.values():
         importlib.import_module(module).register(verbs)
     return parser
@@ -286,7 +297,8 @@ def _generate(args: argparse.Namespace) -> int:
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line torn by an interruption is generated again
     todo = [item for item in items if json.dumps(item["id"]) not in done]
-    aligner = AlignX.from_run(args.run, method=args.method, mode=args.mode, floor=args.threshold)
+    aligner = AlignX.from_run(args.run, method=args.method, mode=args.mode, floor=args.threshold, model=args.model,
+                              trust_remote_code=args.trust_remote_code)
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"generate {args.method}", unit="prompt",
                disable=output is None, dynamic_ncols=True)
     for start in range(0, len(todo), args.batch_size):

@@ -44,7 +44,7 @@ from alignx.errors import AlignXError
 from alignx.export import resolve_pretrained
 from alignx.mixing import MODES, MixtureOfExperts, apply_mode
 from alignx.models.checkpoint import CheckpointWeights
-from alignx.models.loading import load_base_model
+from alignx.models.loading import load_base_model, run_model_config
 from alignx.models.precision import autocast, autocast_dtype, resolve_precision, store_frozen_linears_in
 from alignx.run import RunDir, file_sha256, read_json
 from alignx.stage1.features import prompt_features
@@ -78,9 +78,14 @@ class AlignX:
         self.formatter = ChatFormatter(loaded.tokenizer)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1) -> "AlignX":
+    def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1, *,
+                 model: str | None = None, trust_remote_code: bool = False) -> "AlignX":
+        """Load a run (or an export) for ``method``. The run's config names its base model; ``model`` loads it from
+        elsewhere (a hub id, directory, .gguf file or smollm2-135m). The model's own code runs only with
+        ``trust_remote_code``, never because the run's config asks (:func:`alignx.models.loading.run_model_config`)."""
         run = RunDir(run_dir)
-        config = run.load_config()
+        model_config = run_model_config(run.load_config().model, run.root, model=model,
+                                        trust_remote_code=trust_remote_code)
         if mode not in MODES:
             raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
 
@@ -95,13 +100,13 @@ class AlignX:
         if missing:
             raise AlignXError(f"{run.root} has no trained {', '.join(missing)} expert: finish `alignx stage1` first")
         fixed = _fixed_weights(run, method)
-        loaded = load_base_model(config.model)
+        loaded = load_base_model(model_config)
         dense = None
         if method == "moe-dense":  # built before the bf16 storage below, so the experts are merged in fp32
             dense = load_dense_moe(run, loaded.model)
-        precision = config.model
+        precision = model_config
         if method == ARROW:  # PEFT's Arrow layer fails under bf16 autocast on CPU (see alignx.baselines.arrow)
-            precision = dataclasses.replace(config.model, precision="fp32")
+            precision = dataclasses.replace(model_config, precision="fp32")
         dtype = autocast_dtype(precision, next(loaded.model.parameters()).device)
         if dtype is not None:  # projections and LM head in the compute dtype (expert factors stay fp32: see mixing)
             store_frozen_linears_in(loaded.model, dtype, output_projection=True)
@@ -111,15 +116,19 @@ class AlignX:
         elif dense is None:
             experts = list(method_adapters(method)) if method in singles else list(AXES)
             mixture = MixtureOfExperts.attach(loaded.model, {name: run.adapter_dir(name) for name in experts}, experts,
-                                              originals=CheckpointWeights.of(config.model))  # merges in place
+                                              originals=CheckpointWeights.of(model_config))  # merges in place
         router = MoCaE.load(stage2_dir(run) / method) if method in routers else None
         return cls(run, loaded, mixture, method, precision, router, mode, floor, fixed, dense)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1,
-                        revision: str | None = None) -> "AlignX":
-        """Load an export of ``alignx export`` (or any run directory), local or a hub repository id."""
-        return cls.from_run(resolve_pretrained(name_or_path, revision), method=method, mode=mode, floor=floor)
+                        revision: str | None = None, *, model: str | None = None,
+                        trust_remote_code: bool = False) -> "AlignX":
+        """Load an export of ``alignx export`` (or any run directory), local or a hub repository id (only the
+        export's files are downloaded, at ``revision`` where given: pin a commit to load exactly what you checked).
+        ``model`` and ``trust_remote_code`` as in :meth:`from_run`."""
+        return cls.from_run(resolve_pretrained(name_or_path, revision), method=method, mode=mode, floor=floor,
+                            model=model, trust_remote_code=trust_remote_code)
 
     # ---- routing ------------------------------------------------------------------------------------
     def route(self, prompts: list[str]):

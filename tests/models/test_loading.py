@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -90,3 +91,32 @@ def test_broken_directory_is_one_line_error(tiny_model_dir, tmp_path):
     with pytest.raises(AlignXError, match="could not load model from") as info:
         load_base_model(ModelConfig(name=str(broken)))
     assert "\n" not in str(info.value)
+
+
+class _LeavesAMark:
+    """Unpickling this runs code: what a pickled checkpoint can do when it is opened."""
+
+    def __init__(self, mark: Path):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (Path.write_text, (self.mark, "the pickle ran"))
+
+
+def test_a_pickled_checkpoint_is_never_opened(tiny_model_dir, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled, ignore=shutil.ignore_patterns("*.safetensors"))
+    mark = tmp_path / "mark"
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _LeavesAMark(mark)}))
+    with pytest.raises(AlignXError, match="has no safetensors weights, and AlignX never opens a pickled checkpoint") as info:
+        load_base_model(ModelConfig(name=str(pickled)))
+    assert "\n" not in str(info.value) and not mark.exists()
+
+
+def test_a_runs_config_never_turns_on_remote_code(tmp_path):
+    asks = ModelConfig(name="someone/model", trust_remote_code=True)
+    with pytest.raises(AlignXError, match=f"{tmp_path} asks to run the code of its base model 'someone/model'.*--trust-remote-code"):
+        loading.run_model_config(asks, tmp_path)
+    assert loading.run_model_config(asks, tmp_path, trust_remote_code=True).trust_remote_code
+    chosen = loading.run_model_config(ModelConfig(name="someone/model"), tmp_path, model="me/model")
+    assert (chosen.name, chosen.trust_remote_code) == ("me/model", False)

@@ -4,10 +4,17 @@ Weights are always loaded in fp32; bf16 is used through autocast (:func:`alignx.
 never by casting weights. The tokenizer always has a pad token (the eos token when it has none) and
 ``padding_side = "right"``. A GGUF source is loaded from its dequantised cache
 (:mod:`alignx.models.gguf_cache`).
+
+Loading runs no code from the model's files unless the user asks: ``trust_remote_code`` is off by default,
+so transformers builds the model and tokenizer from its own classes (never a ``modeling_*.py``, a tokenizer
+class or a ``custom_generate/`` the directory carries), and weights are read from safetensors only: a pickled
+``pytorch_model.bin`` can run code when it is opened, so it is never opened. A run someone else wrote is read
+by :func:`run_model_config`, which never lets the run itself turn remote code on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +92,31 @@ def load_base_model(config: ModelConfig, *, for_training: bool = False) -> Loade
     )
 
 
+def run_model_config(config: ModelConfig, run_root: Path, *, model: str | None = None,
+                     trust_remote_code: bool = False) -> ModelConfig:
+    """The base model to load for the run at ``run_root``, whose ``config.yaml`` gave ``config``: a run may be
+    someone else's (an export, a download), so its file decides only which base model it was trained on.
+
+    Only the caller's ``trust_remote_code`` (the user's ``--trust-remote-code``) lets the model run its own code;
+    the run's ``model.trust_remote_code`` never does, and a run that asks for it is refused until the user allows
+    it. The name the run gives (a hub id, a directory, a GGUF file, the embedded default) loads like any other,
+    with no code of its own (see the module's docstring): a directory the run points at supplies tensors and a
+    tokenizer, never code. ``model`` loads the base from where the user says instead (the run's own path may not
+    exist on this machine)."""
+    if config.trust_remote_code and not trust_remote_code:
+        raise AlignXError(
+            f"{run_root} asks to run the code of its base model {config.name!r} (model.trust_remote_code in its "
+            "config.yaml): pass --trust-remote-code (trust_remote_code=True in Python) only if you trust that code"
+        )
+    return dataclasses.replace(config, name=model or config.name, trust_remote_code=trust_remote_code)
+
+
 def _from_pretrained(location: str, source: ModelSource, trust_remote_code: bool, **kwargs: Any):
     """AutoModelForCausalLM + AutoTokenizer, with the user-fixable failures turned into one-line AlignXErrors."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            location, trust_remote_code=trust_remote_code, dtype=torch.float32, **kwargs
+            location, trust_remote_code=trust_remote_code, dtype=torch.float32, use_safetensors=True, **kwargs
         )
     except (OSError, ValueError, HfHubHTTPError, KeyError) as exc:
         raise AlignXError(_load_error_message(source, exc, offline=kwargs.get("local_files_only", False))) from None
@@ -100,7 +126,11 @@ def _from_pretrained(location: str, source: ModelSource, trust_remote_code: bool
 def _load_error_message(source: ModelSource, exc: BaseException, offline: bool) -> str:
     detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     if "trust_remote_code" in str(exc):
-        return f"model {source.display_id!r} needs custom code: set model.trust_remote_code=true if you trust it"
+        return (f"model {source.display_id!r} needs its own code to run: allow it (model.trust_remote_code=true, "
+                "or --trust-remote-code for a run you load) only if you trust that code")
+    if "cannot be loaded with `safetensors`" in str(exc) or "Error no file named model.safetensors" in str(exc):
+        return (f"model {source.display_id!r} has no safetensors weights, and AlignX never opens a pickled checkpoint "
+                "(it can run code): convert it with save_pretrained(..., safe_serialization=True) where you trust it")
     if source.kind == "hub":
         if isinstance(exc, GatedRepoError):
             return f"model {source.display_id!r} is gated on the Hugging Face hub: log in (`hf auth login`) with access"

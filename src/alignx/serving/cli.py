@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from alignx.cli import add_base_model_arguments
 from alignx.errors import AlignXError
 
 
@@ -26,6 +27,7 @@ def register(verbs) -> None:
     serve.add_argument("--method", default="alignx", help="any method of `alignx generate` (default: alignx)")
     serve.add_argument("--mode", default="soft", help="soft (default) | top1 | threshold")
     serve.add_argument("--threshold", type=float, default=0.1, help="weight floor of --mode threshold")
+    add_base_model_arguments(serve)
     serve.add_argument("--model-name", help="model id of /v1/models and requests (default: the run directory's name)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
@@ -41,7 +43,8 @@ def register(verbs) -> None:
                        help="hf: this process decodes, batching requests (default); vllm: vLLM's multi-LoRA engine")
     serve.add_argument("--merged-adapters", type=int, default=16,
                        help="vllm: merged soft-routing adapters kept on disk (LRU)")
-    serve.add_argument("--shutdown-timeout", type=float, help="seconds to wait for in-flight requests on shutdown (default: no limit)")
+    serve.add_argument("--shutdown-timeout", type=float,
+                       help="seconds to wait for the requests in flight on shutdown, then drop them (default: no limit)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         model_name=args.model_name or Path(args.run).resolve().name, api_key=args.api_key,
         max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+        shutdown_timeout=args.shutdown_timeout,
     )
     metrics = Metrics()
     engine = build_engine(args, metrics)
@@ -77,7 +81,8 @@ def build_engine(args: argparse.Namespace, metrics):
         from alignx.serving.vllm_backend import import_vllm
 
         import_vllm()
-    aligner = AlignX.from_run(args.run, method=args.method, mode=args.mode, floor=args.threshold)
+    aligner = AlignX.from_run(args.run, method=args.method, mode=args.mode, floor=args.threshold, model=args.model,
+                              trust_remote_code=args.trust_remote_code)
     if args.backend == "vllm":
         from alignx.serving.vllm_backend import VLLMEngine
 

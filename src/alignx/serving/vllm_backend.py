@@ -9,7 +9,13 @@ one adapter:
 * any other vector is rounded to a grid of ``1/grid`` (largest remainder, keeping the rounded total: a routed
   row sums to 1, a stacked method's ``[1, 1, 1]`` stays three full experts) and served by a merged adapter: the experts' factors concatenated along the rank, each B scaled by its weight
   and LoRA scale, which is exactly Σ w_a·scale_a·B_a·A_a (the "cat" merge; no SVD approximation). Merged
-  adapters are written once per quantised vector into a private folder and kept in a small LRU cache.
+  adapters are written once per quantised vector into a private folder and kept in a small LRU cache; a
+  request pins its adapter from routing until vLLM has finished it, so eviction never deletes a directory that
+  vLLM has yet to load.
+
+A response's ``alignx.weights`` are the weights served, the quantised ones (``[1/3] * 3`` is served, and
+reported, as 0.4/0.3/0.3); the router's exact output stays in ``explanation.final``. A request whose client goes
+away is aborted in vLLM's engine.
 
 Every adapter has a stable int id derived from its quantised vector, so vLLM's own adapter cache recognises
 a vector it has seen. The pure parts (quantisation, ids, the merge, vLLM's arguments) need no vLLM and are
@@ -36,6 +42,7 @@ import torch
 from alignx.errors import AlignXError
 from alignx.serving.metrics import Metrics
 from alignx.serving.requests import Delta, Failed, Finished, GenerationRequest, QueueFull, Routed
+from alignx.serving.tokens import PromptCounter
 
 log = logging.getLogger("alignx.serving")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -67,11 +74,12 @@ def adapter_id(steps: Sequence[int], grid: int = 10) -> int:
 
 @dataclass(frozen=True)
 class AdapterChoice:
-    """What a request's ``LoRARequest(name, int_id, path)`` points at."""
+    """What a request's ``LoRARequest(name, int_id, path)`` points at, and the quantised vector it serves."""
 
     name: str
     int_id: int
     path: Path
+    steps: tuple[int, ...]
 
 
 def merge_adapters(adapter_dirs: Sequence[Path], weights: Sequence[float], out: Path) -> None:
@@ -103,34 +111,57 @@ def merge_adapters(adapter_dirs: Sequence[Path], weights: Sequence[float], out: 
 
 
 class AdapterCache:
-    """Chooses each weight vector's adapter; merged ones live in ``root``, at most ``capacity`` of them (LRU)."""
+    """Chooses each weight vector's adapter; merged ones live in ``root``, at most ``capacity`` of them (LRU) but
+    for those in use: :meth:`choose` pins a merged adapter and :meth:`release` unpins it, and a pinned adapter is
+    never evicted (the cache holds more than ``capacity`` while more are in use)."""
 
     def __init__(self, adapter_dirs: Mapping[str, Path], root: Path, capacity: int = 16, grid: int = 10):
         if capacity < 1:
             raise AlignXError(f"the merged-adapter cache needs room for at least 1 adapter, got {capacity}")
         self.adapter_dirs, self.root, self.capacity, self.grid = dict(adapter_dirs), Path(root), capacity, grid
         self._merged: OrderedDict[tuple[int, ...], Path] = OrderedDict()
+        self._pins: dict[tuple[int, ...], int] = {}  # requests using each merged adapter
         self._lock = threading.Lock()
 
+    def served(self, weights: Sequence[float]) -> list[float]:
+        """The weights an adapter of :meth:`choose` serves for ``weights``: each rounded to the grid."""
+        return [step / self.grid for step in quantise(weights, self.grid)]
+
     def choose(self, weights: Sequence[float]) -> AdapterChoice | None:
-        """The adapter serving these expert weights; None for all-zero weights (the base model, no adapter)."""
+        """The adapter serving these expert weights, pinned until :meth:`release`; None for all-zero weights (the
+        base model, no adapter)."""
         steps = quantise(weights, self.grid)
         names = list(self.adapter_dirs)
         if not any(steps):
             return None
         if [step for step in steps if step] == [self.grid]:  # one expert alone, at full weight: its own adapter
             name = names[steps.index(self.grid)]
-            return AdapterChoice(name, adapter_id(steps, self.grid), self.adapter_dirs[name])
+            return AdapterChoice(name, adapter_id(steps, self.grid), self.adapter_dirs[name], steps)
         label = "-".join(f"{n}{s}" for n, s in zip(names, steps))
         with self._lock:
             path = self._merged.pop(steps, None) or self.root / label
             if not path.is_dir():
                 merge_adapters(list(self.adapter_dirs.values()), [s / self.grid for s in steps], path)
             self._merged[steps] = path
-            while len(self._merged) > self.capacity:
-                _, evicted = self._merged.popitem(last=False)
-                shutil.rmtree(evicted, ignore_errors=True)
-        return AdapterChoice(label, adapter_id(steps, self.grid), path)
+            self._pins[steps] = self._pins.get(steps, 0) + 1
+            self._evict()
+        return AdapterChoice(label, adapter_id(steps, self.grid), path, steps)
+
+    def release(self, choice: AdapterChoice | None) -> None:
+        """The request that :meth:`choose` gave ``choice`` is done with it."""
+        with self._lock:
+            if choice is None or choice.steps not in self._pins:  # the base model, or an expert's own adapter
+                return
+            self._pins[choice.steps] -= 1
+            if not self._pins[choice.steps]:
+                del self._pins[choice.steps]
+            self._evict()
+
+    def _evict(self) -> None:
+        """Delete the least recently used merged adapters that no request uses, down to ``capacity``."""
+        idle = [steps for steps in self._merged if steps not in self._pins]
+        for steps in idle[: max(0, len(self._merged) - self.capacity)]:
+            shutil.rmtree(self._merged.pop(steps), ignore_errors=True)
 
 
 def max_lora_rank(adapter_dirs: Sequence[Path]) -> int:
@@ -180,8 +211,6 @@ class VLLMEngine:
     model (one partial prefill per request, in a worker thread)."""
 
     def __init__(self, aligner, metrics: Metrics, *, max_queue: int = 256, merged_adapters: int = 16):
-        from alignx.data.formatting import ChatFormatter
-
         self._vllm, self._lora_request = import_vllm()
         if aligner.mixture is None:
             raise AlignXError(f"method {aligner.method} mixes inside the model (no LoRA experts): use --backend hf")
@@ -189,15 +218,12 @@ class VLLMEngine:
         adapter_dirs = {name: aligner.run.adapter_dir(name) for name in aligner.mixture.experts}
         self._workdir = Path(tempfile.mkdtemp(prefix="alignx-vllm-adapters-"))
         self.adapters = AdapterCache(adapter_dirs, self._workdir, merged_adapters)
-        arguments = engine_arguments(model_location(aligner.run.load_config().model.name), list(adapter_dirs.values()),
-                                     merged_adapters)
+        arguments = engine_arguments(model_location(aligner.precision.name), list(adapter_dirs.values()),
+                                     merged_adapters)  # the base model the aligner loaded, remote code off
         self.engine = self._vllm.AsyncLLMEngine.from_engine_args(self._vllm.AsyncEngineArgs(**arguments))
-        self._encoder = ChatFormatter(copy.deepcopy(aligner.loaded.tokenizer))  # the event loop's own tokenizer
+        self.prompts = PromptCounter(aligner.loaded.tokenizer)
         self._route_lock = threading.Lock()
         self._tasks: set[asyncio.Task] = set()
-
-    def count_prompt_tokens(self, prompt: str) -> int:
-        return len(self._prompt_ids(prompt))
 
     def submit(self, request: GenerationRequest) -> None:
         if len(self._tasks) >= self.max_queue:
@@ -207,10 +233,15 @@ class VLLMEngine:
         self.metrics.queue_depth.add(1)
         task.add_done_callback(self._done)
 
+    def health(self) -> str | None:
+        return "the vLLM engine has failed" if getattr(self.engine, "errored", False) else None
+
     def start(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Shut vLLM's engine down (uvicorn has waited for the requests in flight already) and delete the merged
+        adapters."""
         shutdown = getattr(self.engine, "shutdown", None)
         if shutdown is not None:
             shutdown()
@@ -220,28 +251,32 @@ class VLLMEngine:
         self._tasks.discard(task)
         self.metrics.queue_depth.add(-1)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        text = self._encoder.prompt_text(prompt)
-        return self._encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _route(self, prompt: str):
+        """(served weights by expert, explanation, pinned adapter choice, prompt token ids), in a worker thread."""
         with self._route_lock:  # one partial prefill at a time on the routing model
             weights, explanations = self.aligner.weights_for([prompt])
         choice = None if weights is None else self.adapters.choose(weights[0].tolist())  # None: the base model
         explanation = {**explanations[0], "adapter": None if choice is None else choice.name}
-        return self.aligner.named_weights(weights, 0), explanation, choice
+        served = None if weights is None else torch.tensor([self.adapters.served(weights[0].tolist())])
+        return self.aligner.named_weights(served, 0), explanation, choice, self.prompts.ids(prompt)
 
     async def _serve(self, request: GenerationRequest) -> None:
+        if request.cancelled:
+            self.metrics.cancelled_requests.inc()
+            return
+        choice = request_id = None
         try:
-            if request.cancelled:
+            named, explanation, choice, prompt_ids = await asyncio.to_thread(self._route, request.prompt)
+            if request.cancelled:  # the client left while this request was routed
+                self.metrics.cancelled_requests.inc()
                 return
-            named, explanation, choice = await asyncio.to_thread(self._route, request.prompt)
             request.send(Routed(named, self.method, explanation))
             lora = None if choice is None else self._lora_request(choice.name, choice.int_id, str(choice.path))
             params = self._vllm.SamplingParams(**sampling_arguments(request))
-            sent = ""
-            outputs = self.engine.generate({"prompt_token_ids": self._prompt_ids(request.prompt)}, params,
-                                           request_id=uuid.uuid4().hex, lora_request=lora)
+            sent, request_id = "", uuid.uuid4().hex
+            outputs = self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id=request_id,
+                                           lora_request=lora)
+            request.on_cancel(asyncio.current_task().cancel)  # from now on, a departed client aborts the request
             async for output in outputs:
                 completion = output.outputs[0]
                 if completion.text.startswith(sent) and len(completion.text) > len(sent):
@@ -251,6 +286,15 @@ class VLLMEngine:
                     tokens = len(completion.token_ids)
                     self.metrics.generated_tokens.inc(tokens)
                     request.send(Finished("length" if completion.finish_reason == "length" else "stop", tokens))
+                    request_id = None  # nothing left to abort
+        except asyncio.CancelledError:
+            if not request.cancelled:  # not our own cancellation: the server is stopping
+                raise
+            self.metrics.cancelled_requests.inc()
         except Exception:
             log.exception("vLLM generation failed")
             request.send(Failed(500, "generation failed: the server logged the error"))
+        finally:
+            if request_id is not None:
+                await self.engine.abort(request_id)
+            self.adapters.release(choice)
