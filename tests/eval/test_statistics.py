@@ -165,3 +165,18 @@ def test_paired_corrected_difference_divides_the_raw_difference_by_youden_j():
     result = paired_corrected_difference(b, a, [confusion], 300, 0)
     assert result["value"] == pytest.approx(0.10 / 0.5)
     assert result["excludes_zero"] and result["ci"][0] > 0
+
+
+def test_answers_that_share_a_question_are_resampled_together():
+    # 40 questions, five near-identical gold answers each: 200 answers carry the information of 40 questions
+    rng = np.random.default_rng(0)
+    per_question = rng.normal(0, 1, 40)
+    loss = np.repeat(per_question, 5) + rng.normal(0, 0.01, 200)
+    questions = np.repeat(np.arange(40), 5)
+    zeros = np.zeros(200)
+    mean = lambda nll: float(nll.mean())  # noqa: E731
+    grouped = paired_difference([Sample({"nll": loss}, mean, questions)], [Sample({"nll": zeros}, mean, questions)], 500, 0)
+    loose = paired_difference([Sample({"nll": loss}, mean)], [Sample({"nll": zeros}, mean)], 500, 0)
+    width = lambda r: r["ci"][1] - r["ci"][0]  # noqa: E731
+    assert width(grouped) == pytest.approx(2 * 1.96 * per_question.std() / np.sqrt(40), rel=0.25)
+    assert width(grouped) > 1.8 * width(loose)  # answers as the unit: an interval sqrt(5) too narrow

@@ -15,7 +15,8 @@ summed content NLL, averaged over answers) and the end-of-turn NLL per answer.
 
 The oracle is not run again: its weights on an axis are that axis's expert's one-hot weights, so its rows
 are the expert's rows (the same computation). Per item the file keeps the summed NLLs and token counts, so
-an axis's value is a token-weighted mean and paired bootstrap intervals resample items.
+an axis's value is a token-weighted mean and paired bootstrap intervals resample prompts (TruthfulQA's several
+correct answers to one question are one unit, not independent items).
 
 Layout under ``<run>/axis-loss/``: ``<method>.jsonl`` (one line per item: id, axis, nll, tokens, end_nll,
 end_tokens and the key of what produced it; appended a batch at a time, so an interrupted run resumes) and
@@ -123,9 +124,14 @@ def axis_loss_matrix(run: RunDir, config: AlignXConfig, methods: list[str], item
         rows["best-expert"], chosen = cross_fitted_best({e: rows[e] for e in experts})
     by_axis = {m: {axis: sorted((r for r in rs if r["axis"] == axis), key=lambda r: r["id"]) for axis in AXES}
                for m, rs in rows.items()}
-    measures = {"per_token": lambda rs: Sample({"nll": _column(rs, "nll"), "tokens": _column(rs, "tokens")}, _token_mean),
-                "per_answer": lambda rs: Sample({"nll": _column(rs, "nll")}, _mean),
-                "end_of_turn": lambda rs: Sample({"nll": _column(rs, "end_nll")}, _mean)}
+    question = {e.id: e.user_text for examples in items.values() for e in examples}  # answers sharing one are one unit
+
+    def groups(rs: list[dict]) -> np.ndarray:
+        return np.array([question[r["id"]] for r in rs])
+
+    measures = {"per_token": lambda rs: Sample({"nll": _column(rs, "nll"), "tokens": _column(rs, "tokens")}, _token_mean, groups(rs)),
+                "per_answer": lambda rs: Sample({"nll": _column(rs, "nll")}, _mean, groups(rs)),
+                "end_of_turn": lambda rs: Sample({"nll": _column(rs, "end_nll")}, _mean, groups(rs))}
     samples = {name: {m: {axis: sample(axis_rows) for axis, axis_rows in table.items()} for m, table in by_axis.items()}
                for name, sample in measures.items()}
     order = [*methods, *(e for e in experts if e in rows and e not in methods)]

@@ -12,6 +12,7 @@ does a response identical to the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -79,14 +80,30 @@ def _percentiles(draws, level: float) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Sample:
-    """One metric of one method: its per-item arrays (aligned, in item order) and the statistic of them."""
+    """One metric of one method: its per-item arrays (aligned, in item order) and the statistic of them.
+
+    ``groups``: the unit a bootstrap resamples when items are not independent (e.g. several gold answers to one
+    TruthfulQA question: the question is the unit, and a draw takes all its answers); None: each item its own."""
 
     values: dict[str, np.ndarray]
     statistic: Callable[..., float]
+    groups: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return len(next(iter(self.values.values())))
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """The item indices of one bootstrap resample: items, or whole groups, drawn with replacement."""
+        if self.groups is None:
+            return rng.integers(0, self.n, size=self.n)
+        members = self._members
+        return np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
+
+    @cached_property
+    def _members(self) -> list[np.ndarray]:
+        _, group = np.unique(self.groups, return_inverse=True)
+        return np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group))[:-1])
 
     def value(self, idx: np.ndarray | None = None) -> float:
         return self.statistic(**(self.values if idx is None else {k: v[idx] for k, v in self.values.items()}))
@@ -125,7 +142,7 @@ def mean_with_ci(a: list[Sample], resamples: int, seed: int, level: float = 0.95
         return float(total - np.mean([y.value(i) for y, i in zip(minus, indices)]) if minus else total)
 
     value = mean([None] * len(a))
-    draws = [mean([rng.integers(0, x.n, size=x.n) for x in a]) for _ in range(resamples)]
+    draws = [mean([x.draw(rng) for x in a]) for _ in range(resamples)]
     return {"value": value, "ci": list(_percentiles(draws, level)), "n": [x.n for x in a]}
 
 
