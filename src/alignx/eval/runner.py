@@ -6,6 +6,7 @@ Layout under ``<run>/eval/<suite>/``::
     mc/<method>.jsonl                        TruthfulQA MC1/MC2 per question
     scored/<method>/<benchmark>.jsonl        judge probabilities per item and task (which judge made them)
     results.json                             every metric with its 95 % CI, the judges and their accuracy
+    per-item.json.gz                         what results.json is computed from, item by item (:func:`per_item_results`)
     exports/                                 the answers in AlpacaEval's and TruthfulQA's own formats (alignx.eval.exports)
     report.md, report.html, *.png            see :mod:`alignx.eval.report`
 
@@ -26,6 +27,7 @@ its own axis's headline benchmark so the ratios exist even when the experts are 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -58,7 +60,7 @@ from alignx.eval.statistics import (
 from alignx.eval.truthfulqa_mc import primer_cache, score_questions
 from alignx.generate import ORACLE, AlignX, method_fingerprint, token_budget_batches
 from alignx.models.precision import autocast
-from alignx.run import RunDir, atomic_write_json, atomic_write_text
+from alignx.run import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class EvalPaths:
     @property
     def results(self) -> Path:
         return self.root / "results.json"
+
+    @property
+    def per_item(self) -> Path:
+        return self.root / "per-item.json.gz"
 
 
 def eval_paths(run: RunDir, suite: str) -> EvalPaths:
@@ -111,9 +117,9 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
     keys = {method: result_key(run, config, method) for method in todo}
     for method, benchmarks in todo.items():
         _generate_method(run, config, method, benchmarks, items, paths, keys, log)
-    results = summarise(config, todo, items, paths, judges, keys, log)
+    results, per_item = summarise(config, todo, items, paths, judges, keys, log)
     atomic_write_json(paths.results, results)
-    answers = collect_answers(todo, items, paths, keys)
+    answers = collect_answers(per_item)
     write_exports(paths.root, items, {benchmark: {method: {i: a["response"] for i, a in rows.items()}
                                                   for method, rows in entry["methods"].items()}
                                       for benchmark, entry in answers.items()})
@@ -337,30 +343,94 @@ def _equal_length_item(row: dict, item: dict) -> JudgeItem:
 
 # ---------------------------------------------------------------------------------------------- summary
 def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths,
-              judges: dict[str, Judge], keys: dict[str, str], log=print) -> dict:
-    b, seed = config.eval.bootstrap, config.eval.seed
-    confusions = {task: judge.describe().get("confusion") for task, judge in judges.items()}
+              judges: dict[str, Judge], keys: dict[str, str], log=print) -> tuple[dict, dict]:
+    """Judge every answer (cached scores reused), write the per-item results, and compute the results from them:
+    ``(results, per_item)``."""
+    per_item = per_item_results(config, todo, items, paths, judges, keys)
+    atomic_write_bytes(paths.per_item, gzip.compress(json.dumps(per_item, ensure_ascii=False).encode(), mtime=0))
+    return results_of(per_item, log), per_item
+
+
+def per_item_results(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths,
+                     judges: dict[str, Judge], keys: dict[str, str]) -> dict:
+    """Everything the results are computed from, item by item: each method's answer to every item (its length,
+    whether it hit the cap, its final weights and the gate's flag), every judge probability, the MC scores, the
+    items' prompts and references, the judges' validation figures and the settings. :func:`results_of` turns it
+    into the results; ``benchmarks/study_tables.py --results`` does the same from a committed copy."""
     by_id = {name: {item["id"]: item for item in rows} for name, rows in items.items()}
-    methods, samples = {}, {}
+    methods: dict[str, dict] = {}
     for method, benchmarks in todo.items():
-        metrics: dict[str, dict] = {}
-        samples[method] = {}
-        routed = []  # (weights, gold axis) of every generated item with a gold axis
+        methods[method] = {}
         for benchmark in benchmarks:
-            spec = BENCHMARKS[benchmark]
-            if not spec.generates:
+            if not BENCHMARKS[benchmark].generates:
                 rows = _complete(current_rows(paths.mc(method), keys[method]), items[benchmark], method, benchmark)
-                samples[method][benchmark] = {key: Metric(Sample({"flags": np.array([r[key] for r in rows])}, rate))
-                                              for key in ("mc1", "mc2")}
-                metrics[benchmark] = {key: with_ci(m.sample.values, rate, b, seed) for key, m in samples[method][benchmark].items()}
+                methods[method][benchmark] = [{"id": r["id"], "mc1": r["mc1"], "mc2": r["mc2"]} for r in rows]
                 continue
             rows = _complete(current_rows(paths.generations(method, benchmark), keys[method]), items[benchmark], method, benchmark)
             p = _score(method, benchmark, rows, by_id[benchmark], judges, paths)
-            samples[method][benchmark] = benchmark_samples(benchmark, rows, by_id[benchmark], p)
-            metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], p, b, seed, confusions)
-            if spec.gold_axis is not None:  # a routed method's rows carry its routing (fixed weights route nothing)
-                routed += [(r["weights"], spec.gold_axis, bool(r["routing"].get("ood", False)))
-                           for r in rows if "routing" in r and set(r.get("weights", ())) == set(AXES)]
+            methods[method][benchmark] = [
+                {"id": r["id"], "response": r["response"], "tokens": r["tokens"], "at_cap": r["at_cap"],
+                 **({"equal_length": r["equal_length"]} if "equal_length" in r else {}),
+                 **({"weights": r["weights"]} if "weights" in r else {}),
+                 **({"ood": bool(r["routing"].get("ood", False))} if "routing" in r else {}),
+                 "scores": {name: float(values[i]) for name, values in p.items()}}
+                for i, r in enumerate(rows)]
+    return {
+        "format": PER_ITEM_FORMAT,
+        "suite": config.eval.suite,
+        "generation": {k: getattr(config.eval, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")},
+        "keys": keys,
+        "bootstrap": {"resamples": config.eval.bootstrap, "level": 0.95, "seed": config.eval.seed},
+        "reference": config.eval.reference,
+        "judges": {task: judge.describe() for task, judge in judges.items()},
+        "items": {name: [{"id": item["id"], "prompt": item["prompt"], **({"reference": item["reference"]} if "reference" in item else {})}
+                         for item in rows] for name, rows in items.items()},
+        "methods": methods,
+    }
+
+
+PER_ITEM_FORMAT = 1
+
+
+def method_samples(per_item: dict) -> dict[str, dict[str, dict[str, Metric]]]:
+    """Every method's metrics as per-item samples, ``{method: {benchmark: {metric: Metric}}}``: what the intervals,
+    the paired differences and the study's verdicts resample."""
+    by_id = {name: {item["id"]: item for item in rows} for name, rows in per_item["items"].items()}
+    samples: dict[str, dict] = {}
+    for method, benchmarks in per_item["methods"].items():
+        samples[method] = {}
+        for benchmark, rows in benchmarks.items():
+            if not BENCHMARKS[benchmark].generates:
+                samples[method][benchmark] = {key: Metric(Sample({"flags": np.array([r[key] for r in rows])}, rate))
+                                              for key in ("mc1", "mc2")}
+            else:
+                samples[method][benchmark] = benchmark_samples(benchmark, rows, by_id[benchmark], _probabilities(rows))
+    return samples
+
+
+def _probabilities(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {name: np.array([r["scores"][name] for r in rows], dtype=float) for name in rows[0]["scores"]} if rows else {}
+
+
+def results_of(per_item: dict, log=print) -> dict:
+    """The results (every metric with its 95 % interval, routing, Axis Collapse, paired differences to the
+    reference) from the per-item results of :func:`per_item_results`."""
+    b, seed = per_item["bootstrap"]["resamples"], per_item["bootstrap"]["seed"]
+    confusions = {task: d.get("confusion") for task, d in per_item["judges"].items()}
+    by_id = {name: {item["id"]: item for item in rows} for name, rows in per_item["items"].items()}
+    samples = method_samples(per_item)
+    methods = {}
+    for method, benchmarks in per_item["methods"].items():
+        metrics: dict[str, dict] = {}
+        routed = []  # (weights, gold axis, gate flag) of every routed item with a gold axis
+        for benchmark, rows in benchmarks.items():
+            spec = BENCHMARKS[benchmark]
+            if not spec.generates:
+                metrics[benchmark] = {key: with_ci(m.sample.values, rate, b, seed) for key, m in samples[method][benchmark].items()}
+                continue
+            metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], samples[method][benchmark], b, seed, confusions)
+            if spec.gold_axis is not None:  # a routed method's rows carry the gate's flag (fixed weights route nothing)
+                routed += [(r["weights"], spec.gold_axis, r["ood"]) for r in rows if "ood" in r and set(r.get("weights", ())) == set(AXES)]
         entry = {"benchmarks": metrics, "axis_scores": _axis_scores(metrics)}
         if all(benchmark in samples[method] for benchmark, _ in HEADLINE.values()):
             entry["hhh_mean"] = mean_with_ci(_headline(samples[method]), b, seed)
@@ -369,19 +439,19 @@ def summarise(config: AlignXConfig, todo: dict[str, list[str]], items: dict[str,
         methods[method] = entry
         log(f"[eval] {method}: " + ", ".join(f"{a}={v:.3f}" for a, v in entry["axis_scores"].items()))
     results = {
-        "suite": config.eval.suite,
-        "items_per_benchmark": {name: len(rows) for name, rows in items.items()},
-        "generation": {k: getattr(config.eval, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")},
-        "keys": keys,
-        "bootstrap": {"resamples": b, "level": 0.95, "seed": seed},
-        "judges": {task: judge.describe() for task, judge in judges.items()},
+        "suite": per_item["suite"],
+        "items_per_benchmark": {name: len(rows) for name, rows in per_item["items"].items()},
+        "generation": per_item["generation"],
+        "keys": per_item["keys"],
+        "bootstrap": per_item["bootstrap"],
+        "judges": per_item["judges"],
         "methods": methods,
     }
     results["axis_collapse"] = axis_collapse(methods)
-    if config.eval.reference in samples:
-        log(f"[eval] paired differences to {config.eval.reference}")
-        results["paired"] = {"reference": config.eval.reference,
-                             "methods": paired_differences(samples, config.eval.reference, confusions, b, seed)}
+    reference = per_item["reference"]
+    if reference in samples:
+        log(f"[eval] paired differences to {reference}")
+        results["paired"] = {"reference": reference, "methods": paired_differences(samples, reference, confusions, b, seed)}
     return results
 
 
@@ -417,23 +487,19 @@ def paired_differences(samples: dict[str, dict[str, dict[str, Metric]]], referen
     return out
 
 
-def collect_answers(todo: dict[str, list[str]], items: dict[str, list[dict]], paths: EvalPaths, keys: dict[str, str]) -> dict:
+def collect_answers(per_item: dict) -> dict:
     """Per generating benchmark, its prompts and each method's answer, final weights and judge probabilities
     (what report.html shows side by side): ``{benchmark: {"items": [{id, prompt}], "methods": {method:
     {id: {"response", "weights", "scores": {task: p}}}}}}``."""
     answers = {}
     for benchmark, spec in BENCHMARKS.items():
-        methods = [m for m, benchmarks in todo.items() if benchmark in benchmarks]
+        methods = [m for m, benchmarks in per_item["methods"].items() if benchmark in benchmarks]
         if not spec.generates or not methods:
             continue
-        entry = {"items": [{"id": item["id"], "prompt": item["prompt"]} for item in items[benchmark]], "methods": {}}
-        for method in methods:
-            scored = {row["id"]: row["scores"] for row in read_jsonl(paths.scored(method, benchmark))}
-            entry["methods"][method] = {
-                row["id"]: {"response": row["response"], "weights": row.get("weights"),
-                            "scores": {task: score["p"] for task, score in scored.get(row["id"], {}).items()}}
-                for row in current_rows(paths.generations(method, benchmark), keys[method])}
-        answers[benchmark] = entry
+        answers[benchmark] = {
+            "items": [{"id": item["id"], "prompt": item["prompt"]} for item in per_item["items"][benchmark]],
+            "methods": {m: {r["id"]: {"response": r["response"], "weights": r.get("weights"), "scores": r["scores"]}
+                            for r in per_item["methods"][m][benchmark]} for m in methods}}
     return answers
 
 
@@ -483,14 +549,13 @@ def benchmark_samples(benchmark: str, rows: list[dict], items: dict[str, dict], 
             "ti": share(truthful * informative, "truth", "info"), **at_cap}
 
 
-def _benchmark_metrics(benchmark: str, rows, items, p: dict[str, np.ndarray], b: int, seed: int,
+def _benchmark_metrics(benchmark: str, rows, items, samples: dict[str, Metric], b: int, seed: int,
                        confusions: dict[str, dict | None] | None = None) -> dict:
     """Each metric with its bootstrap CI; a rate a binary judge produced also carries ``corrected``: the rate
     corrected for that judge's validated sensitivity and specificity (:func:`corrected_rate`), where the judge
     has them (offline judges; an online judge was never validated here). BeaverTails' safe rate is corrected
     as 1 - the corrected unsafe rate."""
     confusions = confusions or {}
-    samples = benchmark_samples(benchmark, rows, items, p)
     metrics = {}
     for key, metric in samples.items():
         metrics[key] = with_ci(metric.sample.values, metric.sample.statistic, b, seed)

@@ -165,14 +165,15 @@ def test_validation_scores_each_row_with_a_judge_that_never_saw_its_prompt(tiny_
 
 def test_one_verdict_threshold_for_validation_and_evaluation():
     from alignx.eval.judges import verdicts
-    from alignx.eval.runner import _benchmark_metrics
+    from alignx.eval.runner import benchmark_samples
 
     at_threshold = np.full(4, 0.5)
     assert verdicts(at_threshold).all()
-    metrics = _benchmark_metrics("beavertails", [{"id": str(i)} for i in range(4)], {}, {"safety": at_threshold}, 10, 0)
-    assert metrics["unsafe_rate"]["value"] == 1.0  # as validate() counts p = 0.5 for the judge's accuracy
-    truth = _benchmark_metrics("truthfulqa", [{"id": "0"}], {}, {"truth": np.array([0.5]), "info": np.array([0.49])}, 10, 0)
-    assert truth["truthful"]["value"] == 1.0 and truth["informative"]["value"] == 0.0
+    rows = [{"id": str(i), "at_cap": False} for i in range(4)]
+    metrics = benchmark_samples("beavertails", rows, {}, {"safety": at_threshold})
+    assert metrics["unsafe_rate"].sample.value() == 1.0  # as validate() counts p = 0.5 for the judge's accuracy
+    truth = benchmark_samples("truthfulqa", rows[:1], {}, {"truth": np.array([0.5]), "info": np.array([0.49])})
+    assert truth["truthful"].sample.value() == 1.0 and truth["informative"].sample.value() == 0.0
 
 
 def test_pickle_is_refused(trained, tmp_path):
