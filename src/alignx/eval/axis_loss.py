@@ -106,17 +106,34 @@ def run_method(run: RunDir, method: str, items: dict[str, list[Example]], batch_
 
 def axis_loss_matrix(run: RunDir, config: AlignXConfig, methods: list[str], items_per_axis: int, *,
                      batch_size: int = 8, max_length: int = 256, resamples: int = 1000) -> dict:
-    """The matrix (method x axis mean NLL over content tokens, and the mean over axes), the same per answer and for
-    the end-of-turn, with paired differences to ``alignx``.
-
-    ``methods`` may include ``oracle`` (built from the experts' rows) and ``best-expert``: the one adapter for every
-    prompt, chosen by :func:`cross_fitted_best` so that no item both picks the expert and scores it."""
+    """Score every method's items (cached) and write ``matrix.json``: :func:`matrix_from_rows` of them, with the
+    per-item rows and each item's prompt beside it, so the matrix can be recomputed from the file alone."""
     items = gold_items(config, items_per_axis)
     experts = [f"expert-{axis}" for axis in AXES]
     needed = list(dict.fromkeys(m for m in methods if m not in (ORACLE, "best-expert")))
     if ORACLE in methods or "best-expert" in methods:
         needed += [e for e in experts if e not in needed]
-    rows = {method: run_method(run, method, items, batch_size, max_length) for method in needed}
+    rows = {method: [{k: r[k] for k in ROW_FIELDS} for r in run_method(run, method, items, batch_size, max_length)]
+            for method in needed}
+    questions = {e.id: e.user_text for examples in items.values() for e in examples}
+    result = {**matrix_from_rows(rows, questions, methods, resamples), "items": {axis: len(v) for axis, v in items.items()},
+              "rows": rows, "questions": questions}
+    atomic_write_json(run.root / "axis-loss" / "matrix.json", result)
+    return result
+
+
+ROW_FIELDS = ("id", "axis", "nll", "tokens", "end_nll", "end_tokens")
+
+
+def matrix_from_rows(rows: dict[str, list[dict]], questions: dict[str, str], methods: list[str], resamples: int = 1000) -> dict:
+    """The matrix (method x axis mean NLL over content tokens, and the mean over axes), the same per answer and for
+    the end-of-turn, with paired differences to ``alignx``, from each method's per-item rows.
+
+    ``methods`` may include ``oracle`` (built from the experts' rows) and ``best-expert``: the one adapter for every
+    prompt, chosen by :func:`cross_fitted_best` so that no item both picks the expert and scores it. Answers that
+    share a prompt (``questions``: id -> prompt) are one bootstrap unit."""
+    experts = [f"expert-{axis}" for axis in AXES]
+    rows = dict(rows)
     if ORACLE in methods:
         rows[ORACLE] = [r for axis in AXES for r in rows[f"expert-{axis}"] if r["axis"] == axis]
     chosen = {}
@@ -124,10 +141,9 @@ def axis_loss_matrix(run: RunDir, config: AlignXConfig, methods: list[str], item
         rows["best-expert"], chosen = cross_fitted_best({e: rows[e] for e in experts})
     by_axis = {m: {axis: sorted((r for r in rs if r["axis"] == axis), key=lambda r: r["id"]) for axis in AXES}
                for m, rs in rows.items()}
-    question = {e.id: e.user_text for examples in items.values() for e in examples}  # answers sharing one are one unit
 
     def groups(rs: list[dict]) -> np.ndarray:
-        return np.array([question[r["id"]] for r in rs])
+        return np.array([questions[r["id"]] for r in rs])
 
     measures = {"per_token": lambda rs: Sample({"nll": _column(rs, "nll"), "tokens": _column(rs, "tokens")}, _token_mean, groups(rs)),
                 "per_answer": lambda rs: Sample({"nll": _column(rs, "nll")}, _mean, groups(rs)),
@@ -144,14 +160,12 @@ def axis_loss_matrix(run: RunDir, config: AlignXConfig, methods: list[str], item
                       **({"expert": "/".join(sorted(set(chosen.values())))} if m == "best-expert" else {})}
         return out
 
-    result = {"items": {axis: len(v) for axis, v in items.items()},
-              "metric": "mean per-token NLL of the content tokens of held-out gold responses (end-of-turn apart)",
+    result = {"metric": "mean per-token NLL of the content tokens of held-out gold responses (end-of-turn apart)",
               "matrix": table("per_token"), "per_answer": table("per_answer"), "end_of_turn": table("end_of_turn"),
               **({"best_expert_by_fold": chosen} if chosen else {})}
     if "alignx" in rows:
         result["paired_to_alignx"] = {m: _paired(samples["per_token"], m, resamples) for m in order if m != "alignx"}
         result["paired_to_alignx_per_answer"] = {m: _paired(samples["per_answer"], m, resamples) for m in order if m != "alignx"}
-    atomic_write_json(run.root / "axis-loss" / "matrix.json", result)
     return result
 
 
