@@ -66,10 +66,10 @@ def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], resamples: in
     if n == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    return _percentiles([statistic(rng.integers(0, n, size=n)) for _ in range(resamples)], level)
+    return percentiles([statistic(rng.integers(0, n, size=n)) for _ in range(resamples)], level)
 
 
-def _percentiles(draws, level: float) -> tuple[float, float]:
+def percentiles(draws, level: float) -> tuple[float, float]:
     draws = np.asarray(draws, dtype=float)
     draws = draws[np.isfinite(draws)]
     if len(draws) == 0:
@@ -134,7 +134,8 @@ def paired_difference(a: list[Sample], b: list[Sample], resamples: int, seed: in
 def mean_with_ci(a: list[Sample], resamples: int, seed: int, level: float = 0.95, minus: list[Sample] | None = None) -> dict:
     """The mean of several metrics on different items (e.g. an HHH mean over three benchmarks) with a
     percentile interval that resamples each one's items independently; ``minus``: subtract the mean of
-    these, drawn with the same indices (see :func:`paired_difference`)."""
+    these, drawn with the same indices (see :func:`paired_difference`). ``se``: the standard deviation of the
+    bootstrap draws (what a power calculation needs)."""
     rng = np.random.default_rng(seed)
 
     def mean(indices) -> float:
@@ -143,7 +144,7 @@ def mean_with_ci(a: list[Sample], resamples: int, seed: int, level: float = 0.95
 
     value = mean([None] * len(a))
     draws = [mean([x.draw(rng) for x in a]) for _ in range(resamples)]
-    return {"value": value, "ci": list(_percentiles(draws, level)), "n": [x.n for x in a]}
+    return {"value": value, "ci": list(percentiles(draws, level)), "n": [x.n for x in a], "se": float(np.std(draws))}
 
 
 # ---------------------------------------------------------------------------------------------- judge error
@@ -166,6 +167,13 @@ def corrected_cells(verdicts: np.ndarray, rates: list[tuple[float, float]]) -> n
     verdicts = np.asarray(verdicts, dtype=bool).reshape(len(verdicts), -1)
     codes = verdicts @ (1 << np.arange(verdicts.shape[1])[::-1])
     observed = np.bincount(codes, minlength=1 << verdicts.shape[1]) / max(len(verdicts), 1)
+    if len(rates) == 1:  # Rogan–Gladen in closed form (the bootstrap calls this thousands of times)
+        (sensitivity, specificity), = rates
+        youden = sensitivity + specificity - 1
+        if abs(youden) < 1e-9:
+            return np.full(2, np.nan)
+        positive = (observed[1] - (1 - specificity)) / youden
+        return np.array([1 - positive, positive])
     matrix = np.ones((1, 1))
     for sensitivity, specificity in rates:
         matrix = np.kron(matrix, error_matrix(sensitivity, specificity))
@@ -193,7 +201,7 @@ def corrected_rate(verdicts: np.ndarray, confusions: list[dict[str, int]], resam
     cells = corrected_cells(verdicts, rates)
     draws = [fixed[0] for fixed in _corrected_draws([verdicts], confusions, resamples, seed)]
     judges = [{"sensitivity": se, "specificity": sp, "n_validation": int(sum(c.values()))} for (se, sp), c in zip(rates, confusions)]
-    return {"value": float(cells[-1]), "ci": list(_percentiles(draws, level)), "n": int(len(verdicts)), "judges": judges,
+    return {"value": float(cells[-1]), "ci": list(percentiles(draws, level)), "n": int(len(verdicts)), "judges": judges,
             "rejected": bool(np.isnan(cells).any() or (cells < 0).any() or (cells > 1).any())}
 
 
@@ -208,7 +216,7 @@ def paired_corrected_difference(a: np.ndarray, b: np.ndarray, confusions: list[d
     rates = [rates_of(c) for c in confusions]
     value = float(corrected_cells(a, rates)[-1] - corrected_cells(b, rates)[-1])
     draws = [x - y for x, y in _corrected_draws([a, b], confusions, resamples, seed)]
-    lo, hi = _percentiles(draws, level)
+    lo, hi = percentiles(draws, level)
     return {"value": value, "ci": [lo, hi], "n": int(len(a)), "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
