@@ -6,11 +6,14 @@ has a ~600-token vocabulary because step time on a tiny model is dominated by th
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -106,6 +109,33 @@ def build_tiny_model(arch: str, vocab_size: int, num_layers: int = 3, seed: int 
     config = AutoConfig.for_model(arch, **common, **extra)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def shared_run(run_dir, copy: Path, **model) -> Path:
+    """A copy of the run at ``run_dir`` whose config.yaml's model section says ``model``, as the run of someone
+    else (an export, a download) can."""
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("run.lock"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"].update(model)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    return copy
+
+
+def model_with_code(tiny_model_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny Llama carrying code of its own (a modeling file for its auto_map, and a custom_generate/), each of
+    which leaves a line in ``mark`` when it runs: (the model's directory, ``mark``)."""
+    model, mark = tmp_path / "model-with-code", tmp_path / "code-ran"
+    shutil.copytree(tiny_model_dir, model)
+    leave_mark = f"open({str(mark)!r}, 'a').write(__name__ + '\\n')\n"
+    (model / "evil.py").write_text(leave_mark + "from transformers import LlamaConfig, LlamaForCausalLM\n"
+                                   "class EvilConfig(LlamaConfig):\n    pass\n"
+                                   "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    (model / "custom_generate").mkdir()
+    (model / "custom_generate" / "generate.py").write_text(leave_mark + "def generate(model, *args, **kwargs):\n    pass\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    return model, mark
 
 
 @pytest.fixture(scope="session")

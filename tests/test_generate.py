@@ -2,13 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-import yaml
+from conftest import model_with_code, shared_run
 
 from alignx.axes import AXES
 from alignx.cli import main
@@ -157,35 +156,9 @@ def test_cli_writes_jsonl_resumes_and_explains(run_dir, tmp_path):
     assert broken.returncode == 2 and "bad.jsonl:2" in broken.stderr and "Traceback" not in broken.stderr
 
 
-def _shared_run(run_dir, copy, **model):
-    """A copy of the tiny run whose config.yaml's model section says ``model``, as the run of someone else can."""
-    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("run.lock"))
-    config = yaml.safe_load((copy / "config.yaml").read_text())
-    config["model"].update(model)
-    (copy / "config.yaml").write_text(yaml.safe_dump(config))
-    return copy
-
-
-def _model_with_code(tiny_model_dir, tmp_path):
-    """The tiny Llama carrying code of its own (a modeling file for its auto_map, and a custom_generate/), each of
-    which leaves a line in ``mark`` when it runs."""
-    model, mark = tmp_path / "model-with-code", tmp_path / "code-ran"
-    shutil.copytree(tiny_model_dir, model)
-    leave_mark = f"open({str(mark)!r}, 'a').write(__name__ + '\\n')\n"
-    (model / "evil.py").write_text(leave_mark + "from transformers import LlamaConfig, LlamaForCausalLM\n"
-                                   "class EvilConfig(LlamaConfig):\n    pass\n"
-                                   "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
-    (model / "custom_generate").mkdir()
-    (model / "custom_generate" / "generate.py").write_text(leave_mark + "def generate(model, *args, **kwargs):\n    pass\n")
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
-    (model / "config.json").write_text(json.dumps(config))
-    return model, mark
-
-
 def test_a_run_never_turns_on_its_models_own_code(run_dir, tmp_path, tiny_model_dir, capsys):
-    model, mark = _model_with_code(tiny_model_dir, tmp_path)
-    asking = _shared_run(run_dir, tmp_path / "asking", name=str(model), trust_remote_code=True)
+    model, mark = model_with_code(tiny_model_dir, tmp_path)
+    asking = shared_run(run_dir, tmp_path / "asking", name=str(model), trust_remote_code=True)
     with pytest.raises(AlignXError, match=r"asks to run the code of its base model .* pass --trust-remote-code") as info:
         AlignX.from_run(asking, method="base")
     assert "\n" not in str(info.value)
@@ -195,7 +168,7 @@ def test_a_run_never_turns_on_its_models_own_code(run_dir, tmp_path, tiny_model_
 
     # a run may name a directory with code in it: the model is built from transformers' own classes, and
     # nothing in that directory runs, in loading or in generation
-    naming = _shared_run(run_dir, tmp_path / "naming", name=str(model))
+    naming = shared_run(run_dir, tmp_path / "naming", name=str(model))
     aligner = AlignX.from_run(naming, method="expert-honest")
     assert type(aligner.loaded.model).__name__ == "LlamaForCausalLM"
     assert aligner.generate(PROMPTS[:1], max_new_tokens=2)[0].response is not None
@@ -203,7 +176,7 @@ def test_a_run_never_turns_on_its_models_own_code(run_dir, tmp_path, tiny_model_
 
 
 def test_the_user_says_where_a_runs_base_model_is(run_dir, tmp_path, tiny_model_dir, capsys):
-    elsewhere = _shared_run(run_dir, tmp_path / "elsewhere", name="/home/its-author/models/tiny-llama")
+    elsewhere = shared_run(run_dir, tmp_path / "elsewhere", name="/home/its-author/models/tiny-llama")
     with pytest.raises(AlignXError, match="model path does not exist"):
         AlignX.from_run(elsewhere, method="base")
     ours = AlignX.from_run(elsewhere, method="expert-honest", model=str(tiny_model_dir))

@@ -8,6 +8,7 @@ anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from alignx import __version__
 from alignx.axes import parse_axes
-from alignx.config import load_config
+from alignx.config import AlignXConfig, load_config
 from alignx.errors import AlignXError
 
 _EPILOG = """\
@@ -49,13 +50,24 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_base_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The base-model flags of every verb that loads a run (generate, serve): only these, never the run's own
-    config, let a model run its own code (alignx.models.loading.run_model_config)."""
-    parser.add_argument("--model", help="load the base model from here instead of where the run's config says "
-                        "(hub id, local directory, .gguf file, or smollm2-135m)")
+def add_base_model_arguments(parser: argparse.ArgumentParser, *, model: bool = True) -> None:
+    """The base-model flags of every verb that loads a run (stage2, baseline, generate, serve; eval without
+    ``--model``): only these, never the run's own config, let a model run its own code
+    (alignx.models.loading.run_model_config)."""
+    if model:
+        parser.add_argument("--model", help="load the base model from here instead of where the run's config says "
+                            "(hub id, local directory, .gguf file, or smollm2-135m)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the base model run its own code (a run's config.yaml can never turn this on)")
+
+
+def _run_base_model(config: AlignXConfig, run_root: Path, args: argparse.Namespace) -> AlignXConfig:
+    """``config``, read for the run at ``run_root``, with the base model the user's --model and --trust-remote-code say
+    (alignx.models.loading.run_model_config): what Stage 2 and the baselines load."""
+    from alignx.models.loading import run_model_config
+
+    return dataclasses.replace(config, model=run_model_config(config.model, run_root, model=args.model,
+                                                              trust_remote_code=args.trust_remote_code))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(stage2)
     stage2.add_argument("--run", required=True, help="run directory made by `alignx stage1`")
     stage2.add_argument("--force", action="store_true", help="retrain even if the report already covers these settings")
+    add_base_model_arguments(stage2)
 
     generate = verbs.add_parser(
         "generate", help="generate with the experts: routed by MoCaE, or any baseline method",
@@ -148,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--method", required=True, help="sft-mix, sft-sequential, merge-ties, moe-dense (comma-separated for several)")
     baseline.add_argument("--density", type=float, default=0.2, help="share of each task vector TIES keeps")
     baseline.add_argument("--resume", action="store_true", help="continue an interrupted sft-mix, sft-sequential or moe-dense training")
+    add_base_model_arguments(baseline)
 
     vector = verbs.add_parser(
         "task-vector", help="write an expert's task vector (same as: alignx stage1 task-vector)",
@@ -229,7 +243,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         run = RunDir(args.run)
         overrides = [*args.overrides, f"run_dir={run.root}"]
         config = load_config(args.config, overrides) if args.config else run.load_config(overrides)
-        run_stage2(config, force=args.force)
+        run_stage2(_run_base_model(config, run.root, args), force=args.force)
         return 0
     if args.command == "baseline":
         from alignx.baselines import TRAINED_METHODS
@@ -240,7 +254,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from alignx.run import RunDir
 
         run = RunDir(args.run)
-        config = run.load_config()
+        config = _run_base_model(run.load_config(), run.root, args)
         methods = [m.strip() for m in args.method.split(",") if m.strip()]
         unknown = [m for m in methods if m not in TRAINED_METHODS]
         if unknown or not methods:

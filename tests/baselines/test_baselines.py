@@ -2,13 +2,17 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import model_with_code, shared_run
 
 from alignx.axes import AXES
+from alignx.baselines import merge_ties
+from alignx.cli import main
 from alignx.errors import AlignXError
 from alignx.generate import AlignX
 from alignx.run import RunDir
@@ -73,3 +77,31 @@ def test_unknown_baseline_is_explained(run):
     assert bad.returncode == 2 and "valid: sft-mix, sft-sequential, merge-ties" in bad.stderr
     with pytest.raises(AlignXError, match="unknown method"):
         AlignX.from_run(run.root, method="moe-dense")
+
+
+def test_a_baseline_never_runs_the_code_of_a_runs_model(tiny_stage2_run, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`alignx baseline --run <a downloaded export>` cannot run the export's code: a run whose config.yaml asks
+    for its model's code is refused in one line until --trust-remote-code, and --model loads the base model from
+    where the user says. (It used to load the run's model with the run's own trust_remote_code.)"""
+    model, mark = model_with_code(tiny_model_dir, tmp_path)
+    asking = shared_run(tiny_stage2_run.run_dir, tmp_path / "asking", name=str(model), trust_remote_code=True)
+    elsewhere = shared_run(tiny_stage2_run.run_dir, tmp_path / "elsewhere", name="/home/its-author/models/tiny-llama")
+    for run in (asking, elsewhere):
+        shutil.rmtree(RunDir(run).adapter_dir("merge-ties").parent, ignore_errors=True)
+    assert main(["baseline", "--run", str(asking), "--method", "merge-ties"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"alignx: error: {asking} asks to run the code of its base model")
+    assert "--trust-remote-code" in error and not mark.exists() and not RunDir(asking).has_adapter("merge-ties")
+
+    assert main(["baseline", "--run", str(elsewhere), "--method", "merge-ties", "--model", str(tiny_model_dir)]) == 0
+    assert RunDir(elsewhere).has_adapter("merge-ties")
+
+    loads = []
+
+    def load(config, **kwargs):  # what the baseline would load; nothing remote is loaded here
+        loads.append((config.name, config.trust_remote_code))
+        raise AlignXError("stopped at the base model")
+
+    monkeypatch.setattr(merge_ties, "load_base_model", load)
+    assert main(["baseline", "--run", str(asking), "--method", "merge-ties", "--trust-remote-code"]) == 2
+    assert loads == [(str(model), True)] and not mark.exists()

@@ -3,6 +3,7 @@ through the `alignx` model gives `alignx eval`'s MC2 on the same questions, in P
 `alignx lm-eval` line."""
 
 import json
+import logging
 import os
 import re
 import shlex
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shared_run
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -96,15 +98,48 @@ def test_the_documented_lm_eval_line_runs_offline(tiny_stage2_run, tmp_path, cap
     assert float(row.group(1)) == pytest.approx(_alignx_eval_mc2(tiny_stage2_run.run_dir, items), abs=1e-4)
 
 
-def test_method_oracle_is_refused_in_one_line(tiny_stage2_run, capsys):
+def _lm_eval_in_process(monkeypatch, *argv: str) -> int:
+    """`alignx lm-eval ...` in this process. lm-eval makes its log handler once per process, on the stderr of the
+    moment: pointed at this test's, a second call does not log into an earlier test's closed capture."""
+    for handler in logging.getLogger("lm_eval").handlers:
+        if type(handler) is logging.StreamHandler:  # lm-eval's own (pytest's capture handlers sit beside it)
+            monkeypatch.setattr(handler, "stream", sys.stderr)
+    return main(["lm-eval", *argv])
+
+
+def test_method_oracle_is_refused_in_one_line(tiny_stage2_run, capsys, monkeypatch):
     """The oracle routes by each prompt's gold axis; lm-eval requests have none (it used to route all to honest)."""
     with pytest.raises(AlignXError, match="method=oracle needs each prompt's gold axis"):
         AlignXLM(run=str(tiny_stage2_run.run_dir), method="oracle")
-    code = main(["lm-eval", "--model", "alignx", "--model_args", f"run={tiny_stage2_run.run_dir},method=oracle",
-                 "--tasks", "truthfulqa_mc2"])
+    code = _lm_eval_in_process(monkeypatch, "--model", "alignx", "--model_args",
+                               f"run={tiny_stage2_run.run_dir},method=oracle", "--tasks", "truthfulqa_mc2")
     error = capsys.readouterr().err
     assert code == 2 and "Traceback" not in error  # after lm-eval's own log lines, one line says why and what to use
     assert error.strip().splitlines()[-1].startswith("alignx: error: method=oracle needs each prompt's gold axis")
+
+
+def test_only_the_users_model_args_let_a_run_load_code_or_move_its_base_model(tiny_stage2_run, tmp_path, tiny_model_dir,
+                                                                             capsys, monkeypatch):
+    """A run whose config.yaml asks to run its model's code is refused in one line before anything loads; the
+    user's trust_remote_code=true (lm-eval's --trust_remote_code adds it) allows it, and model= says where the base
+    model is. (Both used to be dropped.) The tiny Llama has no code of its own: nothing remote loads here."""
+    asking = shared_run(tiny_stage2_run.run_dir, tmp_path / "asking", trust_remote_code=True)
+    with pytest.raises(AlignXError, match="asks to run the code of its base model .* lm-eval's --model_args") as info:
+        AlignXLM(run=str(asking), method="expert-honest")
+    assert "\n" not in str(info.value)
+    code = _lm_eval_in_process(monkeypatch, "--model", "alignx", "--model_args", f"run={asking},method=expert-honest",
+                               "--tasks", "truthfulqa_mc2")
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert error.strip().splitlines()[-1].startswith(f"alignx: error: {asking} asks to run the code of its base model")
+    allowed = AlignXLM.create_from_arg_string(f"run={asking},method=expert-honest,trust_remote_code=true")
+    assert allowed.aligner.precision.trust_remote_code is True
+    with pytest.raises(AlignXError, match="trust_remote_code must be true or false, got 'yes'"):
+        AlignXLM.create_from_arg_string(f"run={asking},trust_remote_code=yes")
+
+    elsewhere = shared_run(tiny_stage2_run.run_dir, tmp_path / "elsewhere", name="/home/its-author/models/tiny-llama")
+    moved = AlignXLM.create_from_arg_string(f"run={elsewhere},method=expert-honest,model={tiny_model_dir}")
+    assert (moved.aligner.precision.name, moved.aligner.precision.trust_remote_code) == (str(tiny_model_dir), False)
 
 
 def test_generate_until_stops_at_the_first_stop_string(tiny_stage2_run):

@@ -2,13 +2,17 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import model_with_code, shared_run
 
+from alignx.cli import main
 from alignx.errors import AlignXError
+from alignx.stage2 import pipeline
 from alignx.stage2.mocae import MoCaE
 from alignx.stage2.pipeline import run_stage2, stage2_dir
 
@@ -143,3 +147,29 @@ def test_auto_calibration_records_its_nested_choice(stage1_run):
     assert done["method"] in CANDIDATES and "nested_selection" in done
     if done["nested_selection"] is not None:  # the tiny banks may be too small to nest: then cross-fit
         assert done["method"] == min(done["nested_selection"], key=lambda name: done["nested_selection"][name]["nll"])
+
+
+def test_stage2_loads_a_runs_base_model_only_as_the_user_says(stage1_run, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`alignx stage2 --run <someone else's run>` never runs the code of the model its config.yaml names: a run
+    asking for it is refused in one line, before any work, until --trust-remote-code; --model loads the base
+    model from where the user says. (It used to load the run's model with the run's own trust_remote_code.)"""
+    model, mark = model_with_code(tiny_model_dir, tmp_path)
+    asking = shared_run(stage1_run.run_dir, tmp_path / "asking", name=str(model), trust_remote_code=True)
+    elsewhere = shared_run(stage1_run.run_dir, tmp_path / "elsewhere", name="/home/its-author/models/tiny-llama")
+    for run in (asking, elsewhere):  # no cached features: Stage 2 loads the base model for the evaluation prompts
+        shutil.rmtree(run / "stage2", ignore_errors=True)
+    assert main(["stage2", "--run", str(asking)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith(f"alignx: error: {asking} asks to run the code of its base model")
+    assert "--trust-remote-code" in error and not mark.exists() and not (asking / "stage2").exists()
+
+    loads = []
+
+    def load(config, **kwargs):  # what Stage 2 would load; nothing remote is loaded here
+        loads.append((config.name, config.trust_remote_code))
+        raise AlignXError("stopped at the base model")
+
+    monkeypatch.setattr(pipeline, "load_base_model", load)
+    assert main(["stage2", "--run", str(asking), "--trust-remote-code"]) == 2
+    assert main(["stage2", "--run", str(elsewhere), "--model", str(tiny_model_dir)]) == 2
+    assert loads == [(str(model), True), (str(tiny_model_dir), False)] and not mark.exists()

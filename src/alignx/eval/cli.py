@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from alignx.cli import add_base_model_arguments
 from alignx.errors import AlignXError
 
 DEFAULT_METHODS = "alignx,base,sft-mix,moe-uncalibrated"
@@ -31,12 +32,14 @@ def register(verbs) -> None:
     parser.add_argument("--judge", action="append", default=[], metavar="TASK=SPEC",
                         help="judge of one task: offline (default), openai:<model> or hf:<path> (repeatable)")
     parser.add_argument("--judges-dir", help="where the offline judges are (default: <alignx cache>/judges)")
+    add_base_model_arguments(parser, model=False)
     parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="override eval settings, e.g. eval.quick_items=16")
 
 
 def run(args: argparse.Namespace) -> int:
     from alignx.eval.report import terminal_summary
     from alignx.eval.runner import eval_paths, run_eval
+    from alignx.models.loading import run_model_config
     from alignx.run import RunDir
 
     run_dir = RunDir(args.run)
@@ -51,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
             raise AlignXError(f"--judge {item!r} must look like TASK=SPEC, e.g. safety=openai:gpt-4o-mini")
         overrides.append(f"eval.judges.{task.strip()}={spec.strip()}")
     config = run_dir.load_config(overrides)
+    run_model_config(config.model, run_dir.root, trust_remote_code=args.trust_remote_code)  # refused before any work
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     with run_dir.lock():
-        results = run_eval(run_dir, config, methods)
+        results = run_eval(run_dir, config, methods, trust_remote_code=args.trust_remote_code)
     print(terminal_summary(results))
     print(f"\nreport: {eval_paths(run_dir, config.eval.suite).root / 'report.html'}")
     return 0

@@ -11,6 +11,11 @@ lm-eval 0.4.13 also takes the line with its ``run`` subcommand (``alignx lm-eval
 ``alignx lm-eval -- --help`` shows lm-eval's own options. In Python, importing this module registers the model:
 ``lm_eval.simple_evaluate(model="alignx", model_args=...)``.
 
+A run's config names its base model and nothing more (:func:`alignx.models.loading.run_model_config`): a run that
+asks to run its model's own code is refused until you add ``trust_remote_code=true`` to ``--model_args`` (lm-eval's
+``--trust_remote_code`` adds it too, and also lets the task's data sets run theirs), and ``model=<hub id, directory,
+.gguf or smollm2-135m>`` loads the base model from where you say instead of where the run's config says.
+
 Every request is routed on its own context. A few-shot context routes on what is asked: its last block (after
 the last blank line, lm-eval's default few-shot delimiter), with a ``Q:``/``A:`` frame removed, so TruthfulQA's
 question is routed as ``alignx eval`` routes it (``route=context`` routes the whole context instead). The route's
@@ -54,10 +59,13 @@ def routing_text(context: str, route: str = "last") -> str:
 @register_model("alignx")
 class AlignXLM(LM):
     """An AlignX run as an lm-eval model: ``run`` (required), ``method`` (default ``alignx``), ``mode``,
-    ``route`` (``last`` or ``context``), ``max_length`` (tokens per window, default 2048)."""
+    ``route`` (``last`` or ``context``), ``max_length`` (tokens per window, default 2048), ``model`` and
+    ``trust_remote_code`` (as in :meth:`AlignX.from_run`: only these, never the run's config, say where the base
+    model comes from and let it run its own code)."""
 
     def __init__(self, run: str | None = None, method: str = "alignx", mode: str = "soft", route: str = "last",
-                 max_length: int = 2048, batch_size=None, max_batch_size=None, device=None, **unused):
+                 max_length: int = 2048, model: str | None = None, trust_remote_code: bool = False,
+                 batch_size=None, max_batch_size=None, device=None, **unused):
         super().__init__()
         if not run:
             raise AlignXError("the alignx lm-eval model needs run=<run directory>, e.g. --model_args run=runs/demo")
@@ -66,7 +74,10 @@ class AlignXLM(LM):
         if method == ORACLE:  # it routes by each prompt's gold axis, and an lm-eval request has none
             raise AlignXError("method=oracle needs each prompt's gold axis, which lm-eval requests do not carry: "
                               "use method=alignx (or expert-<axis> for one expert everywhere); `alignx eval` scores the oracle")
-        self.aligner = AlignX.from_run(run, method=method, mode=mode)
+        if not isinstance(trust_remote_code, bool):  # lm-eval turns true/false into booleans; "yes" would be truthy
+            raise AlignXError(f"trust_remote_code must be true or false, got {trust_remote_code!r}")
+        self.aligner = AlignX.from_run(run, method=method, mode=mode, model=None if model is None else str(model),
+                                       trust_remote_code=trust_remote_code)
         self.route, self.max_length = route, int(max_length)
         self.tokenizer = self.aligner.loaded.tokenizer
         self.model = self.aligner.loaded.model

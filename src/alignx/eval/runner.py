@@ -105,7 +105,7 @@ def plan(methods: list[str], axis_collapse: bool) -> dict[str, list[str]]:
 
 
 def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict[str, Judge] | None = None,
-             log=print) -> dict:
+             log=print, *, trust_remote_code: bool = False) -> dict:
     """Generate, judge and summarise; returns the results (also written to results.json)."""
     if not methods:
         raise AlignXError("no methods to evaluate: pass --methods, e.g. alignx,base")
@@ -116,7 +116,7 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
     judges = judges if judges is not None else load_eval_judges(config, todo)  # fail before, not after, generating
     keys = {method: result_key(run, config, method) for method in todo}
     for method, benchmarks in todo.items():
-        _generate_method(run, config, method, benchmarks, items, paths, keys, log)
+        _generate_method(run, config, method, benchmarks, items, paths, keys, log, trust_remote_code)
     results, per_item = summarise(config, todo, items, paths, judges, keys, log)
     atomic_write_json(paths.results, results)
     answers = collect_answers(per_item)
@@ -153,7 +153,8 @@ def current_rows(path: Path, key: str) -> list[dict]:
     return list({row["id"]: row for row in read_jsonl(path) if row.get("key") == key}.values())
 
 
-def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, keys: dict[str, str], log) -> None:
+def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, keys: dict[str, str], log,
+                     trust_remote_code: bool = False) -> None:
     key = keys[method]
     if method == ORACLE:
         _reuse_expert_answers(benchmarks, items, paths, keys)
@@ -161,7 +162,7 @@ def _generate_method(run, config, method, benchmarks, items, paths: EvalPaths, k
     mc_pending = _pending(items["truthfulqa_mc"], paths.mc(method), key) if "truthfulqa_mc" in benchmarks else []
     if not any(pending.values()) and not mc_pending:
         return
-    aligner = AlignX.from_run(run.root, method=method)
+    aligner = AlignX.from_run(run.root, method=method, trust_remote_code=trust_remote_code)
     with aligner.held():
         _generate_pending(aligner, config, method, items, pending, paths, key)
         if mc_pending:
