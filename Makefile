@@ -54,14 +54,12 @@ clean-demo:
 	rm -rf runs/demo
 
 # The study (docs/study.md): the experts trained until their loss curves flatten, banks from every training
-# prompt (the helpful sample capped at 5,000 rows), every method of the comparison on the same items, the
-# axis-loss matrix and paired statistics. Resumable like the demo: run it again after an interruption. Each step
-# prints its number, the time, and its own progress bar.
+# prompt (the helpful sample capped at 5,000 rows), the methods the verdicts compare on the same items, the
+# axis-loss matrix, paired statistics, and the per-item results committed under docs/study/. Resumable like the
+# demo: run it again after an interruption. Each step prints its number, the time, and its own progress bar.
 STUDY_RUN := runs/study
-STUDY_METHODS := alignx,oracle,base,sft-mix,moe-uncalibrated,merge-linear,merge-ties,trinityx,arrow,expert-helpful,expert-harmless,expert-honest
-# the matrix leaves out arrow (fp32, the slowest forward), the paper router, merge-linear and trinityx (two more
-# fixed mixes beside merge-ties, 2 min each); the benchmarks have them all
-STUDY_LOSS_METHODS := alignx,oracle,best-expert,base,sft-mix,moe-uncalibrated,merge-ties
+STUDY_METHODS := alignx,paper,oracle,sft-mix,moe-uncalibrated,base,expert-helpful,expert-harmless,expert-honest
+STUDY_LOSS_METHODS := alignx,paper,oracle,best-expert,base,sft-mix,moe-uncalibrated
 STEP = @echo "[study $(1)/7 $$(date +%H:%M:%S)] $(2)"
 
 study: data-check install
@@ -69,13 +67,13 @@ study: data-check install
 	$(VENV)/bin/alignx stage1 --config configs/study.yaml --resume
 	$(call STEP,2,Stage 2: the routers and their calibrators)
 	$(VENV)/bin/alignx stage2 --run $(STUDY_RUN)
-	$(call STEP,3,baselines: sft-mix (the experts' total budget) and merge-ties)
+	$(call STEP,3,the sft-mix baseline (the experts' total budget))
 	$(VENV)/bin/alignx baseline --run $(STUDY_RUN) --method sft-mix --resume
-	$(VENV)/bin/alignx baseline --run $(STUDY_RUN) --method merge-ties
 	$(call STEP,4,the offline judges)
 	$(VENV)/bin/alignx judge train
 	$(call STEP,5,the axis-loss matrix)
 	$(VENV)/bin/python benchmarks/axis_loss.py --run $(STUDY_RUN) --items 200 --methods $(STUDY_LOSS_METHODS)
 	$(call STEP,6,generation benchmarks (judged; paired differences to alignx))
 	$(VENV)/bin/alignx eval --run $(STUDY_RUN) --methods $(STUDY_METHODS)
-	$(call STEP,7,done: $(STUDY_RUN)/eval/quick/report.html and $(STUDY_RUN)/axis-loss/matrix.json)
+	$(call STEP,7,the tables and verdicts: $(STUDY_RUN)/tables.md; per-item results: docs/study/results.json.gz)
+	$(VENV)/bin/python benchmarks/study_tables.py --run $(STUDY_RUN) --write docs/study/results.json.gz > $(STUDY_RUN)/tables.md

@@ -216,6 +216,7 @@ class EvalConfig:
     suite: str = "quick"  # quick: a seeded subset of every benchmark | full: the whole evaluation splits
     quick_items: int = 40  # prompts per benchmark in the quick suite
     items: dict[str, int] = field(default_factory=dict)  # per-benchmark override of quick_items (truthfulqa_mc: 409)
+    benchmarks: list[str] | None = None  # which benchmarks to run (None: every one; names in alignx.eval.benchmarks)
     max_new_tokens: int = 128
     batch_size: int = 8  # prompts decoded together, at most
     batch_tokens: int = 2048  # and at most this many prompt tokens per batch, padding included (rows x longest)

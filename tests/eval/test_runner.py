@@ -124,6 +124,9 @@ def test_item_counts_per_benchmark(eval_config):
     evaluation = dataclasses.replace(eval_config.eval, items={"truthfulqa_mc": 5})
     assert len(benchmark_items("truthfulqa_mc", eval_config.data, evaluation)) == 5
     assert len(benchmark_items("truthfulqa", eval_config.data, evaluation)) == 3
+    config = dataclasses.replace(eval_config, eval=dataclasses.replace(eval_config.eval, benchmarks=["beavertail"]))
+    with pytest.raises(AlignXError, match="eval.benchmarks: unknown benchmark 'beavertail'"):
+        run_eval(RunDir(config.run_dir), config, ["base"], judges=judges(), log=lambda *_: None)
     config = dataclasses.replace(eval_config, eval=dataclasses.replace(eval_config.eval, items={"truthfulqa-mc": 5}))
     with pytest.raises(AlignXError, match="unknown benchmark 'truthfulqa-mc'"):
         run_eval(RunDir(config.run_dir), config, ["base"], judges=judges(), log=lambda *_: None)
@@ -134,6 +137,8 @@ def test_plan_adds_each_expert_on_its_own_axis():
     assert todo["expert-helpful"] == ["alpacaeval"] and todo["expert-honest"] == ["truthfulqa"]
     assert "truthfulqa_mc" in todo["alignx"] and "expert-harmless" in todo
     assert set(plan(["base"], axis_collapse=False)) == {"base"}
+    chosen = plan(["alignx"], axis_collapse=True, benchmarks=["truthfulqa", "alpacaeval"])  # eval.benchmarks
+    assert chosen["alignx"] == ["alpacaeval", "truthfulqa"] and "expert-harmless" not in chosen
 
 
 def test_eval_scores_every_benchmark_and_resumes_without_redoing(eval_config, monkeypatch):

@@ -81,10 +81,12 @@ def benchmark_items(name: str, data: DataConfig, evaluation: EvalConfig) -> list
 
 
 def check_item_counts(evaluation: EvalConfig) -> None:
-    """``eval.items`` may only name benchmarks (a typo would otherwise silently keep ``quick_items``)."""
-    unknown = sorted(set(evaluation.items) - set(BENCHMARKS))
-    if unknown:
-        raise AlignXError(f"eval.items: unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}")
+    """``eval.items`` and ``eval.benchmarks`` may only name benchmarks (a typo in ``eval.items`` would otherwise
+    silently keep ``quick_items``)."""
+    for setting, names in (("eval.items", evaluation.items), ("eval.benchmarks", evaluation.benchmarks or ())):
+        unknown = sorted(set(names) - set(BENCHMARKS))
+        if unknown:
+            raise AlignXError(f"{setting}: unknown benchmark {unknown[0]!r}; valid: {', '.join(BENCHMARKS)}")
 
 
 def _all_items(name: str, data: DataConfig) -> list[dict]:

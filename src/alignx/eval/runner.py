@@ -89,13 +89,16 @@ def eval_paths(run: RunDir, suite: str) -> EvalPaths:
     return EvalPaths(run.root / "eval" / suite)
 
 
-def plan(methods: list[str], axis_collapse: bool) -> dict[str, list[str]]:
-    """Method -> the benchmarks it runs: every benchmark for the requested methods, plus (for Axis
-    Collapse) each expert on its own axis's headline benchmark. The oracle comes after the experts, whose
-    answers it reuses."""
-    todo = {method: list(BENCHMARKS) for method in methods}
+def plan(methods: list[str], axis_collapse: bool, benchmarks: list[str] | None = None) -> dict[str, list[str]]:
+    """Method -> the benchmarks it runs: every benchmark (or those of ``benchmarks``) for the requested methods,
+    plus (for Axis Collapse) each expert on its own axis's headline benchmark. The oracle comes after the
+    experts, whose answers it reuses."""
+    chosen = list(BENCHMARKS) if benchmarks is None else [b for b in BENCHMARKS if b in benchmarks]
+    todo = {method: list(chosen) for method in methods}
     if axis_collapse:
         for axis, (benchmark, _) in HEADLINE.items():
+            if benchmark not in chosen:
+                continue
             todo.setdefault(f"expert-{axis}", [])
             if benchmark not in todo[f"expert-{axis}"]:
                 todo[f"expert-{axis}"].append(benchmark)
@@ -111,8 +114,9 @@ def run_eval(run: RunDir, config: AlignXConfig, methods: list[str], judges: dict
         raise AlignXError("no methods to evaluate: pass --methods, e.g. alignx,base")
     check_item_counts(config.eval)
     paths = eval_paths(run, config.eval.suite)
-    todo = plan(methods, config.eval.axis_collapse)
-    items = {name: benchmark_items(name, config.data, config.eval) for name in BENCHMARKS}
+    todo = plan(methods, config.eval.axis_collapse, config.eval.benchmarks)
+    items = {name: benchmark_items(name, config.data, config.eval) for name in BENCHMARKS
+             if any(name in benchmarks for benchmarks in todo.values())}
     judges = judges if judges is not None else load_eval_judges(config, todo)  # fail before, not after, generating
     keys = {method: result_key(run, config, method) for method in todo}
     for method, benchmarks in todo.items():
