@@ -228,6 +228,45 @@ def test_a_weight_that_differs_from_its_file_merges_by_copy(tiny_model_dir, adap
     assert torch.equal(changed.weight, before)
 
 
+@pytest.mark.parametrize("fault", ["changed", "deleted"])
+def test_unmerge_detects_a_weights_file_changed_or_deleted_and_leaves_a_consistent_model(
+        fault, tiny_model_dir, adapters, batch, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    mixture = MixtureOfExperts.attach(_base(model_dir), {a: adapters[a] for a in EXPERTS}, EXPERTS,
+                                      originals=CheckpointWeights(model_dir))
+    assert all(layer.merges_in_place for layer in mixture.layers.values())
+    originals = {name: layer.base.weight.detach().clone() for name, layer in mixture.layers.items()}
+    weights = torch.tensor([0.2, 0.5, 0.3])
+    with mixture.using(weights):
+        mixed = _logits(mixture.model, batch)
+    (weights_file,) = model_dir.glob("*.safetensors")
+    mixture.merge(weights)
+    if fault == "changed":  # every original off by 0.01: unmerging from it would serve other weights, silently
+        tensors = load_file(weights_file)
+        save_file({key: value + 0.01 for key, value in tensors.items()}, weights_file, metadata={"format": "pt"})
+    else:
+        weights_file.unlink()
+    with pytest.raises(AlignXError, match="has changed since the model was loaded" if fault == "changed"
+                       else "cannot read .* back from"):
+        mixture.unmerge()
+    # consistent: unmerged, every weight within one rounding of its original, the low-rank path back
+    assert not mixture.is_merged and not any(layer.merged for layer in mixture.layers.values())
+    for name, layer in mixture.layers.items():
+        assert_close_at_scale(layer.base.weight, originals[name], ulps=4)
+    with mixture.using(weights):
+        assert_close_at_scale(_logits(mixture.model, batch), mixed)
+    # and the model keeps working: its merges are by copy now, and unmerge restores exactly what it had
+    restored = {name: layer.base.weight.detach().clone() for name, layer in mixture.layers.items()}
+    with mixture.merged(weights):
+        assert_close_at_scale(_logits(mixture.model, batch), mixed)
+    assert all(torch.equal(layer.base.weight, restored[n]) for n, layer in mixture.layers.items())
+
+
 def test_no_weights_is_exactly_the_base_model(mixture, tiny_model_dir, batch):
     mixture.set_weights(None)
     assert torch.equal(_logits(mixture.model, batch), _logits(_base(tiny_model_dir), batch))

@@ -35,8 +35,12 @@ be, in floating point), in one of two ways:
 * *in place*, when the model's weights files are given (``attach(..., originals=CheckpointWeights)``): the
   merged values overwrite the base weight, and :meth:`MixtureOfExperts.unmerge` reads each original back from
   the file and casts it to the stored dtype, which is how the model got it (``attach`` checks that, bit for
-  bit, for every projection). A merged request then holds no more than the base model: the original costs a
-  read from disk (the page cache, usually) instead of a second copy in memory;
+  bit, for every projection, and keeps a SHA-256 digest of each weight: what unmerge reads back must match it,
+  so a file changed or deleted since the model was loaded is detected, never silently served). A merged
+  request then holds no more than the base model: the original costs a read from disk (the page cache,
+  usually) instead of a second copy in memory. Should a read-back fail, unmerge still leaves a consistent,
+  unmerged model: that weight is restored by subtracting its delta again (within one rounding of the
+  original), merges by copy from then on, and unmerge raises an :class:`AlignXError` naming the file;
 * *by copy* otherwise (a model built in memory, a weight that differs from its file): the merged weight is a
   new tensor and the original Parameter is kept aside, which costs one extra copy of the target weights while
   merged.
@@ -47,6 +51,7 @@ The LoRA arithmetic itself (factor names, scales) comes from :mod:`alignx.stage1
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -184,6 +189,7 @@ class MixedLoRALinear(nn.Module):
         self._original = original
         self._original_weight: nn.Parameter | None = None  # set while merged by copy
         self._merged_in_place = False
+        self._merged_columns: torch.Tensor | None = None  # the column weights merged in place
 
     @property
     def merged(self) -> bool:
@@ -240,14 +246,23 @@ class MixedLoRALinear(nn.Module):
             weight.data.addmm_(*((scaled, self.B_t) if self._transposed else (self.B_t.T, scaled.T)))
         else:  # computed in fp32, rounded once into the stored dtype
             weight.data.copy_(weight.detach().float() + self.delta(column_weights))
-        self._merged_in_place = True
+        self._merged_in_place, self._merged_columns = True, column_weights
 
     def unmerge(self) -> None:
-        """Restore the original weight, bit for bit the weight before :meth:`merge`."""
+        """Restore the original weight, bit for bit the weight before :meth:`merge`. If an in-place merge's
+        original cannot be read back as it was (its file changed or is gone), the weight is restored by subtracting
+        the delta again, within one rounding of the original, later merges are by copy, and AlignXError says why."""
         if self._merged_in_place:
             weight = self.base.weight
-            weight.data.copy_(self._original().to(device=weight.device, dtype=weight.dtype))
-            self._merged_in_place = False
+            try:
+                original = self._original()
+            except AlignXError:
+                weight.data.copy_(weight.detach().float() - self.delta(self._merged_columns))
+                self._original = None
+                raise
+            finally:
+                self._merged_in_place, self._merged_columns = False, None
+            weight.data.copy_(original.to(device=weight.device, dtype=weight.dtype))
         elif self._original_weight is not None:
             self.base.weight = self._original_weight
             self._original_weight = None
@@ -390,16 +405,26 @@ class MixtureOfExperts:
     def merge(self, weights: torch.Tensor | Sequence[float]) -> None:
         """Fold Σ_a w_a·scale_a·B_a·A_a into the base weights (one vector ``[E]`` for the whole batch)."""
         vector = self._vector(weights)
+        if self.is_merged:
+            self.unmerge()
         columns = vector[self.holder.expert_of_column]
         for layer in self.layers.values():
             layer.merge(columns)
         self.merged_weights = vector
 
     def unmerge(self) -> None:
-        """Restore the exact original base weights and the low-rank path."""
+        """Restore the exact original base weights and the low-rank path. Every layer is unmerged even when one
+        cannot read its original back (see :meth:`MixedLoRALinear.unmerge`); then AlignXError says which."""
+        failures = []
         for layer in self.layers.values():
-            layer.unmerge()
+            try:
+                layer.unmerge()
+            except AlignXError as exc:
+                failures.append(str(exc))
         self.merged_weights = None
+        if failures:
+            raise AlignXError(f"{failures[0]}; {len(failures)} weight(s) were restored by subtracting the experts "
+                              "again, within one rounding of the originals (reload the model for the exact weights)")
 
     @contextlib.contextmanager
     def merged(self, weights: torch.Tensor | Sequence[float]) -> Iterator[MixtureOfExperts]:
@@ -451,13 +476,32 @@ def _expert_factors(expert: str, adapter_dir: Path) -> dict[str, LoraFactors]:
 def _checkpoint_reader(originals: CheckpointWeights | None, key: str,
                        weight: torch.Tensor) -> Callable[[], torch.Tensor] | None:
     """A function that reads ``weight`` back from ``originals``, if the file's ``key`` cast to the weight's dtype
-    is the weight bit for bit (checked once, now); else None."""
+    is the weight bit for bit now; else None. What it reads must match the weight's digest taken now: a file
+    changed or deleted since is an AlignXError, not a different weight."""
     if originals is None or key not in originals:
         return None
     stored = originals.tensor(key)
     if stored.shape != weight.shape or not torch.equal(stored.to(weight.device, weight.dtype), weight.detach()):
         return None
-    return lambda: originals.tensor(key)
+    shape, device, dtype, digest = weight.shape, weight.device, weight.dtype, _digest(weight)
+    path = originals.files[key]
+
+    def read() -> torch.Tensor:
+        try:
+            tensor = originals.tensor(key).to(device, dtype)
+        except Exception as exc:  # the file is gone, truncated, rewritten without this tensor...
+            raise AlignXError(f"cannot read {key} back from {path} to unmerge the experts: {exc}") from exc
+        if tensor.shape != shape or _digest(tensor) != digest:
+            raise AlignXError(f"{path} has changed since the model was loaded: its {key} is not the weight the model "
+                              "was loaded with, so the experts cannot be unmerged exactly")
+        return tensor
+
+    return read
+
+
+def _digest(tensor: torch.Tensor) -> bytes:
+    """SHA-256 of a tensor's bytes (about 0.1 s for SmolLM2-135M's projections)."""
+    return hashlib.sha256(tensor.detach().contiguous().cpu().view(torch.uint8).numpy()).digest()
 
 
 def _names(modules: Sequence[str], limit: int = 4) -> str:
