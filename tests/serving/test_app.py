@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import logging
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -167,7 +171,7 @@ def test_a_failing_batch_is_a_500_and_the_server_goes_on(client, live_server, mo
     def broken(*args, **kwargs):
         raise RuntimeError("simulated decoding failure")
 
-    monkeypatch.setattr(live_server.aligner, "generate_with", broken)
+    monkeypatch.setattr(live_server.aligner.loaded.model, "forward", broken)
     with pytest.raises(openai.InternalServerError):
         chat(client)
     chunks = chat(client, stream=True)
@@ -175,3 +179,172 @@ def test_a_failing_batch_is_a_500_and_the_server_goes_on(client, live_server, mo
         list(chunks)
     monkeypatch.undo()
     assert chat(client).choices[0].message.content is not None
+
+
+# ---- a client that leaves ------------------------------------------------------------------------------------
+
+
+def open_request(server, body: dict) -> http.client.HTTPConnection:
+    """Send a completion request and leave the connection open, unread (close it to disconnect)."""
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=60)
+    connection.request("POST", "/v1/chat/completions", json.dumps(body),
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    return connection
+
+
+def chat_body(prompt=PROMPT, **options) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0,
+            **options}
+
+
+def wait_for_metric(server, name: str, value: float, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, name) < value:
+        assert time.monotonic() < deadline, f"{name} stayed at {metric(server, name)}, below {value}"
+        time.sleep(0.02)
+
+
+def test_a_client_that_leaves_a_non_streaming_request_stops_its_decoding(live_server, decode_steps):
+    cancelled, gone = metric(live_server, "alignx_cancelled_requests_total"), client_closed(live_server)
+    connection = open_request(live_server, chat_body())
+    decode_steps.wait_for(3)
+    connection.close()
+    wait_for_metric(live_server, "alignx_cancelled_requests_total", cancelled + 1)
+    time.sleep(0.3)  # time for 7 more steps, if the row were still decoded
+    assert len(decode_steps.rows) <= 5 and set(decode_steps.rows) == {1}  # 16 tokens take 15 steps
+    wait_for_metric(live_server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="499"}', gone + 1)
+    assert metric(live_server, "alignx_wasted_decode_steps_total") == 0
+
+
+def test_a_waiting_request_whose_client_left_is_never_decoded(live_server, decode_steps):
+    cancelled = metric(live_server, "alignx_cancelled_requests_total")
+    first = open_request(live_server, chat_body())
+    decode_steps.wait_for(1)  # the first request's batch decodes; the second waits for the next one
+    second = open_request(live_server, chat_body("What are the three primary colors?"))
+    wait_for_metric(live_server, "alignx_queue_depth", 1)
+    second.close()
+    wait_for_metric(live_server, "alignx_cancelled_requests_total", cancelled + 1)
+    assert metric(live_server, "alignx_queue_depth") == 0  # gone from the queue at once
+    response = first.getresponse()
+    assert response.status == 200 and json.loads(response.read())["usage"]["completion_tokens"] == 16
+    first.close()
+    time.sleep(0.3)
+    assert decode_steps.rows == [1] * 15  # the first request's 15 steps, and no batch for the second
+
+
+def test_a_closed_stream_stops_decoding_at_its_next_step(client, live_server, decode_steps):
+    cancelled = metric(live_server, "alignx_cancelled_requests_total")
+    stream = chat(client, max_tokens=16, stream=True)
+    for _, _ in zip(range(3), stream):  # the first chunk (routing) and two pieces of text
+        pass
+    stream.close()
+    wait_for_metric(live_server, "alignx_cancelled_requests_total", cancelled + 1)
+    time.sleep(0.3)
+    assert len(decode_steps.rows) <= 6 and metric(live_server, "alignx_wasted_decode_steps_total") == 0
+
+
+def client_closed(server) -> float:
+    return metric(server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="499"}')
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_a_quiet_499(live_server):
+    records, loggers = _Records(), [logging.getLogger(name) for name in ("uvicorn.error", "alignx.serving")]
+    errors = metric(live_server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="500"}')
+    gone = client_closed(live_server)
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        host, port = live_server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Authorization: Bearer {API_KEY}\r\nContent-Length: 5000\r\n\r\n{{\"model\": ".encode())
+            time.sleep(0.2)  # the server is reading the body when the client goes
+        wait_for_metric(live_server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="499"}', gone + 1)
+        time.sleep(0.2)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    assert records.records == []  # no traceback, no error line
+    assert metric(live_server, 'alignx_requests_total{endpoint="/v1/chat/completions",status="500"}') == errors
+
+
+# ---- prompt lengths, health, shutdown ------------------------------------------------------------------------
+
+
+def test_a_huge_prompt_is_refused_by_its_length_before_it_is_tokenized(client, live_server, monkeypatch):
+    counted = []
+    monkeypatch.setattr(live_server.engine.prompts, "count", lambda prompt: counted.append(prompt) or 1)
+    huge = "tips " * 180_000  # 900 KB: under the body limit
+    with pytest.raises(openai.BadRequestError, match="bytes long, more than this server's limit of 64 tokens") as caught:
+        chat(client, prompt=huge)
+    assert caught.value.body["code"] == "context_length_exceeded" and counted == []
+
+
+def test_prompts_are_tokenized_off_the_event_loop(client, live_server, monkeypatch):
+    on_the_loop = []
+    count = live_server.engine.prompts.count
+
+    def counting(prompt):
+        try:
+            asyncio.get_running_loop()
+            on_the_loop.append(True)
+        except RuntimeError:
+            on_the_loop.append(False)
+        return count(prompt)
+
+    monkeypatch.setattr(live_server.engine.prompts, "count", counting)
+    chat(client, max_tokens=2)
+    assert on_the_loop == [False]
+
+
+class _Crash(BaseException):
+    """Not an Exception: a failing batch's handler does not catch it, so the worker thread itself stops."""
+
+
+def test_health_fails_once_the_decoding_worker_has_stopped(aligner, monkeypatch):
+    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
+    from alignx.serving.batcher import Batcher
+    from alignx.serving.metrics import Metrics
+
+    monkeypatch.setattr(aligner, "weights_for", lambda prompts: (_ for _ in ()).throw(_Crash("worker killed")))
+    metrics = Metrics()
+    with serve_in_thread(create_app(Batcher(aligner, metrics), ServeSettings(model_name=MODEL), metrics)) as url:
+        assert json.loads(urllib.request.urlopen(f"{url}/health", timeout=10).read())["status"] == "ok"
+        status, payload = post(f"{url}/v1/chat/completions", json.dumps(chat_body()), key=None)
+        assert status == 503 and "decoding worker has stopped" in payload["error"]["message"]
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{url}/health", timeout=10)
+        assert caught.value.code == 503 and "worker killed" in json.loads(caught.value.read())["error"]["message"]
+        status, _ = post(f"{url}/v1/chat/completions", json.dumps(chat_body()), key=None)
+        assert status == 503  # refused at once, not queued for a worker that is gone
+
+
+def test_the_shutdown_timeout_reaches_the_backend(monkeypatch):
+    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
+    from alignx.serving.metrics import Metrics
+
+    class Engine:
+        method, prompts, timeouts = "base", None, []
+
+        def start(self):
+            pass
+
+        def health(self):
+            return None
+
+        def close(self, timeout=None):
+            self.timeouts.append(timeout)
+
+    engine = Engine()
+    with serve_in_thread(create_app(engine, ServeSettings(model_name=MODEL, shutdown_timeout=0.5), Metrics())):
+        pass
+    assert engine.timeouts == [0.5]

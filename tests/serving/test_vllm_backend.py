@@ -3,6 +3,7 @@ fake ``vllm`` module."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sys
 import types
@@ -80,15 +81,38 @@ def test_merged_adapter_is_the_exact_weighted_sum(adapter_dirs, tmp_path, tiny_m
 
 def test_adapter_cache_picks_experts_merges_once_and_evicts(adapter_dirs, tmp_path):
     cache = AdapterCache(adapter_dirs, tmp_path, capacity=2)
-    alone = cache.choose([0.02, 0.97, 0.01])
+
+    def use(weights):  # a request routed to these weights, then served
+        choice = cache.choose(weights)
+        cache.release(choice)
+        return choice
+
+    alone = use([0.02, 0.97, 0.01])
     assert alone.path == adapter_dirs["harmless"] and alone.name == "harmless"
-    first = cache.choose([0.6, 0.3, 0.1])
+    first = use([0.6, 0.3, 0.1])
     assert first.path.is_dir() and first.int_id == adapter_id((6, 3, 1))
-    assert cache.choose([0.61, 0.29, 0.1]) == first  # same grid point: the same adapter, not merged again
-    cache.choose([0.2, 0.3, 0.5])
-    cache.choose([0.1, 0.1, 0.8])
+    assert use([0.61, 0.29, 0.1]) == first  # same grid point: the same adapter, not merged again
+    use([0.2, 0.3, 0.5])
+    use([0.1, 0.1, 0.8])
     assert not first.path.exists()  # least recently used, evicted
-    assert cache.choose([0.6, 0.3, 0.1]).path.is_dir()  # and merged again on demand
+    assert use([0.6, 0.3, 0.1]).path.is_dir()  # and merged again on demand
+
+
+def test_an_adapter_a_request_has_not_loaded_yet_is_never_evicted(adapter_dirs, tmp_path):
+    cache = AdapterCache(adapter_dirs, tmp_path, capacity=1)
+    first = cache.choose([0.6, 0.3, 0.1])  # routed; vLLM has not loaded it yet
+    second = cache.choose([0.2, 0.3, 0.5])  # over capacity, but the first is in use
+    assert first.path.is_dir() and second.path.is_dir()
+    cache.release(first)
+    assert not first.path.exists() and second.path.is_dir()  # evicted once its request is done
+    cache.release(second)
+    assert second.path.is_dir()  # within capacity: kept for the next request
+
+
+def test_the_reported_weights_are_the_weights_served(adapter_dirs, tmp_path):
+    cache = AdapterCache(adapter_dirs, tmp_path)
+    served = cache.served([1 / 3] * 3)
+    assert served == [0.4, 0.3, 0.3] and list(cache.choose([1 / 3] * 3).steps) == [4, 3, 3]
 
 
 def test_engine_arguments_fit_every_merge(adapter_dirs):
@@ -180,3 +204,70 @@ def test_the_base_fallback_is_served_by_the_base_model(fake_vllm, aligner):
     routing = response.model_extra["alignx"]
     assert routing["explanation"]["ood"] and routing["explanation"]["adapter"] is None
     assert set(routing["weights"].values()) == {0.0}
+
+
+def test_the_response_reports_the_weights_vllm_serves(fake_vllm, aligner, monkeypatch):
+    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
+    from alignx.serving.metrics import Metrics
+
+    thirds = torch.full((1, 3), 1 / 3)
+    monkeypatch.setattr(aligner, "weights_for", lambda prompts: (thirds, [{"final": {}}]))
+    metrics = Metrics()
+    engine = vllm_backend.VLLMEngine(aligner, metrics)
+    with serve_in_thread(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=5)
+    routing = response.model_extra["alignx"]
+    assert routing["explanation"]["adapter"] == "helpful4-harmless3-honest3" == fake_vllm.calls[0][2].name
+    assert routing["weights"] == {"helpful": 0.4, "harmless": 0.3, "honest": 0.3}  # served, not the router's thirds
+
+
+class _SlowEngine(_FakeEngine):
+    """Streams a long answer slowly, and records the requests it is told to abort."""
+
+    aborted: list = []
+
+    async def generate(self, prompt, params, request_id, lora_request=None):
+        _FakeEngine.calls.append((prompt, params, lora_request, request_id))
+        for i in range(1, 500):
+            await asyncio.sleep(0.02)
+            completion = types.SimpleNamespace(text="x" * i, token_ids=list(range(i)), finish_reason=None)
+            yield types.SimpleNamespace(outputs=[completion], finished=False)
+
+    async def abort(self, request_id):
+        _SlowEngine.aborted.append(request_id)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_departed_client_is_aborted_in_vllm_and_frees_its_adapter(fake_vllm, aligner, monkeypatch, stream):
+    import http.client
+    import json
+    import time
+
+    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
+    from alignx.serving.metrics import Metrics
+
+    monkeypatch.setattr(sys.modules["vllm"], "AsyncLLMEngine", _SlowEngine)
+    _SlowEngine.aborted = []
+    monkeypatch.setattr(aligner, "weights_for", lambda prompts: (torch.tensor([[0.5, 0.3, 0.2]]), [{}]))
+    metrics = Metrics()
+    engine = vllm_backend.VLLMEngine(aligner, metrics)
+    with serve_in_thread(create_app(engine, ServeSettings(model_name="tiny"), metrics)) as url:
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while not fake_vllm.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        if stream:
+            connection.getresponse().read1(100)  # a first event or two
+        connection.close()
+        while not _SlowEngine.aborted:
+            assert time.monotonic() < deadline, "the request was not aborted in vLLM"
+            time.sleep(0.02)
+        assert _SlowEngine.aborted == [fake_vllm.calls[0][3]]  # that very request
+        while engine.adapters._pins or metrics.queue_depth.value:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)

@@ -7,6 +7,11 @@ The app validates, counts and limits; a backend (the batching worker of :mod:`al
 in an ``alignx`` extension field: ``{"method", "weights", "explanation"}`` (in a stream: on the first chunk,
 since routing comes before the first token). Errors use OpenAI's shape; a request never takes the server
 down: a failure while decoding becomes a 500 for the requests of that batch only.
+
+A client that goes away stops costing anything: Starlette does not cancel a handler when its client leaves, so
+each completion watches its connection and cancels its request in the backend the moment the client closes it
+(waiting, routing or decoding). A client gone before its answer is counted with status 499 (nginx's "client
+closed request"), quietly, and so is one that leaves while its body is still being read.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from pydantic.json_schema import models_json_schema
 
@@ -39,11 +46,13 @@ from alignx.serving.protocol import (
     APIError, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChunk, CompletionRequest,
     ErrorBody, Health, ModelList, chunk_body, parse, response_body, usage,
 )
-from alignx.serving.requests import Delta, Failed, Finished, GenerationRequest, QueueFull, Routed, Sampling
+from alignx.serving.requests import Delta, Failed, Finished, GenerationRequest, QueueFull, Routed, Sampling, Unavailable
 
 log = logging.getLogger("alignx.serving")
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
 _ENDPOINTS = (*COMPLETION_PATHS, "/v1/models", "/health", "/metrics")
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection before the response
+_DISCONNECTED = object()  # put on a request's channel when its client has closed the connection
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class ServeSettings:
     max_prompt_tokens: int = 2048
     max_new_tokens: int = 512  # the most a request may ask for, and what it gets when it does not ask
     max_body_bytes: int = 1 << 20
+    shutdown_timeout: float | None = None  # seconds the backend may take to finish its requests on shutdown; None: no limit
 
     def __post_init__(self):
         if not self.model_name.strip():
@@ -60,13 +70,16 @@ class ServeSettings:
         for name in ("max_prompt_tokens", "max_new_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise AlignXError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.shutdown_timeout is not None and not self.shutdown_timeout >= 0:
+            raise AlignXError(f"--shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.api_key is not None and not self.api_key.strip():
             raise AlignXError("the API key is empty: pass a non-empty --api-key / ALIGNX_API_KEY, or none")
 
 
 def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
-    """``engine``: ``start()``, ``close()`` (drains), ``submit(GenerationRequest)`` (raises ``QueueFull``),
-    ``count_prompt_tokens(prompt)`` and ``method``."""
+    """``engine``: ``start()``, ``close(timeout)`` (drains, for at most ``timeout`` seconds), ``submit(GenerationRequest)``
+    (raises ``QueueFull`` or ``Unavailable``), ``health()`` (None, or why it cannot serve), ``prompts`` (a
+    :class:`~alignx.serving.tokens.PromptCounter`) and ``method``."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -74,7 +87,7 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
         try:
             yield
         finally:  # uvicorn has let in-flight requests finish; the engine drains whatever is left
-            await asyncio.to_thread(engine.close)
+            await asyncio.to_thread(engine.close, settings.shutdown_timeout)
 
     app = FastAPI(title="AlignX", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
@@ -82,6 +95,7 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
     app.add_middleware(_RecordRequests, metrics=metrics)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_closed)
     app.add_exception_handler(Exception, _internal_error)
     started = int(time.time())
 
@@ -99,7 +113,8 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
     auth = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if settings.api_key else {}
     completion_errors = {**auth, **_errors(
         (400, "an invalid request (the message names the field)"), (404, "the model is not the one served"),
-        (413, "the request body is over --max-body-bytes"), (503, "the queue is full: retry after Retry-After seconds"),
+        (413, "the request body is over --max-body-bytes"),
+        (503, "the queue is full (retry after Retry-After seconds), or the server cannot serve: the message says why"),
         (500, "decoding failed for this request's batch"))}
 
     @v1.get("/models", responses={200: {"model": ModelList}, **auth, **_errors()})
@@ -110,14 +125,14 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
     @v1.post("/chat/completions", responses=_completion_responses(ChatCompletion, ChatCompletionChunk, completion_errors))
     async def chat_completions(request: Request):
         body = parse(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes))
-        return await complete(body, body.prompt(), chat=True)
+        return await complete(request, body, body.prompt(), chat=True)
 
     @v1.post("/completions", responses=_completion_responses(Completion, CompletionChunk, completion_errors))
     async def completions(request: Request):
         body = parse(CompletionRequest, await _read_json(request, settings.max_body_bytes))
-        return await complete(body, body.prompt_text(), chat=False)
+        return await complete(request, body, body.prompt_text(), chat=False)
 
-    async def complete(body, prompt: str, chat: bool):
+    async def complete(http: Request, body, prompt: str, chat: bool):
         if body.model != settings.model_name:
             raise APIError(404, f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
                            param="model", code="model_not_found")
@@ -130,11 +145,14 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
         if max_tokens > settings.max_new_tokens:
             raise APIError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_new_tokens}",
                            param="max_tokens")
-        prompt_tokens = engine.count_prompt_tokens(prompt)
+        param = "messages" if chat else "prompt"
+        if not engine.prompts.fits(prompt, settings.max_prompt_tokens):  # before tokenizing a huge prompt
+            raise APIError(400, f"the prompt is {len(prompt.encode())} bytes long, more than this server's limit of "
+                           f"{settings.max_prompt_tokens} tokens can hold", param=param, code="context_length_exceeded")
+        prompt_tokens = await asyncio.to_thread(engine.prompts.count, prompt)  # off the event loop
         if prompt_tokens > settings.max_prompt_tokens:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens, over this server's limit of "
-                           f"{settings.max_prompt_tokens}", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
+                           f"{settings.max_prompt_tokens}", param=param, code="context_length_exceeded")
         channel = _Channel()
         request = GenerationRequest(prompt, prompt_tokens, max_tokens, Sampling(body.temperature, body.top_p, body.seed),
                                     stop, channel.send)
@@ -142,17 +160,23 @@ def create_app(engine, settings: ServeSettings, metrics: Metrics) -> FastAPI:
             engine.submit(request)
         except QueueFull:
             raise APIError(503, "the server is at capacity: retry shortly", type="server_overloaded") from None
+        except Unavailable as exc:
+            raise APIError(503, str(exc)) from None
         metrics.prompt_tokens.inc(prompt_tokens)
         reply = _Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
                        settings.model_name, prompt_tokens)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(reply.stream(request, channel, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await reply.collect(request, channel))
+            return StreamingResponse(reply.stream(http, request, channel, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await reply.collect(http, request, channel))
 
-    @app.get("/health", responses={200: {"model": Health}, **_errors()})
+    @app.get("/health", responses={200: {"model": Health}, **_errors(
+        (503, "the server cannot serve: its decoding worker has stopped, or it is shutting down"))})
     async def health() -> dict:
+        problem = engine.health()
+        if problem is not None:
+            raise APIError(503, problem)
         return {"status": "ok", "model": settings.model_name, "method": engine.method,
                 "queue_depth": int(metrics.queue_depth.value)}
 
@@ -235,11 +259,14 @@ class _Reply:
     model: str
     prompt_tokens: int
 
-    async def collect(self, request: GenerationRequest, channel: _Channel) -> dict:
+    async def collect(self, http: Request, request: GenerationRequest, channel: _Channel) -> dict:
         pieces, alignx = [], None
+        watcher = asyncio.create_task(_watch_connection(http, channel))
         try:
             while True:
                 event = await channel.queue.get()
+                if event is _DISCONNECTED:
+                    raise ClientDisconnect
                 if isinstance(event, Routed):
                     alignx = _alignx_field(event)
                 elif isinstance(event, Delta):
@@ -249,14 +276,19 @@ class _Reply:
                                          event.finish_reason, usage(self.prompt_tokens, event.completion_tokens), alignx)
                 elif isinstance(event, Failed):
                     raise APIError(event.status, event.message)
-        finally:
-            request.cancelled = True  # if the client went away before its batch started, skip it
+        finally:  # a finished request has nothing left to cancel; any other is dropped by its backend
+            watcher.cancel()
+            request.cancel()
 
-    async def stream(self, request: GenerationRequest, channel: _Channel, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, http: Request, request: GenerationRequest, channel: _Channel,
+                     include_usage: bool) -> AsyncIterator[str]:
         fields = (self.chat, self.id, self.created, self.model)
+        watcher = asyncio.create_task(_watch_connection(http, channel))
         try:
             while True:
                 event = await channel.queue.get()
+                if event is _DISCONNECTED:
+                    return
                 if isinstance(event, Routed):
                     yield _sse(chunk_body(*fields, first=True, alignx=_alignx_field(event)))
                 elif isinstance(event, Delta):
@@ -271,7 +303,16 @@ class _Reply:
                     break
             yield "data: [DONE]\n\n"
         finally:
-            request.cancelled = True
+            watcher.cancel()
+            request.cancel()
+
+
+async def _watch_connection(http: Request, channel: _Channel) -> None:
+    """Tell the handler reading ``channel`` once the client has closed the connection (the body is read already,
+    so the next ASGI message is the disconnect)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    channel.queue.put_nowait(_DISCONNECTED)
 
 
 def _alignx_field(event: Routed) -> dict:
@@ -304,6 +345,12 @@ async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
     response = await _api_error(_request, APIError(exc.status_code, str(exc.detail)))
     response.headers.update(exc.headers or {})  # a 405's Allow header (RFC 9110)
     return response
+
+
+async def _client_closed(_request: Request, _exc: ClientDisconnect) -> Response:
+    """The client left (while its body was read, or before its answer): nobody reads this response, and it is no
+    server error; counted as a 499, without a log line."""
+    return Response(status_code=CLIENT_CLOSED)
 
 
 async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -1,34 +1,33 @@
 """The batching worker of the Hugging Face backend: concurrent requests decoded together.
 
 One background thread owns the model. It waits for a request, keeps collecting for ``wait_ms`` (or until
-``max_batch_size``), routes the batch with MoCaE in one partial prefill and decodes it in one ``generate``
-call with per-example expert weights and per-example sampling options (temperature, top-p and seed: each
-row samples with its own generator, :class:`alignx.generate.PerRowSampler`), so requests with different
-options batch together as they do in vLLM. A batch decodes up to its largest ``max_tokens``; each request
-ends at its own ``max_tokens``, stop string or end of sequence, and the batch stops as soon as every request
-in it has (see :mod:`alignx.serving.streaming`). An exception while decoding fails that batch's unfinished
-requests only; the worker goes on with the next batch. :meth:`Batcher.close` drains the queue
-before the thread ends.
+``max_batch_size``) and hands the batch to :func:`alignx.serving.decoding.decode_batch`, which routes it with MoCaE
+in one partial prefill and decodes it a step at a time with per-example expert weights and per-example sampling
+options, so requests with different options batch together as they do in vLLM. A request whose client goes away
+while it waits leaves the queue at once; one whose client goes away while it decodes leaves its batch before the
+next step. An exception while decoding fails that batch's unfinished requests only; the worker goes on with the
+next batch.
+
+If the worker thread itself ever stops (an error outside a batch), :meth:`Batcher.health` says why, so ``/health``
+fails, new requests get a 503 and the waiting ones are failed with a 503 too. :meth:`Batcher.close` finishes the
+waiting requests, within ``--shutdown-timeout`` when one is set: after it, it fails and cancels whatever is left
+and returns.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import queue
-import random
 import threading
 import time
+from collections import deque
 
-from alignx.data.formatting import ChatFormatter
 from alignx.errors import AlignXError
-from alignx.generate import RowSampling
+from alignx.serving.decoding import decode_batch
 from alignx.serving.metrics import Metrics
-from alignx.serving.requests import Failed, GenerationRequest, QueueFull, Routed
-from alignx.serving.streaming import BatchStreamer
+from alignx.serving.requests import Failed, GenerationRequest, QueueFull, Unavailable
+from alignx.serving.tokens import PromptCounter
 
 log = logging.getLogger("alignx.serving")
-_STOP = object()
 
 
 class Batcher:
@@ -38,78 +37,110 @@ class Batcher:
             raise AlignXError("max batch size and queue size must be >= 1 and the batch wait >= 0 ms")
         self.aligner, self.metrics = aligner, metrics
         self.method = aligner.method
-        self.max_batch_size, self.wait_s = max_batch_size, wait_ms / 1000
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._thread = threading.Thread(target=self._loop, name="alignx-batcher", daemon=True)
-        tokenizer = aligner.loaded.tokenizer
-        # The HTTP handlers count prompt tokens on the event loop while the worker tokenizes batches: a Rust
-        # tokenizer used from two threads at once can fail ("Already borrowed"), so the handlers get a copy.
-        self._counting = ChatFormatter(copy.deepcopy(tokenizer))
+        self.max_batch_size, self.wait_s, self.max_queue = max_batch_size, wait_ms / 1000, max_queue
+        self.prompts = PromptCounter(aligner.loaded.tokenizer)
         eos = aligner.loaded.model.generation_config.eos_token_id
-        self._eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self._eos_ids = {aligner.loaded.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        self._waiting: deque[GenerationRequest] = deque()
+        self._changed = threading.Condition()  # guards _waiting and _closing; notified when either changes
+        self._closing = False
+        self._running: list[GenerationRequest] = []  # the batch being decoded
+        self._failure: str | None = None  # why the worker stopped, if it did
+        self._thread = threading.Thread(target=self._loop, name="alignx-batcher", daemon=True)
 
     # ---- called from the event loop -----------------------------------------------------------------
-    def count_prompt_tokens(self, prompt: str) -> int:
-        text = self._counting.prompt_text(prompt)
-        return len(self._counting.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def submit(self, request: GenerationRequest) -> None:
-        try:
-            self._queue.put_nowait(request)
-        except queue.Full:
-            raise QueueFull from None
-        self.metrics.queue_depth.add(1)
+        with self._changed:
+            problem = self.health()
+            if problem is not None:
+                raise Unavailable(problem)
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull
+            self._waiting.append(request)
+            self.metrics.queue_depth.add(1)
+            self._changed.notify_all()
+        request.on_cancel(lambda: self._withdraw(request))
+
+    def health(self) -> str | None:
+        """None while the worker serves; otherwise why it does not."""
+        if self._failure is not None:
+            return self._failure
+        if self._closing:
+            return "the server is shutting down"
+        if self._thread.ident is not None and not self._thread.is_alive():
+            return "the decoding worker has stopped"
+        return None
 
     def start(self) -> None:
         self._thread.start()
 
-    def close(self) -> None:
-        """Finish every queued request, then stop the worker."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every waiting request, then stop the worker; after ``timeout`` seconds (None: no limit), fail and
+        cancel the requests still waiting or decoding and return (the worker is a daemon thread)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if self._thread.ident is None:
+            return
+        self._thread.join(timeout)
         if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+            dropped = self._fail_waiting("the server shut down before this request was decoded")
+            for request in self._running:
+                request.send(Failed(503, "the server shut down before this request finished"))
+                request.cancel()
+            log.warning("the decoding worker did not finish within the shutdown timeout of %s s: dropped %d waiting "
+                        "and %d decoding request(s)", timeout, dropped, len(self._running))
 
     # ---- the worker thread --------------------------------------------------------------------------
     def _loop(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch = [item]
-            deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
-            self.metrics.queue_depth.add(-len(batch))
-            live = [request for request in batch if not request.cancelled]
-            if live:
-                self._decode(live)
-
-    def _decode(self, group: list[GenerationRequest]) -> None:
-        self.metrics.batch_size.observe(len(group))
-        streamer = BatchStreamer(group, self.aligner.loaded.tokenizer, self._eos_ids)
-        rows = [RowSampling(r.sampling.temperature, r.sampling.top_p,
-                            random.randrange(2**31) if r.sampling.seed is None else r.sampling.seed) for r in group]
         try:
-            prompts = [r.prompt for r in group]
-            weights, explanations = self.aligner.weights_for(prompts)
-            for row, request in enumerate(group):
-                request.send(Routed(self.aligner.named_weights(weights, row), self.method, explanations[row]))
-            self.aligner.generate_with(
-                prompts, weights, max_new_tokens=max(r.max_tokens for r in group), rows=rows,
-                streamer=streamer, stopping_criteria=streamer.stopping(),
-            )
-        except Exception:  # our bug or the model's: fail these requests, keep serving
-            log.exception("generation failed for a batch of %d request(s)", len(group))
-            for request, tracker in zip(group, streamer.trackers):
-                if not tracker.finished:
-                    request.send(Failed(500, "generation failed: the server logged the error"))
-        finally:
-            self.metrics.generated_tokens.inc(sum(len(t.tokens) for t in streamer.trackers))
+            with self.aligner.held():  # a fixed-weight method's one vector, merged for the worker's whole life
+                while (batch := self._gather()) is not None:
+                    self._running = batch
+                    decode_batch(self.aligner, batch, self._eos_ids, self.metrics)
+                    self._running = batch = []  # nothing of a finished batch outlives it while the worker waits
+        except BaseException as exc:  # whatever stopped the worker, /health must say so
+            self._failure = f"the decoding worker has stopped: {type(exc).__name__}: {exc}"
+            log.exception("the decoding worker has stopped")
+            for request in self._running:
+                request.send(Failed(503, self._failure))
+            self._fail_waiting(self._failure)
+
+    def _gather(self) -> list[GenerationRequest] | None:
+        """The next batch: the first waiting request and whatever arrives within ``wait_ms`` (nothing more while
+        closing), up to ``max_batch_size``; None once closing with nothing left."""
+        with self._changed:
+            while True:
+                while not self._waiting and not self._closing:
+                    self._changed.wait()
+                if not self._waiting:
+                    return None
+                deadline = time.monotonic() + self.wait_s
+                while self._waiting and len(self._waiting) < self.max_batch_size and not self._closing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+                batch = [self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))]
+                if batch:  # empty when every request gathered was withdrawn meanwhile
+                    self.metrics.queue_depth.add(-len(batch))
+                    return batch
+
+    def _withdraw(self, request: GenerationRequest) -> None:
+        """A waiting request whose client went away leaves the queue (one already in a batch leaves that batch)."""
+        with self._changed:
+            try:
+                self._waiting.remove(request)  # GenerationRequest compares by identity
+            except ValueError:
+                return
+            self.metrics.queue_depth.add(-1)
+            self.metrics.cancelled_requests.inc()
+
+    def _fail_waiting(self, message: str) -> int:
+        with self._changed:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self.metrics.queue_depth.add(-len(waiting))
+        for request in waiting:
+            request.send(Failed(503, message))
+        return len(waiting)

@@ -41,7 +41,8 @@ class Counter(_Metric):
 
     def _samples(self) -> list[str]:
         with self._lock:
-            return [f"{self.name}{self._label_text(k)} {_number(v)}" for k, v in sorted(self._values.items())]
+            values = self._values or ({} if self.labels else {(): 0.0})  # a counter without labels starts at 0
+            return [f"{self.name}{self._label_text(k)} {_number(v)}" for k, v in sorted(values.items())]
 
 
 class Gauge(_Metric):
@@ -100,6 +101,10 @@ class Metrics:
         self.requests = Counter("alignx_requests_total", "HTTP requests by endpoint and status code", ("endpoint", "status"))
         self.prompt_tokens = Counter("alignx_prompt_tokens_total", "prompt tokens of accepted completion requests")
         self.generated_tokens = Counter("alignx_generated_tokens_total", "completion tokens generated")
+        self.cancelled_requests = Counter("alignx_cancelled_requests_total",
+                                          "requests dropped, queued or mid-decode, because their client went away")
+        self.wasted_steps = Counter("alignx_wasted_decode_steps_total", "decode steps that began after a row's client "
+                                    "had gone, beyond the first (which may have begun as it left)")
         self.queue_depth = Gauge("alignx_queue_depth", "requests waiting for a batch")
         self.batch_size = Histogram("alignx_batch_size", "requests decoded together in one generate call",
                                     (1, 2, 4, 8, 16, 32, 64))
@@ -107,7 +112,8 @@ class Metrics:
                                  (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 
     def render(self) -> str:
-        metrics = (self.requests, self.prompt_tokens, self.generated_tokens, self.queue_depth, self.batch_size, self.latency)
+        metrics = (self.requests, self.prompt_tokens, self.generated_tokens, self.cancelled_requests, self.wasted_steps,
+                   self.queue_depth, self.batch_size, self.latency)
         return "\n".join(line for metric in metrics for line in metric.render()) + "\n"
 
 

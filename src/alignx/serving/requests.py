@@ -4,12 +4,16 @@ Backends decode in their own thread (the Hugging Face batcher) or task (vLLM); e
 thread-safe ``send`` that hands each event to the HTTP handler waiting for it on the event loop. A request
 gets ``Routed`` (its expert weights, before the first token), then ``Delta`` pieces of text, then ``Finished``;
 or ``Failed`` at any point.
+
+A request whose client has gone is :meth:`GenerationRequest.cancel`-led by the HTTP handler: a backend drops it
+from its queue, and from a running batch before that batch's next step (the vLLM backend aborts it in its engine).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,11 @@ class QueueFull(Exception):
     """More requests are waiting than the server accepts (HTTP 503)."""
 
 
-@dataclass
+class Unavailable(Exception):
+    """The backend cannot serve now (HTTP 503); the message says why (its worker stopped, it is shutting down)."""
+
+
+@dataclass(eq=False)  # requests compare by identity: a queue removes exactly the one that was cancelled
 class GenerationRequest:
     prompt: str
     prompt_tokens: int
@@ -58,4 +66,23 @@ class GenerationRequest:
     sampling: Sampling
     stop: tuple[str, ...]
     send: Callable[[Event], None]
-    cancelled: bool = False  # the client went away: a backend drops the request if it has not started it
+    cancelled_at: float | None = None  # time.monotonic() when the client went away; None while it waits
+    _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancelled_at is not None
+
+    def cancel(self) -> None:
+        """The client has gone: stop spending anything on this request. Idempotent; the callbacks run in the
+        caller's thread (the HTTP handlers call it on the event loop)."""
+        if self.cancelled_at is None:
+            self.cancelled_at = time.monotonic()
+            for callback in self._on_cancel:
+                callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the request is cancelled, now if it already is."""
+        self._on_cancel.append(callback)
+        if self.cancelled:
+            callback()

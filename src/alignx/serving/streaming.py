@@ -1,22 +1,15 @@
-"""Token ids of a batched generation -> each request's text, cut at its own ``max_tokens`` and stop strings.
+"""A request's token ids -> its text, cut at its own ``max_tokens`` and stop strings.
 
-``model.generate`` hands one :class:`BatchStreamer` the prompt ids first (skipped), then one token per row
-per step. Each row's :class:`TextTracker` decodes its tokens so far and releases only text that is final: not
-a dangling partial UTF-8 character, and not a tail that could still grow into a stop string. Streaming and
-non-streaming responses are both the concatenation of those releases, so the two always agree. Once every
-row is done (end of sequence, its own ``max_tokens``, or a stop string), :meth:`BatchStreamer.stopping`
-ends the batch's decoding.
+The decoding loop (:mod:`alignx.serving.decoding`) hands each row's :class:`TextTracker` one token per step. The
+tracker decodes the row's tokens so far and releases only text that is final: not a dangling partial UTF-8
+character, and not a tail that could still grow into a stop string. Streaming and non-streaming responses are
+both the concatenation of those releases, so the two always agree. A row is done at end of sequence, its own
+``max_tokens`` or a stop string, and then leaves its batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
-
-from alignx.serving.requests import Delta, Finished, GenerationRequest
 
 
 class TextTracker:
@@ -49,9 +42,6 @@ class TextTracker:
             return ""
         return self._release(full[: len(full) - _stop_prefix_length(full, self.stop)])
 
-    def finish(self, reason: str) -> str:
-        return "" if self.finished else self._finish(reason, self._decoded())
-
     def _finish(self, reason: str, full: str) -> str:
         self.finish_reason = reason
         return self._release(full)
@@ -77,47 +67,3 @@ def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
                 longest = k
                 break
     return longest
-
-
-class BatchStreamer(BaseStreamer):
-    """Dispatches each step's tokens of a whole batch to the rows' requests."""
-
-    def __init__(self, requests: Sequence[GenerationRequest], tokenizer, eos_ids: set[int]):
-        self.requests = list(requests)
-        self.trackers = [TextTracker(tokenizer, r.max_tokens, r.stop, eos_ids) for r in self.requests]
-        self._prompt_seen = False
-
-    @property
-    def all_finished(self) -> bool:
-        return all(t.finished for t in self.trackers)
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # the first put is the prompt ids
-            self._prompt_seen = True
-            return
-        for request, tracker, token in zip(self.requests, self.trackers, value.reshape(-1).tolist()):
-            if not tracker.finished:
-                self._send(request, tracker, tracker.add(int(token)))
-
-    def end(self) -> None:
-        for request, tracker in zip(self.requests, self.trackers):
-            if not tracker.finished:  # the batch reached its longest max_tokens
-                self._send(request, tracker, tracker.finish("length"))
-
-    def stopping(self) -> StoppingCriteriaList:
-        return StoppingCriteriaList([_AllFinished(self)])
-
-    @staticmethod
-    def _send(request: GenerationRequest, tracker: TextTracker, text: str) -> None:
-        if text:
-            request.send(Delta(text))
-        if tracker.finished:
-            request.send(Finished(tracker.finish_reason, len(tracker.tokens)))
-
-
-class _AllFinished(StoppingCriteria):
-    def __init__(self, streamer: BatchStreamer):
-        self.streamer = streamer
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.streamer.all_finished, dtype=torch.bool, device=input_ids.device)

@@ -25,7 +25,6 @@ tested without it; :class:`VLLMEngine` imports vLLM lazily.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import math
 import shutil
@@ -290,7 +289,8 @@ class VLLMEngine:
         except asyncio.CancelledError:
             if not request.cancelled:  # not our own cancellation: the server is stopping
                 raise
-            self.metrics.cancelled_requests.inc()
+            if request_id is not None:  # cancelled before vLLM finished it
+                self.metrics.cancelled_requests.inc()
         except Exception:
             log.exception("vLLM generation failed")
             request.send(Failed(500, "generation failed: the server logged the error"))
