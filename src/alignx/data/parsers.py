@@ -229,7 +229,12 @@ def leaderboard_row(rec: dict[str, Any], i: int) -> dict[str, Any]:
         raise Skip("wrong type for field 'win_rate'") from None
     if not math.isfinite(win_rate):
         raise Skip("wrong type for field 'win_rate'")
-    return {"index": i, "model": _text(rec, ""), "win_rate": win_rate}
+    try:  # hard verdicts, a draw counting half (AlpacaEval 2's weighted annotators report win_rate as a mean probability)
+        discrete = float(rec.get("discrete_win_rate") or "nan")
+    except ValueError:
+        discrete = float("nan")
+    return {"index": i, "model": _text(rec, ""), "win_rate": win_rate,
+            "discrete_win_rate": discrete if math.isfinite(discrete) else None}
 
 
 def xstest_completion(rec: dict[str, Any], i: int) -> dict[str, Any]:

@@ -106,6 +106,7 @@ ALPACA_EVAL_ANNOTATIONS: tuple[tuple[str, str], ...] = (
     ("weighted_alpaca_eval_gpt4_turbo", "alpaca-7b"),
     ("weighted_alpaca_eval_gpt4_turbo", "text_davinci_003"),
 )
+ALPACA_EVAL_SYSTEM_OUTPUTS: tuple[str, ...] = ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta")  # model_outputs/
 
 
 def _build_registry() -> dict[str, Source]:
@@ -234,6 +235,37 @@ def _build_registry() -> dict[str, Source]:
                 description=f"AlpacaEval {annotator} pairwise verdicts for {model}",
             )
         )
+    for model in ALPACA_EVAL_SYSTEM_OUTPUTS:
+        sources.append(
+            Source(
+                f"alpaca_eval_outputs:{model}",
+                f"alpaca_eval/model_outputs/{model}.json",
+                "json_list",
+                alpaca_eval,
+                url=f"{_AE_COMMIT}/results/{model}/model_outputs.json",
+                description=f"AlpacaEval answers of {model} (the texts its leaderboard rows judged)",
+            )
+        )
+    sources.append(
+        Source(
+            "alpaca_eval_reference:gpt4_1106_preview",
+            "alpaca_eval/reference_outputs/gpt4_1106_preview_model_outputs.json",
+            "json_list",
+            alpaca_eval,
+            url=f"{_AE_COMMIT}/results/gpt4_1106_preview/model_outputs.json",
+            description="AlpacaEval 2's reference answers (GPT-4-Turbo, gpt4_1106_preview)",
+        )
+    )
+    sources.append(
+        Source(
+            "alpaca_eval_leaderboard:weighted_alpaca_eval_gpt4_turbo",
+            "alpaca_eval/leaderboards/data_AlpacaEval_2/weighted_alpaca_eval_gpt4_turbo_leaderboard.csv",
+            "csv",
+            leaderboard_row,
+            url=f"{_AE_COMMIT}/src/alpaca_eval/leaderboards/data_AlpacaEval_2/weighted_alpaca_eval_gpt4_turbo_leaderboard.csv",
+            description="AlpacaEval 2 leaderboard: GPT-4-Turbo's win rate of each system against its own answers",
+        )
+    )
     sources.append(
         Source(
             "alpaca_eval_leaderboard:alpaca_eval_gpt4",
