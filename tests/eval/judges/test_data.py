@@ -15,7 +15,8 @@ from alignx.config import DataConfig, EvalConfig
 from alignx.data.splits import evaluation_keys, normalise_prompt
 from alignx.eval.benchmarks import BENCHMARKS, benchmark_items
 from alignx.eval.judges import JUDGE_TASKS, JudgeSettings
-from alignx.eval.judges.data import alpacaeval_references, judge_data, near_duplicates, prompt_fold
+from alignx.eval.judges.data import EVALUATION_REFERENCE, alpacaeval_references, judge_data, near_duplicates, prompt_fold
+from alignx.eval.judges.offline import reference_checks
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,32 @@ def test_the_helpfulness_reference_is_the_one_the_judge_learned_from(settings, d
     """Benchmarks score against the text-davinci-003 answers GPT-4 compared with (the judge's training
     references), not the later sample in reference_outputs/."""
     data = judge_data("helpfulness", settings)
-    learned = {normalise_prompt(it.prompt): it.reference for it in data.items}
+    learned = {normalise_prompt(it.prompt): it.reference for it, fit in zip(data.items, data.fit_mask) if fit}
     items = benchmark_items("alpacaeval", DataConfig(data_dir=str(data_dir)), EvalConfig(suite="full"))
     assert len(items) == 805 and len(learned) == 805
     assert all(item["reference"] == learned[normalise_prompt(item["prompt"])] for item in items)
     assert alpacaeval_references(data_dir) == learned
+    assert set(data.reference_sets[data.fit_mask | data.validation]) == {EVALUATION_REFERENCE}
+
+
+def test_helpfulness_reference_checks_on_the_staged_data(settings):
+    """Both annotation sets are read, and each check's fit holds none of its reference set's rows or answer texts."""
+    data = judge_data("helpfulness", settings)
+    checks = {check.name: check for check in reference_checks(data)}
+    assert set(checks) == {"alpaca-7b_vs_text_davinci_003", "llama-2-7b-chat-hf_vs_text_davinci_003",
+                           "zephyr-7b-beta_vs_text_davinci_003", "alpaca-7b_vs_gpt4_1106_preview",
+                           "text_davinci_003_vs_gpt4_1106_preview", "llama-2-7b-chat-hf_vs_gpt4_1106_preview",
+                           "zephyr-7b-beta_vs_gpt4_1106_preview"}
+    for check in checks.values():
+        answers = {it.reference for it, r in zip(data.items, data.reference_sets) if r == check.reference}
+        fit = [data.items[i] for i in np.flatnonzero(check.fit)]
+        assert not (data.reference_sets[check.fit] == check.reference).any() and check.system not in set(data.systems[check.fit])
+        assert not answers & ({it.response for it in fit} | {it.reference for it in fit})
+        assert int(check.test.sum()) in (803, 805)
+    # GPT-4-Turbo's published discrete win rates where no verdict is staged; its own verdicts agree with it where they are
+    assert checks["llama-2-7b-chat-hf_vs_gpt4_1106_preview"].published == pytest.approx(4.7826, abs=1e-3)
+    alpaca = checks["alpaca-7b_vs_gpt4_1106_preview"]
+    assert alpaca.published is None and 100 * data.outcomes[alpaca.test].mean() == pytest.approx(2.2981, abs=1e-3)
+    # text_davinci_003's answers under GPT-4-Turbo are another sample than the references GPT-4 judged: 18 rows shared
+    shared = ~checks["alpaca-7b_vs_text_davinci_003"].fit & data.labelled & (data.systems == "text_davinci_003")
+    assert 0 < int(shared.sum()) <= 20

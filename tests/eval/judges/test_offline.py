@@ -22,10 +22,11 @@ from alignx.cli import main
 from alignx.data.splits import HARMFUL_EVAL_SETS, normalise_prompt
 from alignx.errors import AlignXError
 from alignx.eval.judges import JUDGE_TASKS, JudgeItem, JudgeSettings, load_judge
-from alignx.eval.judges.cli import FIGURES
-from alignx.eval.judges.data import judge_data
+from alignx.eval.judges.cli import FIGURES, HEADLINE_POINTS
+from alignx.eval.judges.data import CUT_WORDS, cut_pair, cut_to_words, judge_data
 from alignx.eval.judges.offline import (
-    RECIPES, artifact_paths, load_estimators, load_offline_judge, make_encoder, save_judge, score_with, train_judge, validate,
+    RECIPES, artifact_paths, load_estimators, load_offline_judge, make_encoder, reference_checks, save_judge, score_with,
+    train_judge, validate,
 )
 
 ENCODER = "hashing-64"
@@ -74,8 +75,9 @@ def tiny_judge_data(tmp_path_factory, data_dir) -> Path:
     reference = "alpaca_eval/reference_outputs/text_davinci_003_model_outputs.json"
     (root / reference).parent.mkdir(parents=True)
     (root / reference).write_bytes((data_dir / reference).read_bytes())
-    for model in ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta"):
-        path = f"alpaca_eval/annotations/alpaca_eval_gpt4/{model}.json"
+    for path in [*(f"alpaca_eval/annotations/alpaca_eval_gpt4/{m}.json" for m in ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta")),
+                 *(f"alpaca_eval/annotations/weighted_alpaca_eval_gpt4_turbo/{m}.json" for m in ("alpaca-7b", "text_davinci_003")),
+                 *(f"alpaca_eval/model_outputs/{m}.json" for m in ("llama-2-7b-chat-hf", "zephyr-7b-beta"))]:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(json.dumps(json.loads((data_dir / path).read_text())[:60]))
     for model in ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct"):
@@ -83,6 +85,8 @@ def tiny_judge_data(tmp_path_factory, data_dir) -> Path:
         _write_csv_head(data_dir / path, root / path, 60)
     # whole files: the evaluation prompts judge data is decontaminated against, and GPT-4's leaderboard
     for path in ["xstest/xstest_prompts.csv", "alpaca_eval/leaderboards/data_AlpacaEval/alpaca_eval_gpt4_leaderboard.csv",
+                 "alpaca_eval/leaderboards/data_AlpacaEval_2/weighted_alpaca_eval_gpt4_turbo_leaderboard.csv",
+                 "alpaca_eval/reference_outputs/gpt4_1106_preview_model_outputs.json",
                  *(f"safety_tuned_llamas/evaluation/{name}.json" for name in HARMFUL_EVAL_SETS)]:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes((data_dir / path).read_bytes())
@@ -163,6 +167,89 @@ def test_validation_scores_each_row_with_a_judge_that_never_saw_its_prompt(tiny_
     assert validation.accuracy[task] == pytest.approx(expected)
 
 
+def test_validation_holds_a_reference_set_out(tiny_judge_data, monkeypatch):
+    """Every held-out (system, reference) is also scored by judges fit on another reference set only: no row of
+    the held-out reference set, no text of its reference answers, no answer of the held-out system in the fit."""
+    data = judge_data("helpfulness", JudgeSettings(data_dir=tiny_judge_data))
+    spy = _SpyRecipe()
+    monkeypatch.setitem(RECIPES, "helpfulness", spy)
+    validate("helpfulness", data, np.arange(len(data.items), dtype=float)[:, None])
+    references = data.reference_sets
+    assert set(references) == {"text_davinci_003", "gpt4_1106_preview"}
+    assert set(references[data.fit_mask]) == {"text_davinci_003"}  # the stored judge learns the evaluation's reference
+    held_out_reference = np.zeros(len(data.items), bool)
+    for seen, scored in spy.scorings:
+        if len(set(references[scored])) != 1 or references[scored[0]] in set(references[seen]):
+            continue  # a same-reference fit
+        reference = references[scored[0]]
+        answers = {it.reference for it, r in zip(data.items, references) if r == reference}
+        assert not answers & {data.items[i].response for i in seen} and not answers & {data.items[i].reference for i in seen}
+        assert not set(data.systems[seen]) & set(data.systems[scored])
+        held_out_reference[scored] = True
+    for reference in ("text_davinci_003", "gpt4_1106_preview"):  # both directions
+        mine = references == reference
+        assert held_out_reference[mine & data.labelled].all()
+    system_level = np.isin(data.systems, ["llama-2-7b-chat-hf", "zephyr-7b-beta"]) & (references == "gpt4_1106_preview")
+    assert system_level.any() and not data.labelled[system_level].any() and held_out_reference[system_level].all()
+    # the held-out reference's answers really do appear elsewhere (text_davinci_003's answers as a GPT-4-Turbo system):
+    # the rows that share them are the ones the check drops
+    check = next(c for c in reference_checks(data) if c.name == "alpaca-7b_vs_text_davinci_003")
+    answers = {it.reference for it, r in zip(data.items, references) if r == "text_davinci_003"}
+    shared = np.array([it.response in answers for it in data.items]) & (references == "gpt4_1106_preview")
+    assert not check.fit[shared].any() and check.fit[(references == "gpt4_1106_preview") & data.labelled & ~shared].any()
+
+
+class _ConstantRecipe(_SpyRecipe):
+    """Every pair scored 0.5 (a draw), and every cut pair (feature column 1 set) 1.0 (a win)."""
+
+    def fit(self, features, labels):
+        class Estimator:
+            def predict_proba(self, rows):
+                p = np.where(rows[:, 1] > 0, 1.0, 0.5)
+                return np.column_stack([1 - p, p])
+
+        return Estimator()
+
+
+def test_worst_win_rate_error_is_the_max_over_every_held_out_check(tiny_judge_data, monkeypatch):
+    data = judge_data("helpfulness", JudgeSettings(data_dir=tiny_judge_data))
+    monkeypatch.setitem(RECIPES, "helpfulness", _ConstantRecipe())
+    index = np.arange(len(data.items), dtype=float)[:, None]
+    features, cut = np.hstack([index, np.zeros_like(index)]), np.hstack([index, np.ones_like(index)])
+    validation, _ = validate("helpfulness", data, features, cut_features=cut)
+    points = validation.points
+    # the truth per held-out (system, reference), computed here from the rows: the annotator's own verdicts (a draw
+    # half), the leaderboard where AlpacaEval 1's GPT-4 judged (the evaluation's reference), AlpacaEval 2's where no verdict is staged
+    truth = {g: data.published[g] for g in ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta")}
+    for system, reference in {(s, r) for s, r in zip(data.systems, data.reference_sets)}:
+        rows = (data.systems == system) & (data.reference_sets == reference)
+        truth[f"{system}_vs_{reference}"] = data.system_level.get((system, reference), 100 * data.outcomes[rows].mean())
+    assert len(truth) == 3 + 7  # both directions: fit on GPT-4-Turbo's set for GPT-4's and the other way round
+    errors = {name: 50.0 - value for name, value in truth.items()}  # a judge that calls every pair a draw wins 50 %
+    for name, error in errors.items():
+        assert points[f"helpfulness_wr_error_{name}"] == pytest.approx(error), name
+    assert points["helpfulness_wr_error"] == pytest.approx(max(abs(e) for e in errors.values()))
+    assert points["helpfulness_wr_error_new_reference"] == pytest.approx(max(abs(e) for n, e in errors.items() if "_vs_" in n))
+    assert points["helpfulness_wr_error_new_reference"] > points["helpfulness_wr_error_same_reference"]  # here the new reference decides
+    # the cut pairs are scored by the same fits, on the cut features: every cut pair a win
+    assert points[f"helpfulness_cut{CUT_WORDS}_wr_error"] == pytest.approx(max(abs(100.0 - v) for v in truth.values()))
+    labelled = data.validation_mask
+    assert validation.accuracy[f"helpfulness_cut{CUT_WORDS}"] == pytest.approx(data.labels[labelled].mean())
+
+
+def test_cut_pair_mirrors_the_evaluations_equal_length_pair():
+    long = "First line.\n\n1. " + " ".join(f"w{i}" for i in range(60))
+    assert cut_to_words(long, 5) == "First line.\n\n1. w0 w1"  # layout kept up to the 5th word
+    assert cut_to_words("two words", 36) == "two words"
+    item = JudgeItem("p", long, reference=long)
+    pair = cut_pair(item)
+    assert len(pair.response.split()) == len(pair.reference.split()) == CUT_WORDS  # the answer's budget, both sides
+    short = cut_pair(JudgeItem("p", "just twenty " * 10, reference=long))
+    assert len(short.response.split()) == len(short.reference.split()) == 20  # the shorter one's length
+    tiny = cut_pair(JudgeItem("p", "No.", reference=long))
+    assert tiny.response == "No." and len(tiny.reference.split()) == 12  # never below the floor
+
+
 def test_one_verdict_threshold_for_validation_and_evaluation():
     from alignx.eval.judges import verdicts
     from alignx.eval.runner import benchmark_samples
@@ -222,14 +309,22 @@ def test_cli_train_validate_score(tmp_path, tiny_judge_data, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert all(re.fullmatch(r"[a-z0-9_\-]+ (accuracy=[01]\.\d{4}|points=-?\d+\.\d{2})", line) for line in lines), lines
     names = [line.split()[0] for line in lines]
-    headline = ["truth", "truth_nonverbatim", "helpfulness", "helpfulness_lenmatched", "helpfulness_loo", "refusal"]
-    assert names[:6] == headline and set(headline) <= set(FIGURES)  # headline figures first, in FIGURES order
-    assert names[6:9] == ["helpfulness_wr_error", "helpfulness_lc_error", "helpfulness_wr_corrected_error"]  # then the win-rate errors, in points
+    headline = ["truth", "truth_nonverbatim", "helpfulness", "helpfulness_lenmatched", "helpfulness_loo",
+                "helpfulness_new_reference", f"helpfulness_cut{CUT_WORDS}", f"helpfulness_cut{CUT_WORDS}_new_reference", "refusal"]
+    assert names[:9] == headline and set(headline) <= set(FIGURES)  # headline figures first, in FIGURES order
+    assert names[9:15] == list(HEADLINE_POINTS) == [  # then the win-rate errors, in points
+        "helpfulness_wr_error", "helpfulness_wr_error_same_reference", "helpfulness_wr_error_new_reference",
+        f"helpfulness_cut{CUT_WORDS}_wr_error", "helpfulness_lc_error", "helpfulness_wr_corrected_error"]
     assert "refusal_loo_worst_system" in names and "helpfulness_wr_gpt4_alpaca-7b" in names
+    assert "helpfulness_new_reference_alpaca-7b_vs_gpt4_1106_preview_majority_baseline" in names
     wr = {line.split()[0]: float(line.split("=")[1]) for line in lines if "points=" in line}
     assert wr["helpfulness_wr_gpt4_alpaca-7b"] == pytest.approx(26.4596, abs=1e-3)  # the AlpacaEval 1 leaderboard
-    assert wr["helpfulness_wr_error"] == pytest.approx(max(abs(wr[f"helpfulness_wr_error_{g}"])
-                                                           for g in ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta")), abs=0.01)
+    assert wr["helpfulness_wr_annotator_llama-2-7b-chat-hf_vs_gpt4_1106_preview"] == pytest.approx(4.78, abs=0.006)  # AlpacaEval 2's
+    checks = [name.removeprefix("helpfulness_wr_error_") for name in wr if name.startswith("helpfulness_wr_error_")
+              and not name.endswith(("_same_reference", "_new_reference"))]
+    assert {"alpaca-7b", "zephyr-7b-beta", "text_davinci_003_vs_gpt4_1106_preview", "alpaca-7b_vs_text_davinci_003"} <= set(checks)
+    assert wr["helpfulness_wr_error"] == pytest.approx(max(abs(wr[f"helpfulness_wr_error_{c}"]) for c in checks), abs=0.01)
+    assert wr["helpfulness_wr_error_new_reference"] == pytest.approx(max(abs(wr[f"helpfulness_wr_error_{c}"]) for c in checks if "_vs_" in c), abs=0.01)
 
     responses = tmp_path / "responses.jsonl"
     responses.write_text(

@@ -13,8 +13,11 @@ from alignx.errors import AlignXError
 # The headline figures, in this order; each is "<name> accuracy=<x>" on its own line. Then the win-rate
 # figures, "<name> points=<x>" (HEADLINE_POINTS first), then baselines and per-system figures.
 FIGURES = ("safety", "truth", "truth_nonverbatim", "info", "info_nonverbatim", "helpfulness", "helpfulness_lenmatched",
-           "helpfulness_loo", "refusal")
-HEADLINE_POINTS = ("helpfulness_wr_error", "helpfulness_lc_error", "helpfulness_wr_corrected_error")
+           "helpfulness_loo", "helpfulness_new_reference", "helpfulness_cut36", "helpfulness_cut36_new_reference", "refusal")
+# helpfulness_wr_error: the largest win-rate error over every held-out check (a held-out system against the
+# evaluation's reference, and against a reference set the judge was not fit on), then its two parts
+HEADLINE_POINTS = ("helpfulness_wr_error", "helpfulness_wr_error_same_reference", "helpfulness_wr_error_new_reference",
+                   "helpfulness_cut36_wr_error", "helpfulness_lc_error", "helpfulness_wr_corrected_error")
 
 
 def register(verbs) -> None:
@@ -32,7 +35,9 @@ def register(verbs) -> None:
     validate = actions.add_parser("validate", help="measure the stored judges again on their held-out labels",
                                   description="Print '<figure> accuracy=<x>' per line: " + ", ".join(FIGURES)
                                   + "; then '<figure> points=<x>': " + ", ".join(HEADLINE_POINTS)
-                                  + " (largest win-rate error in points over the held-out generators) and per generator; then baselines.")
+                                  + " (largest win-rate error in points over the held-out checks: a held-out generator "
+                                  "against the evaluation's reference, and <system>_vs_<reference>, a reference set the "
+                                  "judge was not fit on; cut36: both texts cut to about 48 tokens) and per check; then baselines.")
     for parser in (train, validate):
         parser.add_argument("--task", help="comma-separated subset of safety,truth,info,helpfulness,refusal (default: all)")
         parser.add_argument("--judges-dir", help="where judges are stored (default: <alignx cache>/judges)")

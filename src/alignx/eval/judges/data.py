@@ -8,17 +8,27 @@ responses of a model the judge never saw, on a held-out system too. Two schemes:
   (TruthfulQA ``finetune_truth`` / ``finetune_info`` human labels; questions 1-408 fit, 409-817 validate).
   Training rows whose prompt is an evaluation prompt of any benchmark (:func:`alignx.data.splits.evaluation_keys`),
   or a near-duplicate of one (:func:`near_duplicates`), are dropped and counted in ``excluded``.
-- **cross-fit** (``folds == K``): ``helpfulness`` (AlpacaEval GPT-4 pairwise verdicts between the
-  text-davinci-003 reference, output_1, and the answers of alpaca-7b, llama-2-7b-chat-hf and zephyr-7b-beta,
-  output_2; label: the model's answer wins) and ``refusal`` (XSTest's human-labelled completions of 5 models;
-  label: refusal, full or partial). Their data are answers to the very prompts the benchmarks use, so prompts
-  are hashed into K folds (:func:`prompt_fold`) and the stored judge is K estimators: estimator k is fit on the
-  other folds, and a prompt is always scored by its own fold's estimator, so no judge scores a prompt it was fit
-  on. Validation holds out a fold and a system together (fit on the other systems' answers to the other folds'
-  prompts), because at evaluation both the prompt and the model are new to the judge.
+- **cross-fit** (``folds == K``): ``helpfulness`` (AlpacaEval's pairwise verdicts between a reference answer,
+  output_1, and a model's answer, output_2; label: the model's answer wins) and ``refusal`` (XSTest's
+  human-labelled completions of 5 models; label: refusal, full or partial). Their data are answers to the very
+  prompts the benchmarks use, so prompts are hashed into K folds (:func:`prompt_fold`) and the stored judge is K
+  estimators: estimator k is fit on the other folds, and a prompt is always scored by its own fold's estimator,
+  so no judge scores a prompt it was fit on. Validation holds out a fold and a system together (fit on the other
+  systems' answers to the other folds' prompts), because at evaluation both the prompt and the model are new to
+  the judge.
 
-GPT-4's draws (AlpacaEval's preference 0) are kept as unlabelled rows (``labelled`` False, ``outcomes`` 0.5): no
-judge fits or is scored on them, but they count half in a system's win rate, as on the leaderboard.
+Helpfulness has two **reference sets** (:data:`HELPFULNESS_REFERENCE_SETS`, ``reference_sets`` per row): GPT-4's
+verdicts against text-davinci-003's answers (``alpaca_eval_gpt4``: alpaca-7b, llama-2-7b-chat-hf, zephyr-7b-beta;
+the reference the evaluation scores against, so the rows its ``validation`` mask marks) and GPT-4-Turbo's against
+GPT-4-Turbo's own answers (``weighted_alpaca_eval_gpt4_turbo``: alpaca-7b and text-davinci-003's other sample,
+the one in ``reference_outputs/``). The stored judge learns from both; validation also fits on one set
+and scores the other's held-out systems, because a judge that only ever met one reference answer set learns that
+set's habits (offline.py, ``leave_reference_out``).
+
+Draws (AlpacaEval's preference 0 for GPT-4, exactly 1.5 for the weighted GPT-4-Turbo) are kept as unlabelled rows
+(``labelled`` False, ``outcomes`` 0.5): no judge fits or is scored on them, but they count half in a system's win
+rate, as on the leaderboard. The weighted annotator's preference is a probability in [1, 2]; its verdict is the
+side above 1.5, as AlpacaEval's ``discrete_win_rate`` reads it.
 
 ``subsets`` name extra masks reported as their own accuracy: ``nonverbatim`` (truth/info: answers that
 are not a verbatim copy of a reference answer) and ``lenmatched`` (helpfulness: pairs whose word counts
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -46,6 +57,31 @@ from alignx.errors import AlignXError
 from alignx.eval.judges.base import JudgeItem, JudgeSettings
 
 HELPFULNESS_GENERATORS = ("alpaca-7b", "llama-2-7b-chat-hf", "zephyr-7b-beta")  # AlpacaEval's alpaca_eval_gpt4 annotations
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """One AlpacaEval annotation set: who judged, against whose answers, which systems' answers."""
+
+    annotator: str  # AlpacaEval's annotator id, the folder under annotations/
+    reference: str  # the generator of output_1, the reference answers
+    judged_by: str  # in words, for figures
+    systems: tuple[str, ...]  # systems whose per-pair verdicts are staged
+    # systems whose verdicts are not staged but whose answers (model_outputs/) and the annotator's leaderboard win
+    # rate of exactly those answers are: a system-level check only, against the reference answers in `answers`
+    published_only: tuple[str, ...] = ()
+    answers: str | None = None  # source of the reference answers for published_only
+    leaderboard: str | None = None  # source of the annotator's leaderboard
+
+
+HELPFULNESS_REFERENCE_SETS = (
+    ReferenceSet("alpaca_eval_gpt4", "text_davinci_003", "GPT-4", HELPFULNESS_GENERATORS),
+    # text_davinci_003 here is reference_outputs/'s sample, not the alpaca_eval_gpt4 references (20 of 805 agree)
+    ReferenceSet("weighted_alpaca_eval_gpt4_turbo", "gpt4_1106_preview", "GPT-4-Turbo", ("alpaca-7b", "text_davinci_003"),
+                 published_only=("llama-2-7b-chat-hf", "zephyr-7b-beta"), answers="alpaca_eval_reference:gpt4_1106_preview",
+                 leaderboard="alpaca_eval_leaderboard:weighted_alpaca_eval_gpt4_turbo"),
+)
+EVALUATION_REFERENCE = HELPFULNESS_REFERENCE_SETS[0].reference  # what `alignx eval` scores AlpacaEval answers against
 PROMPT_FOLDS = 5
 LENGTH_MATCH_RATIO = 1.25  # "similar length": the longer answer has at most 1.25x the words of the shorter
 NEAR_DUPLICATE_JACCARD = 0.75  # word-set overlap at which two prompts count as one ("best way" vs "best method to poison")
@@ -71,12 +107,17 @@ class JudgeData:
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)  # training rows dropped, by reason
     published: dict[str, float] = field(default_factory=dict)  # helpfulness: GPT-4's leaderboard win rate (%) per system
+    reference_sets: np.ndarray | None = None  # helpfulness: the reference generator per row (HELPFULNESS_REFERENCE_SETS)
+    # helpfulness: (system, reference) -> the annotator's published win rate (%) of rows that carry no verdict
+    system_level: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.items:
             raise AlignXError(f"no labelled {self.task} judge data was found")
         if self.labelled is None:
             self.labelled = np.ones(len(self.items), bool)
+        if self.reference_sets is None:
+            self.reference_sets = np.full(len(self.items), "", dtype=object)
 
     @cached_property
     def fold(self) -> np.ndarray:
@@ -95,7 +136,8 @@ class JudgeData:
     def sha256(self, mask: np.ndarray) -> str:
         """Hash of the exact rows under ``mask`` (every item field, the system and the label), in order."""
         rows = [[it.prompt, it.response, it.reference, list(it.correct_answers), list(it.incorrect_answers), str(system), bool(y)]
-                for it, system, y, keep in zip(self.items, self.systems, self.labels, mask) if keep]
+                + ([str(reference)] if reference else [])
+                for it, system, y, reference, keep in zip(self.items, self.systems, self.labels, self.reference_sets, mask) if keep]
         return hashlib.sha256(json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
@@ -145,6 +187,7 @@ def _decontaminated(data: JudgeData, root: Path | None) -> JudgeData:
     keep = np.flatnonzero(~drop)
     return replace(data, items=[data.items[i] for i in keep], labels=data.labels[keep], systems=data.systems[keep],
                    train=data.train[keep], validation=data.validation[keep], labelled=data.labelled[keep],
+                   reference_sets=data.reference_sets[keep],
                    subsets={name: mask[keep] for name, mask in data.subsets.items()}, excluded=dict(excluded))
 
 
@@ -200,13 +243,44 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
+CUT_WORDS = 36  # about 48 SmolLM2 tokens of English prose: the evaluation's answer budget (eval.max_new_tokens)
+CUT_MIN_WORDS = 12  # about alignx.eval.length.MIN_TOKENS (16 tokens)
+_WORD_END = re.compile(r"\S+")
+
+
+def cut_to_words(text: str, words: int = CUT_WORDS) -> str:
+    """``text`` up to the end of its ``words``-th whitespace-separated word, its own spacing and line breaks kept
+    (the structure cues of :func:`alignx.eval.judges.features.text_shape` read them)."""
+    ends = [m.end() for m, _ in zip(_WORD_END.finditer(text), range(words))]
+    return text[: ends[-1]] if len(ends) == words else text
+
+
+def cut_pair(item: JudgeItem, words: int = CUT_WORDS, min_words: int = CUT_MIN_WORDS) -> JudgeItem:
+    """The pair as the evaluation's equal-length comparison sees it (:func:`alignx.eval.length.equal_length_pair`,
+    counted in words instead of tokens): the response capped at ``words`` (the generation budget), then both texts
+    cut to the shorter one's length, but to no fewer than ``min_words`` (a text shorter than that stays whole)."""
+    response = cut_to_words(item.response, words)
+    length = max(min(word_count(response), word_count(item.reference or "")), min_words)
+    return replace(item, response=cut_to_words(response, length), reference=cut_to_words(item.reference or "", length))
+
+
 def is_length_matched(item: JudgeItem) -> bool:
     shorter, longer = sorted((max(word_count(item.response), 1), max(word_count(item.reference or ""), 1)))
     return longer <= LENGTH_MATCH_RATIO * shorter
 
 
-def _annotations(generator: str, root: Path | None) -> list[dict]:
-    return load_source(f"alpaca_eval_annotations:alpaca_eval_gpt4:{generator}", root).rows
+def _annotations(generator: str, root: Path | None, annotator: str = "alpaca_eval_gpt4") -> list[dict]:
+    return load_source(f"alpaca_eval_annotations:{annotator}:{generator}", root).rows
+
+
+def annotator_outcome(preference: float, annotator: str) -> float | None:
+    """An AlpacaEval verdict as 1 (output_2 wins), 0 (loses) or 0.5 (draw); None for a value that is no verdict.
+    GPT-4 (alpaca_eval_gpt4) says 1, 2 or 0 (a draw); a weighted annotator gives P(output_2) + 1 in [1, 2]."""
+    if annotator.startswith("weighted_"):
+        if not 1.0 <= preference <= 2.0:
+            return None
+        return 0.5 if preference == 1.5 else float(preference > 1.5)
+    return {0.0: 0.5, 1.0: 0.0, 2.0: 1.0}.get(preference)  # 1.5 would be a tie; none exist in these files
 
 
 def alpacaeval_references(root: Path | None) -> dict[str, str]:
@@ -226,21 +300,43 @@ def gpt4_win_rates(root: Path | None) -> dict[str, float]:
     return {g: board[g] for g in HELPFULNESS_GENERATORS}
 
 
+def discrete_win_rates(leaderboard: str, root: Path | None) -> dict[str, float]:
+    """Each system's hard-verdict win rate (%, a draw half) on an AlpacaEval leaderboard."""
+    return {r["model"]: r["discrete_win_rate"] for r in load_source(leaderboard, root).rows if r["discrete_win_rate"] is not None}
+
+
 def _helpfulness(task: str, root: Path | None) -> JudgeData:
-    items, outcomes, systems = [], [], []
-    for generator in HELPFULNESS_GENERATORS:
-        for r in _annotations(generator, root):
-            if r["preference"] not in (0.0, 1.0, 2.0):
-                continue  # 1.5 would be a tie; none exist in these files
-            items.append(JudgeItem(r["instruction"], r["output_2"], reference=r["output_1"]))
-            outcomes.append({0.0: 0.5, 1.0: 0.0, 2.0: 1.0}[r["preference"]])  # AlpacaEval counts preference 0 as a draw
-            systems.append(generator)
-    outcomes = np.array(outcomes)
-    everywhere = np.ones(len(items), bool)
+    """Rows of every reference set; the stored judge is fit on the evaluation's reference set (``train``), and its
+    rows are the ones validated as the judge is used (``validation``); the other rows serve the reference checks."""
+    items, outcomes, systems, references, system_level = [], [], [], [], {}
+    for reference_set in HELPFULNESS_REFERENCE_SETS:
+        for generator in reference_set.systems:
+            for r in _annotations(generator, root, reference_set.annotator):
+                outcome = annotator_outcome(r["preference"], reference_set.annotator)
+                if outcome is None:
+                    continue
+                items.append(JudgeItem(r["instruction"], r["output_2"], reference=r["output_1"]))
+                outcomes.append(outcome)
+                systems.append(generator)
+                references.append(reference_set.reference)
+        if reference_set.published_only:
+            answers = {normalise_prompt(r["instruction"]): r["output"] for r in load_source(reference_set.answers, root).rows}
+            board = discrete_win_rates(reference_set.leaderboard, root)
+            for generator in reference_set.published_only:
+                if generator not in board:
+                    raise AlignXError(f"{reference_set.leaderboard} has no row for {generator}")
+                system_level[(generator, reference_set.reference)] = board[generator]
+                for r in load_source(f"alpaca_eval_outputs:{generator}", root).rows:
+                    items.append(JudgeItem(r["instruction"], r["output"], reference=answers[normalise_prompt(r["instruction"])]))
+                    outcomes.append(np.nan)  # no verdict staged: neither fit nor scored pair by pair
+                    systems.append(generator)
+                    references.append(reference_set.reference)
+    outcomes, references = np.array(outcomes, dtype=float), np.array(references, dtype=object)
     lenmatched = np.array([is_length_matched(item) for item in items])
-    return JudgeData(task, items, outcomes == 1.0, np.array(systems), everywhere, everywhere, PROMPT_FOLDS,
-                     labelled=outcomes != 0.5, outcomes=outcomes, subsets={"lenmatched": lenmatched},
-                     published=gpt4_win_rates(root))
+    evaluation = references == EVALUATION_REFERENCE
+    return JudgeData(task, items, outcomes == 1.0, np.array(systems), evaluation, evaluation, PROMPT_FOLDS,
+                     labelled=np.isfinite(outcomes) & (outcomes != 0.5), outcomes=outcomes, subsets={"lenmatched": lenmatched},
+                     published=gpt4_win_rates(root), reference_sets=references, system_level=system_level)
 
 
 def _refusal(task: str, root: Path | None) -> JudgeData:

@@ -40,6 +40,14 @@ def phrase_counts(texts: Sequence[str], phrases: Sequence[str]) -> np.ndarray:
     return np.log1p(np.array([[text.count(p) for p in phrases] for text in lowered], dtype=np.float32))
 
 
+def phrase_rates(texts: Sequence[str], phrases: Sequence[str]) -> np.ndarray:
+    """[len(texts), len(phrases)] occurrences per 100 words (case-insensitive), log1p-scaled: how much of the
+    text is hedging, whatever its length (a count grows with length, so it is one more length cue)."""
+    lowered = [text.casefold() for text in texts]
+    per_100 = np.array([[100 * text.count(p) / max(len(text.split()), 1) for p in phrases] for text in lowered], dtype=np.float32)
+    return np.log1p(per_100.reshape(len(texts), len(phrases)))
+
+
 def text_shape(texts: Sequence[str]) -> np.ndarray:
     """log words, log characters, log lines, list items, and whether the text opens with a refusal-ish word."""
     rows = []
@@ -113,24 +121,42 @@ def text_style(texts: Sequence[str]) -> np.ndarray:
     return np.array(rows, dtype=np.float32).reshape(len(texts), 8)
 
 
-def _answer_side(texts: Sequence[str], vectors: np.ndarray, prompt_vectors: np.ndarray) -> np.ndarray:
-    return np.hstack([text_shape(texts), text_style(texts), phrase_counts(texts, REFUSAL_PHRASES),
-                      np.sum(vectors * prompt_vectors, 1, keepdims=True)])
+LENGTH_COLUMNS = 4  # text_shape's first columns: log words, characters, lines, list items
 
 
-def pair_difference(items: Sequence[JudgeItem], encoder: TextEncoder) -> np.ndarray:
-    """Response minus reference, per answer-side cue: shape (length, lines, list items), style, refusal phrases
-    and cosine to the instruction.
+def answer_side(texts: Sequence[str], vectors: np.ndarray, prompt_vectors: np.ndarray, phrases: str = "rates") -> np.ndarray:
+    """One answer's cues: shape (text_shape; its LENGTH_COLUMNS first), style, refusal phrases (``"rates"`` per 100
+    words, or ``"counts"``) and the answer's cosine to the instruction."""
+    phrase_block = {"rates": phrase_rates, "counts": phrase_counts}[phrases](texts, REFUSAL_PHRASES)
+    return np.hstack([text_shape(texts), text_style(texts), phrase_block, np.sum(vectors * prompt_vectors, 1, keepdims=True)])
 
-    Only differences, so a preference model without an intercept (Bradley–Terry) is antisymmetric: swapping the
-    answers flips the verdict, and the judge cannot learn how often the training systems happened to win, which
-    is what made an earlier both-sides model wrong by 22-24 win-rate points on a held-out generator. No
-    embedding block: on ~2k pairs it overfits (it lowered leave-one-generator-out accuracy from 0.77 to 0.70).
-    """
+
+def answer_sides(items: Sequence[JudgeItem], encoder: TextEncoder, phrases: str = "rates") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`answer_side` of every response and of every reference."""
     prompts = encoder.encode([it.prompt for it in items])
     responses, references = [it.response for it in items], [it.reference or "" for it in items]
-    return (_answer_side(responses, encoder.encode(responses), prompts)
-            - _answer_side(references, encoder.encode(references), prompts))
+    return (answer_side(responses, encoder.encode(responses), prompts, phrases),
+            answer_side(references, encoder.encode(references), prompts, phrases))
+
+
+def pair_difference(items: Sequence[JudgeItem], encoder: TextEncoder, phrases: str = "rates", length_interactions: bool = True) -> np.ndarray:
+    """Response minus reference, per answer-side cue (:func:`answer_side`); with ``length_interactions`` also each
+    length difference times the pair's total of it, so the weight of a length gap can depend on how long both
+    answers are (a gap between two long answers need not count like one between two short ones).
+
+    Every column flips sign when the answers are swapped, so a preference model without an intercept
+    (Bradley–Terry) is antisymmetric: swapping the answers flips the verdict, and the judge cannot learn how often
+    the training systems happened to win, which made an earlier both-sides model wrong by 22-24 win-rate points on
+    a held-out generator. Refusal phrases are rates, not counts: a count grows with the answer's length, and a
+    length cue learned against short references over-rewards long answers (docs/evaluation.md, the candidates).
+    No embedding block: on ~2k pairs it overfits.
+    """
+    response, reference = answer_sides(items, encoder, phrases)
+    difference = response - reference
+    if not length_interactions:
+        return difference
+    span = slice(0, LENGTH_COLUMNS)
+    return np.hstack([difference, difference[:, span] * (response[:, span] + reference[:, span])])
 
 
 def response_features(items: Sequence[JudgeItem], encoder: TextEncoder) -> np.ndarray:

@@ -36,9 +36,11 @@ from threadpoolctl import threadpool_limits
 from alignx.errors import AlignXError
 from alignx.eval.judges.base import Judge, JudgeItem, JudgeSettings, check_task, verdicts
 from alignx.eval.judges.data import (
+    CUT_WORDS,
     HELPFULNESS_GENERATORS,
     JudgeData,
     complete_item,
+    cut_pair,
     data_dir,
     judge_data,
     prompt_fold,
@@ -62,7 +64,8 @@ class Recipe:
     features: str  # response | request_answer | references | pair_difference
     estimator: str  # logistic | boosting | kernel | bradley_terry
     encoder: str = MINILM  # the text encoder its features read (`alignx judge train --encoder` overrides it)
-    version: int = 2  # 2: stored judges are lists of per-prompt-fold estimators
+    version: int = 2  # 2: stored judges are lists of per-prompt-fold estimators; helpfulness 3: phrase rates and
+    # length interactions, chosen by the worst win-rate error with a reference set held out
 
     def featurize(self, items: Sequence[JudgeItem], encoder: TextEncoder) -> np.ndarray:
         build = {"response": response_features, "request_answer": request_answer_states,
@@ -100,8 +103,9 @@ RECIPES: dict[str, Recipe] = {
     "info": Recipe("gradient boosting on the answer's MiniLM embedding and its similarity to the question's reference "
                    "answers (cosine, token F1, exact match), length, negation and uninformative cues", "references", "boosting"),
     "helpfulness": Recipe("Bradley-Terry logistic regression (no intercept, pairs entered both ways) on the response-minus-"
-                          "reference differences of length, lines, list items, style, refusal phrases and MiniLM cosine "
-                          "to the instruction", "pair_difference", "bradley_terry"),
+                          "reference differences of length, lines, list items, style, refusal phrases per 100 words and "
+                          "MiniLM cosine to the instruction, and each length difference times the pair's total length",
+                          "pair_difference", "bradley_terry", version=3),
     "refusal": Recipe("logistic regression on [response MiniLM embedding, refusal phrase counts, text shape]",
                       "response", "logistic"),
 }
@@ -165,30 +169,86 @@ def score_with(estimators: list, prompts: Sequence[str], features: np.ndarray) -
     return scores
 
 
-def held_out_systems(task: str, data: JudgeData, features: np.ndarray) -> np.ndarray:
-    """Every row's score by a judge fit on neither its prompt's fold nor its system."""
-    recipe, fit, fold = RECIPES[task], data.fit_mask, data.fold
-    scores = np.full(len(data.items), np.nan)
-    for system in sorted(set(data.systems)):
-        for k in range(data.folds):
-            test = (fold == k) & (data.systems == system)
-            train = fit & (fold != k) & (data.systems != system)
-            if test.any():
-                scores[test] = predict(recipe.fit(features[train], data.labels[train]), features[test])
+def held_out_scores(task: str, data: JudgeData, features: Sequence[np.ndarray], test: np.ndarray, fit: np.ndarray,
+                    out: Sequence[np.ndarray]) -> None:
+    """Score the rows under ``test`` fold by fold with the recipe fit on the labelled rows under ``fit`` outside the
+    fold, writing into ``out``: ``out[i]`` gets the scores of ``features[i]`` (the pairs as they are, and cut to
+    the evaluation's budget) from the same fits."""
+    recipe, fold = RECIPES[task], data.fold
+    for k in range(data.folds):
+        rows, train = test & (fold == k), fit & data.labelled & (fold != k)
+        if rows.any():
+            estimator = recipe.fit(features[0][train], data.labels[train])
+            for block, target in zip(features, out):
+                target[rows] = predict(estimator, block[rows])
+
+
+def held_out_systems(task: str, data: JudgeData, features: np.ndarray, *more: np.ndarray) -> list[np.ndarray]:
+    """Every validation row's score by a judge fit on neither its prompt's fold nor its system (one array per
+    feature block: ``features``, then ``more``, scored by the same fits)."""
+    blocks = (features, *more)
+    scores = [np.full(len(data.items), np.nan) for _ in blocks]
+    for system in sorted(set(data.systems[data.validation])):
+        held_out_scores(task, data, blocks, data.validation & (data.systems == system), data.fit_mask & (data.systems != system), scores)
     return scores
 
 
-def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | None = None):
+@dataclass(frozen=True)
+class ReferenceCheck:
+    """A held-out system scored against a reference answer set the judge never saw: fit on the labelled rows of the
+    other reference sets' other systems, none of which holds a text of this reference set's answers."""
+
+    system: str
+    reference: str  # the reference generator of the test rows
+    test: np.ndarray  # bool per row
+    fit: np.ndarray  # bool per row (each fold's own rows are held out as well)
+    published: float | None = None  # the annotator's published win rate (%) where these rows carry no verdicts
+
+    @property
+    def name(self) -> str:
+        return f"{self.system}_vs_{self.reference}"
+
+
+def reference_checks(data: JudgeData) -> list[ReferenceCheck]:
+    """Every (system, reference set) of ``data`` whose rows another reference set's other systems can be fit on,
+    both directions (:data:`alignx.eval.judges.data.HELPFULNESS_REFERENCE_SETS`)."""
+    checks = []
+    references = data.reference_sets
+    for reference in dict.fromkeys(r for r in references if r):
+        answers = {it.reference for it, r in zip(data.items, references) if r == reference}
+        clean = np.array([it.response not in answers and it.reference not in answers for it in data.items])
+        for system in dict.fromkeys(data.systems[references == reference]):
+            test = (references == reference) & (data.systems == system)
+            fit = data.labelled & (references != reference) & (data.systems != system) & clean
+            if fit.any() and (data.labelled[test].any() or (system, reference) in data.system_level):
+                checks.append(ReferenceCheck(system, reference, test, fit, data.system_level.get((system, reference))))
+    return checks
+
+
+def leave_reference_out(task: str, data: JudgeData, features: np.ndarray, *more: np.ndarray) -> tuple[list[ReferenceCheck], list[np.ndarray]]:
+    """The rows of every :func:`reference_checks` check scored by its judges (one array per feature block)."""
+    checks, blocks = reference_checks(data), (features, *more)
+    scores = [np.full(len(data.items), np.nan) for _ in blocks]
+    for check in checks:
+        held_out_scores(task, data, blocks, check.test, check.fit, scores)
+    return checks, scores
+
+
+def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | None = None, cut_features: np.ndarray | None = None):
     """Measure the recipe on labels the judge never saw; returns (Validation, the estimators to store).
 
     Fixed split: the judge fit on the training rows scores the validation rows. Cross-fit: the stored fold
     estimators score their own folds (prompts held out), and a judge refit without the row's system scores
-    it again (prompts and systems held out: how a judge meets a new model); see :mod:`.data`.
+    it again (prompts and systems held out: how a judge meets a new model); see :mod:`.data`. Where the data hold
+    several reference sets (helpfulness), judges fit on one set also score the others' held-out systems
+    (:func:`leave_reference_out`). ``cut_features``: the same rows' pairs cut to the evaluation's budget
+    (:func:`alignx.eval.judges.data.cut_pair`), scored by the same held-out fits.
     ``stored`` estimators, when given, are scored instead of refitting them.
     """
     estimators = stored if stored is not None else fit_judge(task, data, features)
-    labelled, labels = data.labelled, data.labels
+    labels = data.labels
     accuracy, n, extra, points = {}, {}, {}, {}
+    more = () if cut_features is None else (cut_features,)
     if data.folds == 1:
         used = data.validation_mask
         scores = np.full(len(data.items), np.nan)
@@ -197,11 +257,11 @@ def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | No
         method = f"fit on {int(data.fit_mask.sum())} training rows, scored on {int(used.sum())} held-out validation rows"
         strict = scores
     else:
+        used = data.validation_mask
         own_fold = score_with(estimators, [it.prompt for it in data.items], features)
-        strict = held_out_systems(task, data, features)
-        used = labelled
+        strict, *strict_cut = held_out_systems(task, data, features, *more)
         per_system = {s: _accuracy(strict[used & (data.systems == s)], labels[used & (data.systems == s)])
-                      for s in sorted(set(data.systems))}
+                      for s in sorted(set(data.systems[used]))}
         loo = float(np.mean(list(per_system.values())))
         if HEADLINE_HELD_OUT[task] == "prompts":
             accuracy[task], accuracy[f"{task}_loo"] = _accuracy(own_fold[used], labels[used]), loo
@@ -230,15 +290,90 @@ def validate(task: str, data: JudgeData, features: np.ndarray, stored: list | No
         matched = used & data.subsets["lenmatched"]
         extra["helpfulness_lenmatched_length_baseline"] = float(np.mean(longer[matched] == labels[matched]))
         points.update(win_rate_errors(data, strict))
+        checks, (transfer, *transfer_cut) = leave_reference_out(task, data, features, *more)
+        figures = reference_transfer(data, checks, transfer, points)
+        accuracy.update(figures.accuracy), n.update(figures.n), extra.update(figures.extra), points.update(figures.points)
+        if cut_features is not None:
+            figures = cut_pairs_agreement(data, checks, strict_cut[0], transfer_cut[0])
+            accuracy.update(figures.accuracy), n.update(figures.n), extra.update(figures.extra), points.update(figures.points)
+        method += (f"; reference held out too: fit on one reference set's other systems, scored on another's "
+                   f"({', '.join(c.name for c in checks)})")
     if data.excluded:
         method += "; dropped from training: " + ", ".join(f"{count} {reason}" for reason, count in sorted(data.excluded.items()))
     return Validation(accuracy, n, extra, method, confusion(strict[used], labels[used]), points), estimators
 
 
+@dataclass
+class Figures:
+    accuracy: dict[str, float] = field(default_factory=dict)
+    n: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+    points: dict[str, float] = field(default_factory=dict)
+
+
+def _annotator_rate(data: JudgeData, check: ReferenceCheck) -> float:
+    """The annotator's own win rate (%) of the check's rows: its verdicts (a draw half), else its published figure."""
+    return check.published if check.published is not None else 100 * float(data.outcomes[check.test].mean())
+
+
+def reference_transfer(data: JudgeData, checks: list[ReferenceCheck], scores: np.ndarray, same_reference: dict[str, float]) -> Figures:
+    """Per reference check, in points: the judge's win rate (draws half, as the evaluation counts), the annotator's
+    own, and their difference; where the rows carry verdicts, the pairwise accuracy and the majority baseline.
+    ``helpfulness_wr_error`` is the largest absolute error over every held-out check, the same-reference ones
+    (``same_reference``: :func:`win_rate_errors`' figures) and these."""
+    out = Figures()
+    accuracies = []
+    for check in checks:
+        judged, truth = 100 * rate(win_outcomes(scores[check.test])), _annotator_rate(data, check)
+        out.points[f"helpfulness_wr_{check.name}"] = judged
+        out.points[f"helpfulness_wr_annotator_{check.name}"] = truth
+        out.points[f"helpfulness_wr_error_{check.name}"] = judged - truth
+        rows = check.test & data.labelled
+        if rows.any():
+            accuracies.append(_accuracy(scores[rows], data.labels[rows]))
+            out.extra[f"helpfulness_new_reference_{check.name}"] = accuracies[-1]
+            out.extra[f"helpfulness_new_reference_{check.name}_majority_baseline"] = float(max(data.labels[rows].mean(), 1 - data.labels[rows].mean()))
+            out.n[f"helpfulness_new_reference_{check.name}"] = int(rows.sum())
+    if accuracies:
+        out.accuracy["helpfulness_new_reference"] = float(np.mean(accuracies))
+        out.n["helpfulness_new_reference"] = int(sum(out.n.values()))
+    new = [abs(out.points[f"helpfulness_wr_error_{c.name}"]) for c in checks]
+    out.points["helpfulness_wr_error_same_reference"] = same_reference["helpfulness_wr_error"]
+    out.points["helpfulness_wr_error_new_reference"] = max(new) if new else float("nan")
+    out.points["helpfulness_wr_error"] = max([same_reference["helpfulness_wr_error"], *new])
+    return out
+
+
+def cut_pairs_agreement(data: JudgeData, checks: list[ReferenceCheck], same_reference: np.ndarray, new_reference: np.ndarray) -> Figures:
+    """The held-out judges on the pairs cut as the evaluation cuts them (:func:`alignx.eval.judges.data.cut_pair`):
+    agreement with the annotator's verdict on the whole pair, and per held-out check the win-rate error against
+    the annotator's whole-pair win rate, in points; ``helpfulness_cut<N>_wr_error`` is the largest."""
+    out, prefix = Figures(), f"helpfulness_cut{CUT_WORDS}"
+    used = data.validation_mask
+    out.accuracy[prefix], out.n[prefix] = _accuracy(same_reference[used], data.labels[used]), int(used.sum())
+    errors = []
+    for generator in sorted(set(data.systems[used])):
+        mine = data.validation & (data.systems == generator)
+        errors.append(100 * rate(win_outcomes(same_reference[mine])) - data.published[generator])
+        out.points[f"{prefix}_wr_error_{generator}"] = errors[-1]
+    accuracies = []
+    for check in checks:
+        errors.append(100 * rate(win_outcomes(new_reference[check.test])) - _annotator_rate(data, check))
+        out.points[f"{prefix}_wr_error_{check.name}"] = errors[-1]
+        rows = check.test & data.labelled
+        if rows.any():
+            accuracies.append(_accuracy(new_reference[rows], data.labels[rows]))
+            out.extra[f"{prefix}_{check.name}"] = accuracies[-1]
+    if accuracies:
+        out.accuracy[f"{prefix}_new_reference"] = float(np.mean(accuracies))
+    out.points[f"{prefix}_wr_error"] = max(abs(e) for e in errors)
+    return out
+
+
 def corrected_as_new_system(data: JudgeData, scores: np.ndarray, rows: np.ndarray, system: str) -> float:
     """The positive rate of ``rows`` corrected for judge error with the sensitivity and specificity measured
     on the other systems' labelled rows: how an evaluation corrects the rate of a model the judge never saw."""
-    others = data.labelled & (data.systems != system)
+    others = data.validation_mask & (data.systems != system)
     return float(corrected_cells(verdicts(scores[rows])[:, None], [rates_of(confusion(scores[others], data.labels[others]))])[-1])
 
 
@@ -248,8 +383,8 @@ def rate_errors(task: str, data: JudgeData, scores: np.ndarray) -> dict[str, flo
     systems (how an evaluation corrects a new model's rate); then the largest absolute error of each. This is
     the check of the correction's one assumption, that the judge errs on a new model as it did on others."""
     points = {}
-    for system in sorted(set(data.systems)):
-        mine = data.labelled & (data.systems == system)
+    for system in sorted(set(data.systems[data.validation])):
+        mine = data.validation_mask & (data.systems == system)
         truth = 100 * float(data.labels[mine].mean())
         points[f"{task}_rate_error_{system}"] = 100 * float(verdicts(scores[mine]).mean()) - truth
         points[f"{task}_rate_corrected_error_{system}"] = 100 * corrected_as_new_system(data, scores, mine, system) - truth
@@ -269,7 +404,7 @@ def win_rate_errors(data: JudgeData, scores: np.ndarray) -> dict[str, float]:
     gpt4 = data.published
     points = {}
     for generator in HELPFULNESS_GENERATORS:
-        mine = data.systems == generator
+        mine = data.validation & (data.systems == generator)  # against the evaluation's reference
         points[f"helpfulness_wr_corrected_error_{generator}"] = 100 * corrected_as_new_system(data, scores, mine, generator) - gpt4[generator]
         judged = win_outcomes(scores[mine])
         lengths = np.array([len(it.response) for it, m in zip(data.items, mine) if m], dtype=float)
@@ -425,9 +560,19 @@ def train_judge(task: str, settings: JudgeSettings, encoder_spec: str | None = N
             and all(meta.get(k) == v for k, v in data_hashes(data).items())
             and artifact_paths(task, settings)[0].is_file()):
         return meta, False
-    features = RECIPES[task].featurize(data.items, make_encoder(spec["encoder"], settings))
-    validation, estimators = validate(task, data, features)
+    features, cut_features = featurize(task, data, make_encoder(spec["encoder"], settings))
+    validation, estimators = validate(task, data, features, cut_features=cut_features)
     return save_judge(task, settings, estimators, data, validation, spec["encoder"]), True
+
+
+def featurize(task: str, data: JudgeData, encoder: TextEncoder) -> tuple[np.ndarray, np.ndarray | None]:
+    """The recipe's features of the task's rows; for helpfulness also of the rows cut as the evaluation cuts its
+    AlpacaEval pairs (:func:`alignx.eval.judges.data.cut_pair`), for the cut-pair validation figures."""
+    recipe = RECIPES[task]
+    features = recipe.featurize(data.items, encoder)
+    if task != "helpfulness":
+        return features, None
+    return features, recipe.featurize([cut_pair(item) for item in data.items], encoder)
 
 
 def revalidate(task: str, settings: JudgeSettings) -> Validation:
@@ -435,7 +580,7 @@ def revalidate(task: str, settings: JudgeSettings) -> Validation:
     score the held-out rows; the system-held-out fits of a cross-fit task are refit."""
     judge = load_offline_judge(task, settings)
     data = judge_data(task, settings)
-    features = RECIPES[task].featurize(data.items, judge.encoder)
-    return validate(task, data, features, stored=judge.estimators)[0]
+    features, cut_features = featurize(task, data, judge.encoder)
+    return validate(task, data, features, stored=judge.estimators, cut_features=cut_features)[0]
 
 
