@@ -1,7 +1,9 @@
 """Offline judges end to end on small slices of the real judge data, with the hashing encoder (no model).
 
 Checks: every task trains, stores and loads back to identical scores; a pickle file is refused; a judge
-trained on another data version is refused; the CLI trains, validates (output format) and scores a JSONL.
+trained on another data version is refused; helpfulness validation holds a reference set out (no row or answer
+text of it in the fit) and its worst win-rate error is the largest over every held-out check, cut pairs included;
+the CLI trains, validates (output format) and scores a JSONL.
 """
 
 from __future__ import annotations
