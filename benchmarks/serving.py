@@ -4,7 +4,7 @@ Starts the real app (``alignx serve``'s Hugging Face backend, the batching worke
 experts, then sends ``--requests`` chat completions from ``--threads`` client threads. Every request mixes
 options the way real clients do: greedy or sampled (temperature 0.7 / 1.0), top-p 1 or 0.9, seeded or not,
 a stop string or not, streamed or not, ``max_tokens`` 4 to 8. All of them may share a batch: the worker
-samples each row with its own options (``alignx.generate.PerRowSampler``). Bounded in count and in time
+samples each row with its own options (``alignx.serving.decoding``). Bounded in count and in time
 (``--time-limit``: requests not sent by then are not sent, and the count says so).
 
 Prints per-request latency p50 / p95, requests/s over the whole load and the batch sizes the server's own

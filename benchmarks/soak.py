@@ -8,7 +8,8 @@ not, greedy or sampled (temperature 0.7 to 1.2, top-p 1 or 0.9, always with a se
 random point: while sending the body, just after it (waiting in the queue or being routed), a while later (mostly
 while decoding), or after a few events of a stream. The others read their answers in full. Then:
 
-* **server errors**: 5xx responses and error events seen by the clients, plus the server's own count of 5xx;
+* **server errors**: 5xx responses and error events seen by the clients, the server's own count of 5xx, and the
+  error lines it logged (a client leaving must not log a traceback);
 * **incomplete**: answers of clients that stayed without a finish reason (and ``[DONE]`` for a stream), or unequal
   to the same request's answer alone: each is sent again afterwards, one at a time, and compared (the seed makes
   a sampled answer reproducible);
@@ -39,6 +40,7 @@ import dataclasses
 import gc
 import http.client
 import json
+import logging
 import random
 import re
 import sys
@@ -158,6 +160,17 @@ def read_stream(response, plan: Plan) -> Outcome:
     return outcome  # the stream ended without [DONE]: incomplete
 
 
+class ErrorLog(logging.Handler):
+    """Counts the server's error lines (a traceback is a server error even when the client got an answer)."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
 def resident_mib() -> float:
     """The resident set once the garbage is collected and the allocator's free memory handed back."""
     gc.collect()
@@ -184,10 +197,6 @@ def run_load(address, load: list[Plan], clients: int) -> list[Outcome]:
         return list(pool.map(lambda plan: exchange(address, plan), load))
 
 
-def counter(metrics: Metrics, name: str) -> float:
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", metrics.render(), re.M))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", help="a run directory (default: a tiny random model with random experts)")
@@ -204,6 +213,7 @@ def main() -> int:
         aligner = AlignX.from_run(args.run, method=args.method) if args.run else tiny_aligner(Path(tmp))
     if aligner.router is not None:
         aligner.router.config = dataclasses.replace(aligner.router.config, ood_alpha=0.0)  # a route per prompt
+    logged = ErrorLog()
     metrics = Metrics()
     engine = Batcher(aligner, metrics, max_batch_size=args.max_batch_size, wait_ms=args.batch_wait_ms)
     settings = ServeSettings(model_name="soak", max_new_tokens=32, max_prompt_tokens=512)
@@ -211,17 +221,18 @@ def main() -> int:
           f"model={args.run or 'tiny random'} precision={aligner.precision.precision} requests={args.requests} "
           f"clients={args.clients} leave={args.leave:.2f} max_batch={args.max_batch_size}", flush=True)
     with serve_in_thread(create_app(engine, settings, metrics)) as url:
+        for name in ("uvicorn.error", "alignx.serving"):  # once uvicorn has configured its loggers
+            logging.getLogger(name).addHandler(logged)
         host, port = url.removeprefix("http://").split(":")
         address = (host, int(port))
         run_load(address, plans(max(args.requests // 4, args.clients), args.leave, rng), args.clients)  # warm-up
         before = resident_mib()
-        started = time.perf_counter()
+        started, (warm_counts, warm_sum) = time.perf_counter(), metrics.batch_size.snapshot()
         load = plans(args.requests, args.leave, rng)
         outcomes = run_load(address, load, args.clients)
         wall = time.perf_counter() - started
-        deadline = time.monotonic() + 60  # departed requests finish leaving: queue empty, worker idle
-        while (metrics.queue_depth.value or engine._running) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        counts, total = metrics.batch_size.snapshot()
+        batches = sum(counts.values()) - sum(warm_counts.values())
         stayed = [(plan, outcome) for plan, outcome in zip(load, outcomes) if plan.leave is None]
         alone = [exchange(address, plan) for plan, _ in stayed]  # each request again, alone on the server
         after = resident_mib()
@@ -229,19 +240,18 @@ def main() -> int:
     with warnings.catch_warnings():  # isinstance() on some of torch's objects warns of deprecations
         warnings.simplefilter("ignore")
         live = sum(isinstance(o, GenerationRequest) for o in gc.get_objects())  # once the server has stopped
-    server_errors = sum(o.server_error for o in outcomes) + sum(
+    server_errors = sum(o.server_error for o in outcomes) + logged.count + sum(
         float(v) for v in re.findall(r'^alignx_requests_total{endpoint="[^"]*",status="5\d\d"} (\S+)$',
                                      metrics.render(), re.M))
     incomplete = sum(not o.complete for _, o in stayed)
     differ = sum(o.complete and (o.text != a.text or not a.complete) for (_, o), a in zip(stayed, alone))
-    wasted = counter(metrics, "alignx_wasted_decode_steps_total")
+    wasted = metrics.wasted_steps.value()
     departed = len(load) - len(stayed)
     print(f"sent {len(load)} in {wall:.1f} s ({len(load) / wall:.1f} requests/s): {len(stayed)} stayed, {departed} "
           f"left ({', '.join(f'{k}: {sum(p.leave == k for p in load)}' for k in LEAVES)}); the server dropped "
-          f"{counter(metrics, 'alignx_cancelled_requests_total'):.0f} request(s) whose client had gone")
-    counts, total = metrics.batch_size.snapshot()
-    print(f"departed={departed} differ_from_solo={differ} live_requests={live} mean_batch={total / sum(counts.values()):.2f} "
-          f"rss_before_mib={before:.1f} rss_after_mib={after:.1f}")
+          f"{metrics.cancelled_requests.value():.0f} request(s) whose client had gone")
+    print(f"departed={departed} differ_from_solo={differ} live_requests={live} "
+          f"mean_batch={(total - warm_sum) / max(batches, 1):.2f} rss_before_mib={before:.1f} rss_after_mib={after:.1f}")
     growth = after - before
     print(f"requests={len(load)} server_errors={server_errors:.0f} incomplete={incomplete + differ} "
           f"wasted_steps={wasted:.0f} rss_growth_mib={growth:.1f}")

@@ -73,6 +73,13 @@ class DecodeSteps:
     delay_s: float = 0.0  # each step takes at least this long, so a test can act while a batch decodes
     stepped: threading.Condition = field(default_factory=threading.Condition)
 
+    def wait_for_quiet(self, quiet_s: float = 0.5, timeout: float = 30) -> None:
+        """Wait until no step has run for ``quiet_s`` (a step takes ``delay_s`` or a little more)."""
+        deadline = time.monotonic() + timeout
+        with self.stepped:
+            while self.stepped.wait(quiet_s):
+                assert time.monotonic() < deadline, "decoding never stopped"
+
     def wait_for(self, steps: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         with self.stepped:

@@ -39,6 +39,10 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
+    def value(self, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(tuple(labels[k] for k in self.labels), 0.0)
+
     def _samples(self) -> list[str]:
         with self._lock:
             values = self._values or ({} if self.labels else {(): 0.0})  # a counter without labels starts at 0
