@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from common import PROMPTS, random_experts, synthetic_router
 from efficiency import SHAPES, word_tokenizer
@@ -180,8 +181,6 @@ def resident_mib() -> float:
 
 def tiny_aligner(directory: Path) -> AlignX:
     """A tiny random Llama in fp32 with random experts and a random router, as ``alignx serve`` would hold them."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     config = LlamaConfig(**SHAPES["tiny"])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)

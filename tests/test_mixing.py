@@ -3,10 +3,13 @@ and each example run alone."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import assert_close_at_scale, build_tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignx.config import ModelConfig
@@ -231,10 +234,6 @@ def test_a_weight_that_differs_from_its_file_merges_by_copy(tiny_model_dir, adap
 @pytest.mark.parametrize("fault", ["changed", "deleted"])
 def test_unmerge_detects_a_weights_file_changed_or_deleted_and_leaves_a_consistent_model(
         fault, tiny_model_dir, adapters, batch, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     mixture = MixtureOfExperts.attach(_base(model_dir), {a: adapters[a] for a in EXPERTS}, EXPERTS,

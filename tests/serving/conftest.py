@@ -3,11 +3,13 @@ by the whole serving session (one model load); the same run in bf16; and a way t
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 
 import pytest
+import yaml
 
 from alignx.serving.app import ServeSettings
 
@@ -34,10 +36,6 @@ def aligner(tiny_stage2_run):
 @pytest.fixture(scope="session")
 def bf16_run_dir(tiny_stage2_run, tmp_path_factory):
     """The tiny run with `model.precision: bf16`, what `precision: auto` picks on a CPU with AVX-512 bf16."""
-    import shutil
-
-    import yaml
-
     copy = tmp_path_factory.mktemp("bf16") / "run"
     shutil.copytree(tiny_stage2_run.run_dir, copy)
     config = yaml.safe_load((copy / "config.yaml").read_text())

@@ -16,6 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from alignx.serving.app import ServeSettings, create_app, serve_in_thread
+from alignx.serving.batcher import Batcher
+from alignx.serving.metrics import Metrics
 from tests.serving.conftest import API_KEY, MODEL
 
 PROMPT = "Give three tips for staying healthy."
@@ -315,10 +318,6 @@ class _Crash(BaseException):
 
 
 def test_health_fails_once_the_decoding_worker_has_stopped(aligner, monkeypatch):
-    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
-    from alignx.serving.batcher import Batcher
-    from alignx.serving.metrics import Metrics
-
     monkeypatch.setattr(aligner, "weights_for", lambda prompts: (_ for _ in ()).throw(_Crash("worker killed")))
     metrics = Metrics()
     with serve_in_thread(create_app(Batcher(aligner, metrics), ServeSettings(model_name=MODEL), metrics)) as url:
@@ -333,9 +332,6 @@ def test_health_fails_once_the_decoding_worker_has_stopped(aligner, monkeypatch)
 
 
 def test_the_shutdown_timeout_reaches_the_backend(monkeypatch):
-    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
-    from alignx.serving.metrics import Metrics
-
     class Engine:
         method, prompts, timeouts = "base", None, []
 

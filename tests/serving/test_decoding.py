@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
+from alignx.generate import AlignX
 from alignx.serving.batcher import Batcher
 from alignx.serving.metrics import Metrics
 from alignx.serving.requests import Failed, Finished, Sampling
@@ -54,8 +58,6 @@ def answers(aligner, batches: list[list[tuple[str, Sampling]]], max_tokens: int 
 
 @pytest.fixture(scope="module")
 def bf16_aligner(bf16_run_dir):
-    from alignx.generate import AlignX
-
     aligner = AlignX.from_run(bf16_run_dir)
     assert next(iter(aligner.mixture.layers.values())).base.weight.dtype == torch.bfloat16
     return aligner
@@ -76,8 +78,6 @@ def test_on_bf16_a_seeded_answer_is_the_same_alone_and_with_batch_mates_of_other
 
 
 def test_a_fixed_weight_method_stays_merged_for_the_workers_life(tiny_stage2_run):
-    from alignx.generate import AlignX
-
     aligner = AlignX.from_run(tiny_stage2_run.run_dir, method="merge-linear")
     group = SAME_LENGTH[2]
     engine = Batcher(aligner, Metrics(), max_batch_size=8, wait_ms=300)
@@ -94,13 +94,6 @@ def test_a_fixed_weight_method_stays_merged_for_the_workers_life(tiny_stage2_run
 @pytest.mark.parametrize("fault", ["changed", "deleted"])
 def test_a_weights_file_changed_or_deleted_while_serving_changes_no_answer(
         fault, tiny_stage2_run, tmp_path, monkeypatch):
-    import shutil
-
-    import yaml
-    from safetensors.torch import load_file, save_file
-
-    from alignx.generate import AlignX
-
     model_dir, run_dir = tmp_path / "model", tmp_path / "run"
     shutil.copytree(tiny_stage2_run.model.name, model_dir)
     shutil.copytree(tiny_stage2_run.run_dir, run_dir)

@@ -4,9 +4,14 @@ fake ``vllm`` module."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import http.client
 import itertools
+import json
 import sys
+import time
 import types
+from pathlib import Path
 
 import openai
 import pytest
@@ -17,6 +22,8 @@ from hypothesis import strategies as st
 from alignx.axes import AXES
 from alignx.errors import AlignXError
 from alignx.serving import vllm_backend
+from alignx.serving.app import ServeSettings, create_app, serve_in_thread
+from alignx.serving.metrics import Metrics
 from alignx.serving.vllm_backend import AdapterCache, adapter_id, merge_adapters, quantise
 from alignx.stage1.task_vector import lora_factors
 
@@ -158,11 +165,6 @@ def fake_vllm(monkeypatch):
 
 
 def test_requests_reach_vllm_with_their_adapter(fake_vllm, aligner):
-    from pathlib import Path
-
-    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
-    from alignx.serving.metrics import Metrics
-
     metrics = Metrics()
     engine = vllm_backend.VLLMEngine(aligner, metrics, merged_adapters=2)
     assert fake_vllm.args.enable_lora and fake_vllm.args.model
@@ -184,11 +186,6 @@ def test_requests_reach_vllm_with_their_adapter(fake_vllm, aligner):
 
 
 def test_the_base_fallback_is_served_by_the_base_model(fake_vllm, aligner):
-    import dataclasses
-
-    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
-    from alignx.serving.metrics import Metrics
-
     config = aligner.router.config
     aligner.router.config = dataclasses.replace(config, ood_alpha=1.01, ood_fallback="base")  # every prompt flagged
     try:
@@ -207,9 +204,6 @@ def test_the_base_fallback_is_served_by_the_base_model(fake_vllm, aligner):
 
 
 def test_the_response_reports_the_weights_vllm_serves(fake_vllm, aligner, monkeypatch):
-    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
-    from alignx.serving.metrics import Metrics
-
     thirds = torch.full((1, 3), 1 / 3)
     monkeypatch.setattr(aligner, "weights_for", lambda prompts: (thirds, [{"final": {}}]))
     metrics = Metrics()
@@ -241,13 +235,6 @@ class _SlowEngine(_FakeEngine):
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_departed_client_is_aborted_in_vllm_and_frees_its_adapter(fake_vllm, aligner, monkeypatch, stream):
-    import http.client
-    import json
-    import time
-
-    from alignx.serving.app import ServeSettings, create_app, serve_in_thread
-    from alignx.serving.metrics import Metrics
-
     monkeypatch.setattr(sys.modules["vllm"], "AsyncLLMEngine", _SlowEngine)
     _SlowEngine.aborted = []
     monkeypatch.setattr(aligner, "weights_for", lambda prompts: (torch.tensor([[0.5, 0.3, 0.2]]), [{}]))
