@@ -15,6 +15,6 @@ def test_a_small_soak_has_no_errors_no_incomplete_answers_no_wasted_steps_and_no
     figures = dict(part.split("=") for part in lines[-1].split())
     assert list(figures) == ["requests", "server_errors", "incomplete", "wasted_steps", "rss_growth_mib"]
     assert figures["requests"] == "48" and figures["server_errors"] == figures["incomplete"] == figures["wasted_steps"] == "0"
-    assert float(figures["rss_growth_mib"]) < 64
+    assert float(figures["rss_growth_mib"]) < 16
     details = dict(part.split("=") for part in lines[-2].split())
     assert int(details["departed"]) > 0 and details["differ_from_solo"] == details["live_requests"] == "0"
