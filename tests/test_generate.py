@@ -12,7 +12,7 @@ from conftest import model_with_code, shared_run
 from alignx.axes import AXES
 from alignx.cli import main
 from alignx.errors import AlignXError
-from alignx.generate import AlignX, PerRowSampler, RowSampling, sample_token, token_budget_batches
+from alignx.generate import AlignX, sample_token, token_budget_batches
 
 PROMPTS = ["Give three tips for staying healthy.", "How do I hurt someone?", "What happens if you eat watermelon seeds?"]
 
@@ -60,20 +60,7 @@ def test_oracle_uses_each_prompts_gold_expert_and_needs_the_gold_axes(run_dir):
         oracle.generate(PROMPTS[:1], max_new_tokens=2, axes=["funny"])
 
 
-def test_rows_with_different_sampling_options_decode_together_as_each_would_alone(run_dir):
-    aligner = AlignX.from_run(run_dir, method="base")
-    rows = [RowSampling(0.0), RowSampling(0.9, 0.8, seed=3), RowSampling(1.2, 1.0, seed=4)]
-    together = aligner.generate_with(PROMPTS[:3], None, max_new_tokens=6, rows=rows)
-    alone = [aligner.generate_with([p], None, max_new_tokens=6, rows=[row])[0] for p, row in zip(PROMPTS[:3], rows)]
-    assert together == alone
-    assert together[0] == aligner.generate_with(PROMPTS[:1], None, max_new_tokens=6)[0]  # temperature 0 = greedy
-    again = aligner.generate_with(PROMPTS[:3], None, max_new_tokens=6, rows=[rows[0], RowSampling(0.9, 0.8, seed=5), rows[2]])
-    assert again[2] == together[2]  # a row's tokens depend on its own seed, not on its neighbours'
-    with pytest.raises(AlignXError, match="3 prompts but 1 sampling"):
-        aligner.generate_with(PROMPTS[:3], None, max_new_tokens=2, rows=rows[:1])
-
-
-def test_row_sampling_follows_temperature_and_nucleus():
+def test_sampling_follows_temperature_and_nucleus():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
     draw = lambda t, p, n=4000: torch.bincount(torch.tensor(  # noqa: E731
         [sample_token(logits, t, p, generator) for generator in [torch.Generator().manual_seed(0)] for _ in range(n)]),
@@ -84,8 +71,6 @@ def test_row_sampling_follows_temperature_and_nucleus():
     assert nucleus[2:].sum() == 0 and nucleus[0] == pytest.approx(0.64 / 0.88, abs=0.03)
     assert draw(1.0, 0.1, 50)[0] == 1.0  # the most likely token is always kept
     assert draw(5e-324, 1.0, 20)[0] == 1.0 and draw(1.0, 5e-324, 20)[0] == 1.0  # the API's extremes (found by schemathesis)
-    scores = PerRowSampler([RowSampling(0.0), RowSampling(1.0, seed=1)])(None, torch.stack([logits, logits]))
-    assert scores[0].argmax() == 0 and torch.isinf(scores).sum() == 6  # one token left per row
 
 
 def test_a_shared_vector_merges_unless_told_not_to_and_both_give_the_same_logits(run_dir):

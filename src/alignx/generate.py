@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from alignx.axes import AXES
 from alignx.baselines import ADAPTER_METHODS, TRAINED_METHODS, is_trained, method_adapters
@@ -209,16 +208,10 @@ class AlignX:
     @torch.inference_mode()
     def generate_with(
         self, prompts: list[str], weights: torch.Tensor | None, *, max_new_tokens: int, do_sample: bool = False,
-        temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, streamer=None, stopping_criteria=None,
-        rows: list[RowSampling] | None = None,
+        temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
     ) -> list[str]:
-        """Decode one batch with the per-example weights of :meth:`weights_for`.
-
-        ``rows``: each prompt's own sampling options (:class:`RowSampling`), so requests with different
-        temperatures, top-p and seeds share one batch; it replaces ``do_sample``/``temperature``/``top_p``/``seed``.
-        ``streamer`` and ``stopping_criteria`` go to ``model.generate`` as they are: a server streams a whole
-        batch's tokens through one ``BaseStreamer`` and stops the batch once every request in it is done.
-        """
+        """Decode one batch with the per-example weights of :meth:`weights_for` (the server decodes step by step
+        instead, with each request's own sampling: :mod:`alignx.serving.decoding`)."""
         tokenizer = self.loaded.tokenizer
         texts = [self.formatter.prompt_text(p) for p in prompts]
         tokenizer.padding_side = "left"
@@ -226,13 +219,8 @@ class AlignX:
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         finally:
             tokenizer.padding_side = "right"
-        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                       streamer=streamer, stopping_criteria=stopping_criteria)
-        if rows is not None:
-            if len(rows) != len(prompts):
-                raise AlignXError(f"{len(prompts)} prompts but {len(rows)} sampling options")
-            options["logits_processor"] = LogitsProcessorList([PerRowSampler(rows)])  # decides every token itself
-        elif do_sample:
+        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id)
+        if do_sample:
             torch.manual_seed(seed)
             options.update(temperature=temperature, top_p=top_p)
         with autocast(self.precision, next(self.loaded.model.parameters()).device), self.experts(weights):
@@ -313,39 +301,6 @@ def _fixed_weights(run: RunDir, method: str) -> torch.Tensor | None:
     if method in ADAPTER_METHODS:
         return torch.ones(len(method_adapters(method)))
     return None
-
-
-@dataclass(frozen=True)
-class RowSampling:
-    """One prompt's sampling options: ``temperature`` 0 is greedy; ``seed`` makes its tokens reproducible."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-class PerRowSampler(LogitsProcessor):
-    """Samples each row's next token with that row's own temperature, top-p and random generator, inside one
-    greedy ``generate`` call: the chosen token keeps its logit and every other token gets -inf, so greedy
-    decoding picks exactly it. ``generate``'s own sampling options hold for a whole batch; this lets requests
-    with different options decode together, each row's draws depending only on its own seed and logits."""
-
-    def __init__(self, rows: list[RowSampling]):
-        self.rows = rows
-        self.generators: list[torch.Generator | None] = []
-        for row in rows:
-            generator = None
-            if row.temperature > 0:
-                generator = torch.Generator().manual_seed(row.seed)
-            self.generators.append(generator)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        chosen = scores.argmax(dim=-1)
-        for i, (row, generator) in enumerate(zip(self.rows, self.generators)):
-            if generator is not None:
-                chosen[i] = sample_token(scores[i].float().cpu(), row.temperature, row.top_p, generator)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(1, chosen[:, None], scores.gather(1, chosen[:, None]))
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
