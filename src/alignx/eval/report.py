@@ -128,12 +128,13 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     out.append(("Judges (held-out accuracy of each judge, measured by `alignx judge validate`)",
                 ["task", "judge", "accuracy", "sensitivity", "specificity"], judges, ""))
     methods = results["methods"]
-    corrected_columns = _corrected_columns(results)
-    main = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k)) for b, k, _, _ in COLUMNS] + [_cell(e.get("hhh_mean"))]
+    columns = [c for c in COLUMNS if any(c[1] in e["benchmarks"].get(c[0], {}) for e in methods.values())]  # benchmarks run
+    corrected_columns = tuple(c for c in _corrected_columns(results) if c in columns)
+    main = [[m] + [_cell(e["benchmarks"].get(b, {}).get(k)) for b, k, _, _ in columns] + [_cell(e.get("hhh_mean"))]
             for m, e in methods.items()]
-    out.append(("Results (%, 95 % bootstrap CI; raw judge verdicts)", ["method"] + [c[2] for c in COLUMNS] + ["HHH mean"],
+    out.append(("Results (%, 95 % bootstrap CI; raw judge verdicts)", ["method"] + [c[2] for c in columns] + ["HHH mean"],
                 main, HHH_NOTE))
-    generating = [b for b in dict.fromkeys(c[0] for c in COLUMNS) if any("at_cap" in e["benchmarks"].get(b, {}) for e in methods.values())]
+    generating = [b for b in dict.fromkeys(c[0] for c in columns) if any("at_cap" in e["benchmarks"].get(b, {}) for e in methods.values())]
     if generating:
         capped = [[m] + [_share(e["benchmarks"].get(b, {}).get("at_cap")) for b in generating] for m, e in methods.items()]
         out.append((f"Answers cut at the token cap (%, answers of at least {results['generation']['max_new_tokens'] - 1} "
@@ -142,10 +143,10 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                     "another mostly finishes compares more than what they say."))
     if "paired" in results:
         reference, paired = results["paired"]["reference"], results["paired"]["methods"]
-        rows = [[m] + [_difference(d.get(b, {}).get(k)) for b, k, _, _ in COLUMNS] + [_difference(d.get("hhh_mean"))]
+        rows = [[m] + [_difference(d.get(b, {}).get(k)) for b, k, _, _ in columns] + [_difference(d.get("hhh_mean"))]
                 for m, d in paired.items()]
         out.append((f"Paired differences to {reference} (method − {reference}, points; paired bootstrap 95 % CI; "
-                    "* = the interval excludes 0)", ["method"] + [c[2] for c in COLUMNS] + ["HHH mean"], rows,
+                    "* = the interval excludes 0)", ["method"] + [c[2] for c in columns] + ["HHH mean"], rows,
                     f"Both methods answered the same items; each resample draws the items once for both. For unsafe "
                     f"and over-refusal, a negative difference means the method is better than {reference}."))
         fixed = [[m] + [_difference(d.get(b, {}).get(k, {}).get("corrected")) for b, k, _, _ in corrected_columns]
