@@ -46,6 +46,19 @@ def eval_config(tiny_stage2_run):
     ])
 
 
+def generating_methods(monkeypatch) -> list[str]:
+    """The method of every AlignX.generate call from now on (the calls still run)."""
+    methods = []
+    original = AlignX.generate
+
+    def spy(self, prompts, **kwargs):
+        methods.append(self.method)
+        return original(self, prompts, **kwargs)
+
+    monkeypatch.setattr(AlignX, "generate", spy)
+    return methods
+
+
 def judges():
     return {task: LengthJudge(task) for task in ("safety", "truth", "info", "helpfulness", "refusal")}
 
@@ -76,14 +89,7 @@ def test_oracle_answers_with_each_benchmarks_gold_expert(eval_config, monkeypatc
     # beside the experts, the oracle copies their answers (the same computation) instead of generating again
     for path in (paths.generations("oracle", "beavertails"), paths.mc("oracle")):
         path.unlink()
-    generated = []
-    original = AlignX.generate
-
-    def spy(self, prompts, **kwargs):
-        generated.append(self.method)
-        return original(self, prompts, **kwargs)
-
-    monkeypatch.setattr(AlignX, "generate", spy)
+    generated = generating_methods(monkeypatch)
     again = run_eval(run, eval_config, ["expert-harmless", "expert-honest", "oracle"], judges=judges(), log=lambda *_: None)
     assert "expert-honest" in generated and "oracle" not in generated  # copied, nothing generated for it
     expert = {r["id"]: r["response"] for r in read_jsonl(paths.generations("expert-harmless", "beavertails"))}
@@ -253,14 +259,7 @@ def test_a_refitted_router_is_evaluated_anew_and_the_others_are_reused(eval_conf
     first = run_eval(run, config, ["alignx", "base"], judges=judges(), log=lambda *_: None)
     router = run.root / "stage2" / "alignx" / "mocae.json"
     router.write_text(router.read_text() + "\n")  # Stage 2 fitted again: another file, whatever its weights
-    generated = []
-    original = AlignX.generate
-
-    def spy(self, prompts, **kwargs):
-        generated.append(self.method)
-        return original(self, prompts, **kwargs)
-
-    monkeypatch.setattr(AlignX, "generate", spy)
+    generated = generating_methods(monkeypatch)
     again = run_eval(run, config, ["alignx", "base"], judges=judges(), log=lambda *_: None)
     assert set(generated) == {"alignx"}  # base depends on nothing that changed
     assert again["keys"]["alignx"] != first["keys"]["alignx"] and again["keys"]["base"] == first["keys"]["base"]

@@ -106,7 +106,7 @@ def run_model_config(config: ModelConfig, run_root: Path, *, model: str | None =
     if config.trust_remote_code and not trust_remote_code:
         raise AlignXError(
             f"{run_root} asks to run the code of its base model {config.name!r} (model.trust_remote_code in its "
-            "config.yaml): pass --trust-remote-code (trust_remote_code=True in Python and in lm-eval's --model_args) "
+            "config.yaml): pass --trust-remote-code (the trust_remote_code argument in Python and in lm-eval's --model_args) "
             "only if you trust that code"
         )
     return dataclasses.replace(config, name=model or config.name, trust_remote_code=trust_remote_code)
