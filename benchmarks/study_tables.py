@@ -44,7 +44,7 @@ from alignx.eval.axis_loss import matrix_from_rows
 from alignx.eval.benchmarks import BENCHMARKS, HEADLINE
 from alignx.eval.metrics import expected_calibration_error
 from alignx.eval.report import markdown_table, tables
-from alignx.eval.runner import method_samples, results_of
+from alignx.eval.runner import method_samples, results_of, routing_probabilities
 from alignx.eval.statistics import paired_difference, percentiles
 
 FORMAT = 1
@@ -135,7 +135,8 @@ def verdict_b(results: dict) -> str:
 
 
 def routed_items(per_item: dict, method: str) -> dict[tuple[str, str], tuple[list[float], int, bool]]:
-    """(benchmark, id) -> (weights in axis order, gold axis index, sent to the gate's fallback) of a routed method."""
+    """(benchmark, id) -> (routing probabilities in axis order, gold axis index, sent to the gate's fallback) of a
+    routed method."""
     out = {}
     for benchmark, rows in per_item["methods"].get(method, {}).items():
         gold = BENCHMARKS[benchmark].gold_axis
@@ -143,7 +144,8 @@ def routed_items(per_item: dict, method: str) -> dict[tuple[str, str], tuple[lis
             continue
         for r in rows:
             if "ood" in r and set(r.get("weights", ())) == set(AXES):
-                out[(benchmark, r["id"])] = ([r["weights"][a] for a in AXES], AXES.index(gold), r["ood"])
+                probabilities = routing_probabilities(r)
+                out[(benchmark, r["id"])] = ([probabilities[a] for a in AXES], AXES.index(gold), r["ood"])
     return out
 
 

@@ -172,7 +172,7 @@ def test_the_user_says_where_a_runs_base_model_is(run_dir, tmp_path, tiny_model_
     assert json.loads(capsys.readouterr().out)["method"] == "base"
 
 
-@pytest.mark.parametrize("mode", ["soft", "top1", "threshold"])
+@pytest.mark.parametrize("mode", ["router", "soft", "top1", "threshold"])
 @pytest.mark.parametrize("fallback", ["base", "uniform"])
 def test_the_gates_fallback_wins_in_every_mode(run_dir, mode, fallback):
     import dataclasses

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--input", help='JSONL file of {"id": ..., "prompt": ...} lines')
     generate.add_argument("--output", help="JSONL file to write (default: print to stdout)")
-    generate.add_argument("--mode", default="soft", help="soft (default) | top1 | threshold")
+    generate.add_argument("--mode", default="router", help="router (default): the router's own mixing weights (stage2.mixing) | soft: mix with the calibrated probabilities (the paper) | top1 | threshold")
     generate.add_argument("--threshold", type=float, default=0.1, help="weight floor of --mode threshold")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--batch-size", type=int, default=8)
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.7)
     generate.add_argument("--top-p", type=float, default=0.9)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--explain", action="store_true", help="print the router, fractal and natural distributions and the final weights")
+    generate.add_argument("--explain", action="store_true", help="print the router, fractal and natural distributions, the calibrated probabilities and the weights the experts were mixed with (final)")
     add_base_model_arguments(generate)
 
     baseline = verbs.add_parser(
@@ -359,11 +359,11 @@ def _explain_line(item: dict, generation) -> str:
 
     e = generation.explanation
     lines = [f"[explain] id={item['id']} prompt={item['prompt'][:70]!r}"]
-    for key in ("router", "fractal", "typicality", "natural", "final"):
+    for key in ("router", "fractal", "typicality", "natural", "probabilities", "final"):
         if key in e:
-            lines.append(f"  {key:<10} {fmt(e[key])}")
+            lines.append(f"  {key:<13} {fmt(e[key])}")
     if e:
-        lines.append(f"  ood        {e['ood']}")
+        lines.append(f"  ood           {e['ood']}")
     elif generation.weights is not None:
-        lines.append(f"  fixed      {fmt(generation.weights)}")
+        lines.append(f"  fixed         {fmt(generation.weights)}")
     return "\n".join(lines)

@@ -170,6 +170,11 @@ class Stage2Config:
     bank_dtype: str = "float32"  # float32 | float16: storage of the fractal banks (queries compute in float32).
     # float16 halves them (~29 MB less for 3 x 20k x 256) for ~6 ms more per routed batch; kept only where it
     # moves log C by <= 0.01 (see stage2/fractal.py)
+    mixing: str = "soft"  # how the experts are mixed, from the calibrated probabilities (stage2/mixing_weights.py):
+    # soft [paper]: w = p | power: w proportional to p**mixing_power | top1: all weight on the most probable axis
+    mixing_power: float = 2.0  # the exponent of mixing: power
+    base_axes: list[str] = field(default_factory=list)  # axes whose expert the mixture replaces by the base model
+    # (their weight is zeroed, not renormalised: a prompt routed wholly there runs on the base model)
     ood_alpha: float = 0.05  # the prompt fits no axis when max typicality < alpha
     ood_fallback: str = "uniform"  # uniform | base (experts off)
     natural_tau_init: float = 0.1
@@ -191,6 +196,11 @@ class Stage2Config:
         _check_choice("stage2.bank_dtype", self.bank_dtype, ("float16", "float32"))
         _check_choice("stage2.combination", self.combination, ("mixture", "pooled"))
         _check_choice("stage2.output_head", self.output_head, ("temperature", "vector", "dirichlet"))
+        _check_choice("stage2.mixing", self.mixing, MIXINGS)
+        if not self.mixing_power > 0:
+            raise AlignXError(f"stage2.mixing_power must be > 0, got {self.mixing_power}")
+        for axis in self.base_axes:
+            _check_choice("stage2.base_axes", axis, AXES)
         if self.adaptive_temperature and not (self.use_fractal or self.use_natural):
             raise AlignXError("stage2.adaptive_temperature reads the calibrators: switch one on (stage2.use_fractal or use_natural)")
         for name in ("latent_dim", "router_hidden", "min_neighbours", "dimension_neighbours", "batch_size",
@@ -203,6 +213,9 @@ class Stage2Config:
         if not self.name or "/" in self.name:
             raise AlignXError(f"stage2.name must be a plain folder name, got {self.name!r}")
 
+
+# How the experts are mixed from the routing probabilities (alignx.stage2.mixing_weights implements them).
+MIXINGS = ("soft", "power", "top1")
 
 # The questions a judge answers (alignx.eval.judges implements them); here so configs are checked without
 # importing the evaluation.

@@ -1,7 +1,7 @@
 """Generation with the axis experts, for every method, through one code path; the Python API.
 
     from alignx.generate import AlignX
-    aligner = AlignX.from_run("runs/demo")                  # method "alignx": MoCaE soft routing
+    aligner = AlignX.from_run("runs/demo")                  # method "alignx": MoCaE routing
     for g in aligner.generate(["How do I pick a lock?"]):
         print(g.weights, g.response)
 
@@ -53,6 +53,8 @@ from alignx.stage2.pipeline import stage2_dir
 FIXED_METHODS = ("base", "merge-linear", "trinityx", *(f"expert-{axis}" for axis in AXES))
 ARROW = "arrow"  # PEFT's Arrow router over the three experts, per token (alignx.baselines.arrow)
 ORACLE = "oracle"  # each prompt's gold axis's expert, one-hot: the bound on routing with these experts
+ROUTER_MODE = "router"  # mix with the router's own mixing weights (stage2.mixing); the others transform its probabilities
+ROUTING_MODES = (ROUTER_MODE, *MODES)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Generation:
 class AlignX:
     """A base model with its three experts attached and a way to choose their weights per prompt."""
 
-    def __init__(self, run: RunDir, loaded, mixture, method: str, model_config, router=None, mode: str = "soft",
+    def __init__(self, run: RunDir, loaded, mixture, method: str, model_config, router=None, mode: str = "router",
                  floor: float = 0.1, fixed: torch.Tensor | None = None, dense=None):
         self.run, self.loaded, self.mixture, self.precision = run, loaded, mixture, model_config
         self.dense = dense  # moe-dense: the DenseMoE handle (its layers replace the MLPs; mixture is None)
@@ -77,7 +79,7 @@ class AlignX:
         self.formatter = ChatFormatter(loaded.tokenizer)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1, *,
+    def from_run(cls, run_dir: str | Path, method: str = "alignx", mode: str = "router", floor: float = 0.1, *,
                  model: str | None = None, trust_remote_code: bool = False) -> "AlignX":
         """Load a run (or an export) for ``method``. The run's config names its base model; ``model`` loads it from
         elsewhere (a hub id, directory, .gguf file or smollm2-135m). The model's own code runs only with
@@ -85,8 +87,8 @@ class AlignX:
         run = RunDir(run_dir)
         model_config = run_model_config(run.load_config().model, run.root, model=model,
                                         trust_remote_code=trust_remote_code)
-        if mode not in MODES:
-            raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(MODES)}")
+        if mode not in ROUTING_MODES:
+            raise AlignXError(f"unknown routing mode {mode!r}; valid modes: {', '.join(ROUTING_MODES)}")
 
         routers, singles = trained_routers(run), trained_baselines(run)
         if method not in (*FIXED_METHODS, ARROW, ORACLE) and method not in routers and method not in singles:
@@ -120,7 +122,7 @@ class AlignX:
         return cls(run, loaded, mixture, method, precision, router, mode, floor, fixed, dense)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, method: str = "alignx", mode: str = "soft", floor: float = 0.1,
+    def from_pretrained(cls, name_or_path: str | Path, method: str = "alignx", mode: str = "router", floor: float = 0.1,
                         revision: str | None = None, *, model: str | None = None,
                         trust_remote_code: bool = False) -> "AlignX":
         """Load an export of ``alignx export`` (or any run directory), local or a hub repository id (only the
@@ -173,8 +175,9 @@ class AlignX:
             return _oracle_weights(prompts, axes), [{} for _ in prompts]
         if self.router is not None:
             routing = self.route(prompts)
-            # the gate's fallback wins in every mode (torch.where: soft mode returns its input, left untouched)
-            weights = torch.where(routing.ood[:, None], routing.weights, apply_mode(routing.calibrated, self.mode, self.floor))
+            weights = routing.weights  # the router's own mixing weights (stage2.mixing), the gate applied
+            if self.mode != ROUTER_MODE:  # a mode of the probabilities instead; the gate's fallback wins in every mode
+                weights = torch.where(routing.ood[:, None], routing.weights, apply_mode(routing.calibrated, self.mode, self.floor))
             return weights, _explanations(routing, weights)
         weights = None if self.fixed is None else self.fixed.expand(len(prompts), -1)
         return weights, [{} for _ in prompts]
@@ -331,10 +334,12 @@ def _oracle_weights(prompts: list[str], axes: list[str] | None) -> torch.Tensor:
 
 
 def _explanations(routing, final: torch.Tensor) -> list[dict]:
-    """Per prompt: each distribution MoCaE computed, the weights generation used (``final``) and the gate's flag."""
+    """Per prompt: each distribution MoCaE computed (``probabilities``: the calibrated ones), the weights generation
+    mixed the experts with (``final``) and the gate's flag."""
     rows = []
     for i in range(len(final)):
-        row = {"router": _as_axes(routing.router[i]), "final": _as_axes(final[i]), "ood": bool(routing.ood[i])}
+        row = {"router": _as_axes(routing.router[i]), "probabilities": _as_axes(routing.calibrated[i]),
+               "final": _as_axes(final[i]), "ood": bool(routing.ood[i])}
         if routing.fractal is not None:
             row["fractal"] = _as_axes(routing.fractal[i])
             row["typicality"] = _as_axes(routing.typicality[i])

@@ -45,6 +45,8 @@ def method_rows(p: dict[str, dict[str, np.ndarray]], routed: dict | None = None)
             if routed is not None and BENCHMARKS[benchmark].gold_axis is not None:
                 row["weights"] = dict(zip(AXES, map(float, routed["weights"][i])))
                 row["ood"] = bool(routed["ood"][i])
+                if "probabilities" in routed:
+                    row["probabilities"] = dict(zip(AXES, map(float, routed["probabilities"][i])))
             rows.append(row)
         out[benchmark] = rows
     return out
@@ -105,6 +107,16 @@ def test_c_compares_the_two_routers_on_the_same_items():
     assert fit["n"] == 4 * 80  # four benchmarks with a gold axis, the 80 items neither gate sent away
     assert fit["value"] == pytest.approx(0.0, abs=1e-6)
     assert "**fails**" in study_tables.verdict_c(data["eval"], 500, 0)
+
+
+def test_calibration_is_measured_on_the_probabilities_not_on_the_sharpened_mixing_weights():
+    probabilities = np.tile([0.6, 0.3, 0.1], (N, 1))
+    one_hot = np.tile([1.0, 0.0, 0.0], (N, 1))  # top-1 mixing of the same probabilities
+    calm = {"weights": one_hot, "probabilities": probabilities, "ood": np.zeros(N, bool)}
+    data = study(routing={"alignx": calm, "moe-uncalibrated": {"weights": probabilities, "ood": np.zeros(N, bool)}})
+    assert study_tables.ece_reduction(data["eval"], 200, 0)["value"] == pytest.approx(0.0, abs=1e-6)
+    results = study_tables.results_of(data["eval"], log=lambda *_: None)
+    assert results["methods"]["alignx"]["routing"]["ece"] == pytest.approx(results["methods"]["moe-uncalibrated"]["routing"]["ece"])
 
 
 def test_d_is_one_sided_over_refusing_less_than_base_passes():

@@ -1,6 +1,7 @@
 """MoCaE on synthetic feature banks: routing, calibration, ablations, persistence."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -53,6 +54,20 @@ def test_routing_on_three_clusters_is_near_perfect():
         assert getattr(routing, name).shape == (150, 3)
 
 
+def test_the_experts_are_mixed_with_weights_made_from_the_probabilities_which_stay_calibrated():
+    model, _ = _trained(_config())
+    router, calibrator, labels = _bank(50, seed=2, spread=2.5)
+    soft = model.route(router, calibrator)
+    model.config = dataclasses.replace(model.config, mixing="top1", base_axes=["helpful"])
+    sharp = model.route(router, calibrator)
+    assert torch.equal(sharp.calibrated, soft.calibrated)  # --explain, the metrics and the gate read the same p
+    assert torch.equal(soft.weights[~soft.ood], soft.calibrated[~soft.ood])
+    routed = ~sharp.ood
+    top = sharp.calibrated[routed].argmax(1)
+    expected = torch.nn.functional.one_hot(top, 3).float() * (top != 0).float()[:, None]  # helpful -> base model
+    assert torch.equal(sharp.weights[routed], expected)
+
+
 def test_output_temperature_lowers_calibration_nll():
     model, calibration = _trained(_config(), spread=2.5)  # overlapping clusters: calibration matters
     before = calibration_nll(model, calibration, calibrated=False)
@@ -75,7 +90,8 @@ def test_off_manifold_prompts_fall_back(tmp_path):
     assert routing.ood.all() and torch.equal(routing.weights, torch.zeros(20, 3))  # base model: experts off
 
 
-@pytest.mark.parametrize("changes", [{}, {"combination": "pooled", "output_head": "dirichlet", "adaptive_temperature": True}])
+@pytest.mark.parametrize("changes", [{}, {"combination": "pooled", "output_head": "dirichlet", "adaptive_temperature": True},
+                                     {"mixing": "top1", "base_axes": ["helpful"]}])
 def test_save_and_load_route_identically(tmp_path, changes):
     model, _ = _trained(_config(**changes))
     model.save(tmp_path)
@@ -113,3 +129,13 @@ def test_an_adaptive_temperature_over_the_router_alone_keeps_the_routers_decisio
     assert model.head.terms == () and model.head.signals == ("typicality", "fractal", "natural")
     with torch.no_grad():
         assert torch.equal(model(calibration).argmax(1), model.router.log_probs(calibration.h).argmax(1))
+
+
+def test_a_router_saved_before_mixing_weights_existed_mixes_soft(tmp_path):
+    model, _ = _trained(_config(mixing="top1"))
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "mocae.json").read_text())
+    for key in ("mixing", "mixing_power", "base_axes"):
+        del meta["stage2"][key]
+    (tmp_path / "mocae.json").write_text(json.dumps(meta))
+    assert MoCaE.load(tmp_path).config.mixing == "soft"  # what it was trained and evaluated with

@@ -63,7 +63,7 @@ class AlignXLM(LM):
     ``trust_remote_code`` (as in :meth:`AlignX.from_run`: only these, never the run's config, say where the base
     model comes from and let it run its own code)."""
 
-    def __init__(self, run: str | None = None, method: str = "alignx", mode: str = "soft", route: str = "last",
+    def __init__(self, run: str | None = None, method: str = "alignx", mode: str = "router", route: str = "last",
                  max_length: int = 2048, model: str | None = None, trust_remote_code: bool = False,
                  batch_size=None, max_batch_size=None, device=None, **unused):
         super().__init__()

@@ -169,7 +169,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
                 str(e["routing"]["n"]), f"{e['routing']['fallback']['n']} ({100 * e['routing']['fallback']['rate']:.1f} %)"]
                for m, e in methods.items() if "routing" in e]
     if routing:
-        out.append(("Routing on the evaluation prompts (final weights vs gold axis; prompts the out-of-distribution "
+        out.append(("Routing on the evaluation prompts (calibrated probabilities vs gold axis; prompts the out-of-distribution "
                     "gate sent to its fallback are counted apart)",
                     ["method", "accuracy", "ECE", "Brier", "NLL", "n routed", "fallback"], routing, ""))
     return out

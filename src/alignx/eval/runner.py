@@ -378,6 +378,7 @@ def per_item_results(config: AlignXConfig, todo: dict[str, list[str]], items: di
                  **({"equal_length": r["equal_length"]} if "equal_length" in r else {}),
                  **({"weights": r["weights"]} if "weights" in r else {}),
                  **({"ood": bool(r["routing"].get("ood", False))} if "routing" in r else {}),
+                 **({"probabilities": r["routing"]["probabilities"]} if "probabilities" in r.get("routing", {}) else {}),
                  "scores": {name: float(values[i]) for name, values in p.items()}}
                 for i, r in enumerate(rows)]
     return {
@@ -427,7 +428,7 @@ def results_of(per_item: dict, log=print) -> dict:
     methods = {}
     for method, benchmarks in per_item["methods"].items():
         metrics: dict[str, dict] = {}
-        routed = []  # (weights, gold axis, gate flag) of every routed item with a gold axis
+        routed = []  # (probabilities, gold axis, gate flag) of every routed item with a gold axis
         for benchmark, rows in benchmarks.items():
             spec = BENCHMARKS[benchmark]
             if not spec.generates:
@@ -435,7 +436,8 @@ def results_of(per_item: dict, log=print) -> dict:
                 continue
             metrics[benchmark] = _benchmark_metrics(benchmark, rows, by_id[benchmark], samples[method][benchmark], b, seed, confusions)
             if spec.gold_axis is not None:  # a routed method's rows carry the gate's flag (fixed weights route nothing)
-                routed += [(r["weights"], spec.gold_axis, r["ood"]) for r in rows if "ood" in r and set(r.get("weights", ())) == set(AXES)]
+                routed += [(routing_probabilities(r), spec.gold_axis, r["ood"]) for r in rows
+                           if "ood" in r and set(r.get("weights", ())) == set(AXES)]
         entry = {"benchmarks": metrics, "axis_scores": _axis_scores(metrics)}
         if all(benchmark in samples[method] for benchmark, _ in HEADLINE.values()):
             entry["hhh_mean"] = mean_with_ci(_headline(samples[method]), b, seed)
@@ -577,6 +579,12 @@ def _benchmark_metrics(benchmark: str, rows, items, samples: dict[str, Metric], 
 
 def _axis_scores(metrics: dict) -> dict[str, float]:
     return {axis: metrics[benchmark][key]["value"] for axis, (benchmark, key) in HEADLINE.items() if benchmark in metrics}
+
+
+def routing_probabilities(row: dict) -> dict[str, float]:
+    """A routed item's calibrated routing probabilities: what the routing metrics measure. Rows written before the
+    mixing weights were made from them (stage2.mixing) hold only the weights, which were the probabilities then."""
+    return row.get("probabilities", row["weights"])
 
 
 def _routing(routed: list[tuple[dict, str, bool]]) -> dict:

@@ -25,7 +25,7 @@ def register(verbs) -> None:
     )
     serve.add_argument("--run", required=True, help="run directory (with Stage 2 routers for --method alignx)")
     serve.add_argument("--method", default="alignx", help="any method of `alignx generate` (default: alignx)")
-    serve.add_argument("--mode", default="soft", help="soft (default) | top1 | threshold")
+    serve.add_argument("--mode", default="router", help="router (default): the router's own mixing weights (stage2.mixing) | soft: mix with the calibrated probabilities (the paper) | top1 | threshold")
     serve.add_argument("--threshold", type=float, default=0.1, help="weight floor of --mode threshold")
     add_base_model_arguments(serve)
     serve.add_argument("--model-name", help="model id of /v1/models and requests (default: the run directory's name)")

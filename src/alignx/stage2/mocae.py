@@ -9,7 +9,9 @@ Two combinations (``stage2.combination``; see :mod:`.heads`):
 
 The output head (T_out, or vector / Dirichlet scaling) is fitted after training on predictions the pipeline
 chooses (:mod:`.crossfit`). Then the out-of-distribution gate: a prompt whose max typicality is below α fits
-no axis and gets the configured fallback (a uniform mix, or the base model = all-zero expert weights). Each
+no axis and gets the configured fallback (a uniform mix, or the base model = all-zero expert weights). The
+experts are mixed with weights made from the calibrated probabilities (``stage2.mixing``, :mod:`.mixing_weights`);
+the probabilities themselves are what the routing is explained and measured by. Each
 part can be switched off for ablations; with both calibrators and the head off this is exactly
 ``moe-uncalibrated`` (w = p).
 """
@@ -29,6 +31,7 @@ from alignx.run import atomic_save_safetensors, atomic_write_json, load_safetens
 from alignx.stage2.feature_space import FeatureSpace
 from alignx.stage2.fractal import FractalCalibrator
 from alignx.stage2.heads import SIGNALS, TERMS, OutputHead, Parts
+from alignx.stage2.mixing_weights import mixing_weights
 from alignx.stage2.natural import NaturalCalibrator
 from alignx.stage2.router import Router
 
@@ -59,8 +62,8 @@ class Routing:
     fractal: torch.Tensor | None  # q^frac
     typicality: torch.Tensor | None  # u
     natural: torch.Tensor | None  # q^nat
-    calibrated: torch.Tensor  # w before the gate
-    weights: torch.Tensor  # w after the gate (all zeros = the base model)
+    calibrated: torch.Tensor  # the calibrated probabilities (what --explain, the routing metrics and the gate read)
+    weights: torch.Tensor  # the mixing weights made from them (stage2.mixing), after the gate (all zeros = the base model)
     ood: torch.Tensor  # [Q] bool: flagged by the gate
 
 
@@ -168,12 +171,12 @@ class MoCaE(nn.Module):
         u = data.typicality
         parts = self.parts(data)  # each distribution once: the weights and the explanation read the same ones
         calibrated = log_weights(self.config, self.head, parts).exp()
-        weights = calibrated.clone()
+        weights = mixing_weights(calibrated, self.config, self.axes)
         ood = torch.zeros(len(data.h), dtype=torch.bool)
         if u is not None:
             ood = u.max(dim=1).values < self.config.ood_alpha
             fallback = 0.0 if self.config.ood_fallback == "base" else 1.0 / len(self.axes)
-            weights[ood] = fallback
+            weights = torch.where(ood[:, None], torch.full_like(weights, fallback), weights)  # never writes into p
         return Routing(
             router=parts.router.exp(),
             fractal=parts.fractal.exp() if parts.fractal is not None else None,
@@ -214,7 +217,7 @@ class MoCaE(nn.Module):
         directory = Path(directory)
         meta = read_json(directory / "mocae.json")
         tensors, _ = load_safetensors(directory / "mocae.safetensors")
-        config = from_dict(Stage2Config, meta["stage2"], prefix="stage2.")
+        config = from_dict(Stage2Config, {"mixing": "soft", **meta["stage2"]}, prefix="stage2.")  # older files mixed soft
         axes = meta["axes"]
         router = Router(meta["router_in_dim"], len(axes), config.router_hidden, config.router_phi, config.router_temperature)
         router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
