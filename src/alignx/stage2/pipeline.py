@@ -7,7 +7,7 @@ Layout under ``<run>/stage2/``::
     <name>/mocae.json            axes, layers, truncation, the Stage 2 config it was trained with and what it
                                  was fitted from (bank file hashes, evaluation prompts): a rerun refits on change
     <name>/history.json          per-epoch training loss and calibration NLL
-    moe-uncalibrated/...         the same router trained alone: no calibrators, no T_out
+    moe-uncalibrated/...         the same router trained alone: no calibrators, no T_out (mixed as ``alignx``)
     report.json                  routing metrics before/after output calibration, for each router
     reliability.png              reliability diagrams
 
@@ -49,10 +49,11 @@ PAPER = "paper"  # the paper's combination, kept as a named ablation beside what
 
 def paper_variant(stage2: Stage2Config) -> Stage2Config:
     """``stage2`` with the paper's combination: log p + log(0.6·q^frac + 0.4·q^nat), the router trained through
-    it, then T_out; no local-dimension term, no adaptive temperature."""
+    it, then T_out; no local-dimension term, no adaptive temperature; the experts mixed with the calibrated
+    probabilities themselves (soft), every axis its own expert."""
     return dataclasses.replace(stage2, name=PAPER, use_fractal=True, use_natural=True, combination="mixture",
                                output_calibration=True, output_head="temperature", adaptive_temperature=False,
-                               lambda_fractal=0.6, lambda_natural=0.4, dimension_weight=0.0)
+                               lambda_fractal=0.6, lambda_natural=0.4, dimension_weight=0.0, mixing="soft", base_axes=[])
 
 
 def stage2_dir(run: RunDir) -> Path:
