@@ -98,3 +98,19 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_
     checkpoints = sorted(p.name for p in (tmp_path / "run/experts/helpful/checkpoints").iterdir())
     assert checkpoints == ["step-000002"]
     assert not (tmp_path / "run/experts/helpful/adapter").exists()
+
+
+def test_examples_seen_are_exactly_the_rows_training_feeds(tmp_path, tiny_model_dir, monkeypatch):
+    import alignx.stage1.train as train_module
+
+    fed = set()
+    real_collate = train_module.collate
+
+    def spy(batch, examples, pad_id):
+        fed.update(index for row in batch for index in row)
+        return real_collate(batch, examples, pad_id)
+
+    monkeypatch.setattr(train_module, "collate", spy)
+    trainer = _trainer(_config(tmp_path, tiny_model_dir, max_steps=2, batch_size=2))  # 2 of the 3 batches of an epoch
+    trainer.train()
+    assert fed == trainer.examples_seen() and len(fed) == 4

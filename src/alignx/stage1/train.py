@@ -130,6 +130,28 @@ class ExpertTrainer:
             )
         return batches // per_step  # the incomplete last group is dropped so every process steps together
 
+    def _total_steps(self, steps_per_epoch: int) -> int:
+        return self.train_cfg.max_steps or max(1, math.ceil(self.train_cfg.epochs * steps_per_epoch))
+
+    def _window(self, batches: list, within: int, world: int) -> list:
+        """The micro-batches of one optimizer step, every process's (process ``rank`` takes ``[rank::world]``)."""
+        per_step = self.train_cfg.grad_accum * world
+        return batches[within * per_step : (within + 1) * per_step]
+
+    def examples_seen(self, world: int = 1) -> set[int]:
+        """The indices of the examples a whole training run on ``world`` processes feeds the model (the plan is a
+        function of the seed alone): the rows an evaluation of the expert must leave out to be held out."""
+        steps_per_epoch = self._steps_per_epoch(world)
+        seen: set[int] = set()
+        plans: dict[int, list] = {}
+        for step in range(self._total_steps(steps_per_epoch)):
+            epoch, within = divmod(step, steps_per_epoch)
+            if epoch not in plans:
+                plans[epoch] = self._epoch_batches(epoch)
+            for batch in self._window(plans[epoch], within, world):
+                seen.update(index for row in batch for index in row)
+        return seen
+
     # ---- the loop -------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainingSummary:
         cfg = self.train_cfg
@@ -148,7 +170,7 @@ class ExpertTrainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = self._steps_per_epoch(world)
-        total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        total_steps = self._total_steps(steps_per_epoch)
         scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
         model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -175,8 +197,7 @@ class ExpertTrainer:
             epoch, within = divmod(step, steps_per_epoch)
             if epoch not in epoch_cache:
                 epoch_cache = {epoch: self._epoch_batches(epoch)}
-            per_step = cfg.grad_accum * world
-            window = epoch_cache[epoch][within * per_step : (within + 1) * per_step][rank::world]
+            window = self._window(epoch_cache[epoch], within, world)[rank::world]
             batches = [collate(b, self.examples, self.pad_id) for b in window]
             label_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
             started = time.perf_counter()
