@@ -28,7 +28,9 @@ def test_routed_generation_returns_weights_and_explanations(run_dir):
     assert [r.prompt for r in results] == PROMPTS
     for r in results:
         assert r.method == "alignx" and set(r.weights) == {"helpful", "harmless", "honest"}
-        assert abs(sum(r.weights.values()) - 1) < 1e-4 or r.explanation["ood"]
+        assert abs(sum(r.explanation["probabilities"].values()) - 1) < 1e-3
+        if not r.explanation["ood"]:  # the default mixing: the probabilities, helpful's share to the base model
+            assert r.weights == pytest.approx({**r.explanation["probabilities"], "helpful": 0.0}, abs=1e-4)
         assert {"router", "fractal", "natural", "final", "ood"} <= set(r.explanation)
 
 

@@ -96,8 +96,19 @@ class TrainConfig:
     save_every: int = 50  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
     max_loss: float = 1e4  # a loss above this (or NaN) stops training; the last good checkpoint stays
+    objective: dict[str, str] = field(default_factory=dict)  # axis -> sft (default) | dpo: DPO through TRL on the
+    # axis's preference pairs (alignx.data.splits.preference_pairs), the base with adapters disabled as reference
+    dpo_beta: float = 0.1  # DPO's beta (the strength of the pull towards the reference)
 
     def __post_init__(self) -> None:
+        for axis, objective in self.objective.items():
+            _check_choice("train.objective keys", axis, AXES)
+            _check_choice(f"train.objective.{axis}", objective, OBJECTIVES)
+            if axis == "helpful" and objective == "dpo":
+                raise AlignXError("train.objective.helpful cannot be dpo: no clean helpful preference pairs are staged "
+                                  "(AlpacaEval's annotations are the evaluation's prompts; see docs/method.md)")
+        if self.dpo_beta <= 0:
+            raise AlignXError(f"train.dpo_beta must be > 0, got {self.dpo_beta}")
         for name in ("batch_size", "grad_accum", "max_length", "save_every", "keep_checkpoints"):
             _check_positive(f"train.{name}", getattr(self, name))
         if self.max_steps is not None:
@@ -173,8 +184,10 @@ class Stage2Config:
     mixing: str = "soft"  # how the experts are mixed, from the calibrated probabilities (stage2/mixing_weights.py):
     # soft [paper]: w = p | power: w proportional to p**mixing_power | top1: all weight on the most probable axis
     mixing_power: float = 2.0  # the exponent of mixing: power
-    base_axes: list[str] = field(default_factory=list)  # axes whose expert the mixture replaces by the base model
-    # (their weight is zeroed, not renormalised: a prompt routed wholly there runs on the base model)
+    base_axes: list[str] = field(default_factory=lambda: ["helpful"])  # axes whose expert the mixture replaces by
+    # the base model (weight zeroed, not renormalised: a prompt routed wholly there runs on the base model). helpful:
+    # chosen on training-fold evidence, where SmolLM2's helpful expert loses to the base model by the judges
+    # (benchmarks/mixing_selection.py, docs/method.md#mixing-weights); [] when each expert beats its base
     ood_alpha: float = 0.05  # the prompt fits no axis when max typicality < alpha
     ood_fallback: str = "uniform"  # uniform | base (experts off)
     natural_tau_init: float = 0.1
@@ -213,6 +226,9 @@ class Stage2Config:
         if not self.name or "/" in self.name:
             raise AlignXError(f"stage2.name must be a plain folder name, got {self.name!r}")
 
+
+# How an expert is trained (alignx.stage1 implements them).
+OBJECTIVES = ("sft", "dpo")
 
 # How the experts are mixed from the routing probabilities (alignx.stage2.mixing_weights implements them).
 MIXINGS = ("soft", "power", "top1")

@@ -14,7 +14,7 @@ P = torch.tensor([[0.70, 0.20, 0.10], [0.10, 0.45, 0.45], [1e-12, 0.5, 0.5 - 1e-
 
 
 def _weights(**changes):
-    return mixing_weights(P, dataclasses.replace(Stage2Config(), **changes), list(AXES))
+    return mixing_weights(P, dataclasses.replace(Stage2Config(base_axes=[]), **changes), list(AXES))
 
 
 def test_soft_mixes_with_the_probabilities():
@@ -40,6 +40,10 @@ def test_a_base_axis_gives_its_share_to_the_base_model_not_to_the_other_experts(
     assert torch.equal(w[0], torch.zeros(3))  # routed to helpful: the base model alone
     soft = _weights(mixing="soft", base_axes=["helpful"])
     assert torch.allclose(soft[0], torch.tensor([0.0, 0.20, 0.10]))  # not renormalised: 0.7 of base remains
+
+
+def test_the_default_gives_helpful_prompts_to_the_base_model():
+    assert Stage2Config().base_axes == ["helpful"]  # chosen on training-fold evidence (docs/method.md#mixing-weights)
 
 
 def test_bad_mixing_settings_are_explained():

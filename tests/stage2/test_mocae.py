@@ -27,7 +27,7 @@ def _bank(n_per_axis: int, seed: int, spread: float = 1.0):
 
 
 def _config(**changes):
-    return dataclasses.replace(Stage2Config(latent_dim=8, router_hidden=64, max_epochs=15, patience=3), **changes)
+    return dataclasses.replace(Stage2Config(latent_dim=8, router_hidden=64, max_epochs=15, patience=3, base_axes=[]), **changes)
 
 
 def _trained(config, spread=1.0):

@@ -140,6 +140,12 @@ def seeded_subset(items: list[Any], k: int | None, seed: int) -> list[Any]:
     return [items[i] for i in keep]
 
 
+def in_hash_fraction(prompt: str, fraction: float) -> bool:
+    """Stable (hash-based) membership of ``prompt`` in a held-out ``fraction`` (Stage 2's calibration split, the
+    preference pairs' held-out prompts: the same prompts for every fraction's first share)."""
+    return int(hashlib.sha256(prompt.strip().encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
+
+
 def beavertails_half(prompt: str) -> str:
     """'dev' or 'eval': the stable half of BeaverTails 30k_test a prompt belongs to."""
     return "dev" if int(hashlib.sha256(prompt.strip().encode("utf-8")).hexdigest(), 16) % 2 == 0 else "eval"
@@ -187,6 +193,50 @@ def training_examples(axis: str, data: DataConfig) -> SplitResult:
     if len(examples) < full:
         excluded[f"data.max_rows_per_axis={data.max_rows_per_axis}"] += full - len(examples)
     return _finish(axis, "training", examples, skipped, excluded)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference pair of an axis: the prompt and the preferred answer (``chosen.response``), and the other one."""
+
+    chosen: Example
+    rejected: str
+
+
+def preference_pairs(axis: str, data: DataConfig) -> list[PreferencePair]:
+    """The preference pairs of ``axis`` for ``train.objective: dpo``, from its own training sources only:
+
+    * honest: each correct answer of TruthfulQA questions 1-408 against one of the question's incorrect answers
+      (the j-th correct with the (j mod n)-th incorrect), so the honest expert sees the questions its SFT split has;
+    * harmless: hh-rlhf harmless-base dialogues reduced to their last turn, the ``chosen`` answer against the
+      ``rejected`` one, where both answer the same last human turn and differ.
+
+    Decontaminated like the training splits, then ``data.max_rows_per_axis`` applies. The helpful axis has no clean
+    pairs here (AlpacaEval's annotations are the evaluation's prompts and the helpfulness judge's training data)."""
+    _check_axis(axis)
+    skipped: Counter[str] = Counter()
+    excluded: Counter[str] = Counter()
+    pairs: list[PreferencePair] = []
+    if axis == "honest":
+        for r in _load("truthfulqa", data, skipped):
+            if r["index"] < HONEST_TRAIN_QUESTIONS and r["incorrect_answers"]:
+                wrong = r["incorrect_answers"]
+                pairs += [PreferencePair(Example("honest", r["question"], "", answer, "truthfulqa", f"truthfulqa:{r['index']}:{j}"),
+                                         wrong[j % len(wrong)]) for j, answer in enumerate(r["correct_answers"])
+                          if answer != wrong[j % len(wrong)]]  # a few questions list one answer as both
+    elif axis == "harmless":
+        for r in _load("hh_rlhf_harmless", data, skipped):
+            chosen, rejected = last_turn(r["chosen"]), last_turn(r["rejected"])
+            if chosen and rejected and chosen[0] and chosen[0] == rejected[0] and chosen[1] and rejected[1] and chosen[1] != rejected[1]:
+                pairs.append(PreferencePair(Example("harmless", chosen[0], "", chosen[1], "hh_rlhf_harmless",
+                                                    f"hh_rlhf_harmless:{r['index']}"), rejected[1]))
+    else:
+        raise AlignXError("the helpful axis has no preference pairs (train.objective.helpful must be sft): see docs/method.md")
+    kept = {e.id for e in _decontaminate([p.chosen for p in pairs], evaluation_keys(data), excluded)}
+    pairs = seeded_subset([p for p in pairs if p.chosen.id in kept], data.max_rows_per_axis, data.seed)
+    if not pairs:
+        raise AlignXError(f"the {axis} preference pairs are empty after filtering")
+    return pairs
 
 
 def normalise_prompt(text: str) -> str:

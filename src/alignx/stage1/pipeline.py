@@ -17,18 +17,20 @@ import datasets
 import peft
 import torch
 import transformers
+import trl
 from accelerate import PartialState
 
 from alignx import __version__
 from alignx.config import AlignXConfig, load_config
 from alignx.data.formatting import ChatFormatter
-from alignx.data.splits import training_examples
+from alignx.data.splits import preference_pairs, training_examples
 from alignx.errors import AlignXError
 from alignx.models.loading import load_base_model
 from alignx.models.precision import autocast_dtype
 from alignx.models.source import resolve_model_source
 from alignx.run import RunDir, atomic_save_safetensors, load_safetensors, read_json
 from alignx.stage1.features import feature_settings, prompt_features
+from alignx.stage1.preference import train_preference_expert
 from alignx.stage1.train import ExpertTrainer, encode_examples
 
 # Settings that change what Stage 1 produces: a run may only be resumed or extended with the same ones.
@@ -61,6 +63,12 @@ def run_stage1(config: AlignXConfig, *, resume: bool = False, log=print) -> RunD
                 entry = run.read_manifest().get("experts", {}).get(axis, {})
                 if state.is_main_process and "steps" not in entry:  # stopped after the expert, before its entry
                     run.update_manifest(experts={axis: {**read_json(run.summary_path(axis)), **entry}})
+            elif config.train.objective.get(axis, "sft") == "dpo":
+                loaded = _load_base(config)
+                summary = train_preference_expert(config, run, axis, loaded, preference_pairs(axis, config.data),
+                                                  resume=resume, log=log)
+                if state.is_main_process:
+                    run.update_manifest(experts={axis: asdict(summary)})
             else:
                 loaded = _load_base(config)
                 encoded, skipped = encode_examples(
@@ -176,6 +184,7 @@ def _write_manifest_header(run: RunDir, config: AlignXConfig) -> None:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "peft": peft.__version__,
+            "trl": trl.__version__,
             "accelerate": accelerate.__version__,
             "datasets": datasets.__version__,
         },

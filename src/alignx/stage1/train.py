@@ -56,6 +56,9 @@ class TrainingSummary:
     train_seconds: float
     tokens_per_second: float
     final_loss: float
+    objective: str = "sft"  # dpo: alignx.stage1.preference
+    held_out_reward_accuracy: float | None = None  # dpo: on the held-out pairs (0.5 = no better than the base)
+    held_out_pairs: int | None = None
 
 
 def encode_examples(formatter: ChatFormatter, examples, injection: str, max_length: int):

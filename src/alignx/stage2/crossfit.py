@@ -210,7 +210,7 @@ def nested_calibration_scores(variant: Stage2Config, rows: BankRows, layers: tup
 
 
 def config_key(config: Stage2Config) -> tuple:
-    return tuple(sorted(dataclasses.asdict(config).items()))
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dataclasses.asdict(config).items()))
 
 
 def _silent(*_) -> None:

@@ -31,7 +31,7 @@ import torch
 from alignx.axes import AXES
 from alignx.config import AlignXConfig, Stage2Config
 from alignx.data.formatting import ChatFormatter
-from alignx.data.splits import evaluation_prompts, training_examples
+from alignx.data.splits import evaluation_prompts, in_hash_fraction, training_examples
 from alignx.errors import AlignXError
 from alignx.eval.metrics import reliability_bins, routing_metrics
 from alignx.models.loading import load_base_model
@@ -58,11 +58,6 @@ def paper_variant(stage2: Stage2Config) -> Stage2Config:
 
 def stage2_dir(run: RunDir) -> Path:
     return run.root / "stage2"
-
-
-def is_calibration_prompt(prompt: str, fraction: float) -> bool:
-    """Stable (hash-based) membership of the calibration split."""
-    return int(hashlib.sha256(prompt.strip().encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000
 
 
 @dataclass(frozen=True)
@@ -191,7 +186,7 @@ def stack_banks(banks: Banks, config: AlignXConfig) -> BankRows:
     router_rows, calibrator_rows, label_rows, held_out, fold_rows = [], [], [], [], []
     for a, axis in enumerate(AXES):
         router, calibrator, prompts, examples = banks.rows[axis]
-        held_out.append(torch.tensor([is_calibration_prompt(p, config.stage2.calibration_fraction) for p in prompts]))
+        held_out.append(torch.tensor([in_hash_fraction(p, config.stage2.calibration_fraction) for p in prompts]))
         router_rows.append(router)
         calibrator_rows.append(calibrator)
         label_rows.append(torch.full((len(prompts),), a))
