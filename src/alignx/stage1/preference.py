@@ -86,14 +86,14 @@ def train_preference_expert(config: AlignXConfig, run: RunDir, axis: str, loaded
     log(f"[stage1] {axis}: DPO on {len(train)} pairs ({len(test)} held out), beta {cfg.dpo_beta}, "
         f"reference = the base with the adapter disabled")
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - started
     held = trainer.evaluate()
     history = [row for row in trainer.state.log_history if "loss" in row]
+    tokens = int(history[-1].get("num_tokens", 0)) if history else 0  # TRL counts the tokens it trained on
     summary = TrainingSummary(
-        axis=axis, steps=trainer.state.global_step, examples=len(train), real_tokens=int(result.metrics.get("num_tokens", 0)),
-        label_tokens=0, train_seconds=round(seconds, 3),
-        tokens_per_second=round(result.metrics.get("num_tokens", 0) / max(seconds, 1e-9), 2),
+        axis=axis, steps=trainer.state.global_step, examples=len(train), real_tokens=tokens,
+        label_tokens=0, train_seconds=round(seconds, 3), tokens_per_second=round(tokens / max(seconds, 1e-9), 2),
         final_loss=float(history[-1]["loss"]) if history else float("nan"), objective="dpo",
         held_out_reward_accuracy=float(held["eval_rewards/accuracies"]), held_out_pairs=len(test),
     )
