@@ -52,10 +52,10 @@ def main() -> None:
     every = [i for name in selection.SETS for i in items[name]]
     expert = f"expert-{args.axis}"
     samples = {}
-    for name, root in (("base", args.run), (expert, args.run), (f"{expert} (dpo)", args.copy)):
-        aligner = AlignX.from_run(root, method=name.split(" ")[0])
-        answered = selection.answers(aligner, name.split(" ")[0] if root == args.run else name, every,
-                                     root / "mixing-selection" / "answers.jsonl", config.eval.max_new_tokens, 32)
+    for name, root, method in (("base", args.run, "base"), (expert, args.run, expert), (f"{expert} (dpo)", args.copy, expert)):
+        aligner = AlignX.from_run(root, method=method)  # the run's own answers come from mixing_selection.py's cache
+        answered = selection.answers(aligner, name, every, root / "mixing-selection" / "answers.jsonl",
+                                     config.eval.max_new_tokens, 32)
         samples[name] = selection.judged_samples(items, answered, judges, aligner.loaded.tokenizer)
         print(f"{name}: " + "  ".join(f"{k}={100 * s.value():.1f}" for k, s in samples[name].items()))
     for key in ("win", "safe", "ti"):

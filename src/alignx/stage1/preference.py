@@ -77,6 +77,7 @@ def train_preference_expert(config: AlignXConfig, run: RunDir, axis: str, loaded
         save_steps=cfg.save_every, save_total_limit=cfg.keep_checkpoints, logging_steps=1, report_to=[],
         bf16=autocast_dtype(config.model, device) == torch.bfloat16, use_cpu=device.type == "cpu",
         dataloader_num_workers=0, disable_tqdm=False,
+        gradient_checkpointing=False,  # TRL's default recomputes every activation; Stage 1's SFT loop does not either
     )
     trainer = DPOTrainer(
         model=loaded.model, args=args, processing_class=loaded.tokenizer, peft_config=lora_config_for(loaded.model, config),
