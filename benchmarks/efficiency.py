@@ -201,6 +201,8 @@ def settle(model) -> None:
     the memory-mapped weights file (whose pages stay resident while any tensor maps it, although the
     projections now live in bf16 copies), then hand the allocator's free memory (the garbage of building:
     fp32 weights, task vectors) back to the system."""
+    from alignx.mixing import MixedLoRALinear
+
     for module in model.modules():
         for param in module._parameters.values():
             if param is not None:
@@ -208,6 +210,9 @@ def settle(model) -> None:
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 module._buffers[name] = buffer.clone()
+    for module in model.modules():
+        if isinstance(module, MixedLoRALinear):
+            module.relink()  # the clones split each base weight from the stacked factors it is a view of
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 

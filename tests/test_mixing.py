@@ -11,6 +11,7 @@ from conftest import assert_close_at_scale, build_tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from alignx.config import ModelConfig
 from alignx.errors import AlignXError
@@ -143,7 +144,7 @@ def test_experts_of_different_ranks(tiny_model_dir, adapters, peft_logits, batch
     order = ["helpful", "wide", "honest"]
     mixture = MixtureOfExperts.attach(_base(tiny_model_dir), {a: adapters[a] for a in order}, order)
     assert mixture.ranks == (4, 8, 4)
-    assert next(iter(mixture.layers.values())).A_t.shape[1] == 16  # concatenated, no padding
+    assert next(iter(mixture.layers.values())).A.shape[0] == 16  # concatenated, no padding
     with mixture.using(torch.tensor([0.0, 1.0, 0.0])):
         assert_close_at_scale(_logits(mixture.model, batch), peft_logits["wide"])
     weights = [0.3, 0.45, 0.25]
@@ -322,7 +323,9 @@ def _bf16_logits(model, batch) -> torch.Tensor:
 
 def test_bf16_storage_holds_projections_and_head_in_bf16(bf16_mixture):
     layer = next(iter(bf16_mixture.layers.values()))
-    assert layer.base.weight.dtype == torch.bfloat16 and layer.A_t.dtype == torch.float32  # experts stay fp32
+    # the experts' factors are stored in the weight's dtype, A as extra rows of the weight itself
+    assert layer.base.weight.dtype == layer.A.dtype == layer.B_t.dtype == torch.bfloat16
+    assert layer.base.weight.data_ptr() == layer.stacked.data_ptr()  # a view: the weight is not held twice
     assert bf16_mixture.model.get_output_embeddings().weight.dtype == torch.bfloat16
 
 
@@ -437,6 +440,38 @@ def test_layer_mixes_rank_slices_per_example():
         layer(torch.randn(4, 16))
 
 
+def test_layer_holds_the_base_weight_once_and_relinks_after_a_copy():
+    layer, factors = _layer()
+    assert layer.base.weight.data_ptr() == layer.stacked.data_ptr()  # the base weight is a view of the stacked rows
+    torch.testing.assert_close(layer.A, torch.cat([f.A for f in factors]))
+    layer.holder.set([0.4, 0.6])
+    x = torch.randn(2, 3, 16)
+    before = layer(x)
+    layer.base.weight.data = layer.base.weight.data.clone()  # what a clone or module.to leaves: two tensors
+    layer._buffers["stacked"] = layer.stacked.clone()
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+    assert layer.base.weight.data_ptr() == layer.stacked.data_ptr()
+
+
+def test_conv1d_layer_with_bias_mixes_like_the_reference():
+    torch.manual_seed(0)
+    base = Conv1D(8, 16)  # GPT-2's [in, out] layout, with a bias
+    base.bias.data.normal_()
+    factors = [LoraFactors(A=torch.randn(r, 16), B=torch.randn(8, r), scale=s) for r, s in ((2, 0.5), (3, 2.0))]
+    reference = base(torch.zeros(1, 16))  # the bias alone
+    layer = MixedLoRALinear(base, factors, ExpertWeights([2, 3]))
+    weights = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    layer.holder.set(weights)
+    x = torch.randn(2, 5, 16)
+    expected = torch.stack([
+        x[b] @ layer.base.weight + reference[0] + sum(w * f.scale * x[b] @ f.A.T @ f.B.T for w, f in zip(weights[b], factors))
+        for b in range(2)
+    ])
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.merge(torch.tensor([0.3, 0.3, 0.7, 0.7, 0.7]))
+    torch.testing.assert_close(layer(x[1:]), expected[1:], rtol=1e-5, atol=1e-5)
+
+
 def test_layer_dtype_follows_the_base_weight_and_autocast():
     layer, _ = _layer()
     layer.holder.set([0.4, 0.6])
@@ -447,7 +482,7 @@ def test_layer_dtype_follows_the_base_weight_and_autocast():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.1)
     half, _ = _layer(torch.bfloat16)
-    assert half.A_t.dtype == half.B_t.dtype == torch.float32  # the low-rank path is always fp32
+    assert half.A.dtype == half.B_t.dtype == torch.bfloat16  # the factors follow the base weight's dtype
     half.holder.set([0.4, 0.6])
     assert half(x.bfloat16()).dtype == torch.bfloat16  # a bf16 model takes bf16 inputs, base and experts alike
 

@@ -3,29 +3,32 @@ different weight vector w for each example of one batch (METHOD.md §3.6).
 
 Layout. The experts' factors of one layer are stacked once, at attach time:
 
-* ``A_t`` [in, R]: the experts' A concatenated along the rank dimension (R = r_1 + ... + r_E), transposed;
+* ``stacked`` [out + R, in]: the base weight with the experts' A concatenated along the rank dimension
+  (R = r_1 + ... + r_E) appended as R extra output rows; the base layer's weight is a view of its first
+  ``out`` rows, so the weight is held once (``[in, out + R]`` and its first columns for a GPT-2 Conv1D);
 * ``B_t`` [R, out]: the experts' B concatenated the same way, each with its scale (α/r or α/√r) folded in,
   transposed.
 
-Both are stored contiguous in the layout ``torch.mm`` reads directly: on CPU a matmul against a
-pre-transposed contiguous factor costs about 60 % of ``F.linear`` against the ``[out, in]`` layout at decode
-shapes, where these products are too small for the arithmetic to matter and layout and dispatch dominate.
+One GEMM then yields ``[W0·x | A·x]``. At decode shapes the projections cost what their call and their
+weights' streaming cost, not their arithmetic: R more rows to stream add about 1 % to a batch-8 decode step
+where a separate x·A product costs a GEMM call of its own (``docs/performance.md``).
 
 Experts of different ranks are concatenated with per-expert offsets, not zero-padded to the largest rank:
 padding would spend FLOPs and memory on zeros. Mixing is then one per-example scaling of the rank columns:
 the ``[B, E]`` weights are expanded once per ``set_weights`` to ``[B, R]`` column weights (column j belongs
-to expert ``expert_of_column[j]``), so the hot path is two matmuls and one broadcast multiply, with no
-Python loop over experts or examples::
+to expert ``expert_of_column[j]``), so the hot path is one GEMM, one broadcast multiply and one small GEMM
+accumulated into the base output, with no Python loop over experts or examples::
 
-    y = base(x) + ((x @ A_t) * column_weights[b]) @ B_t
+    [y | h] = x @ stacked.T;   y += (h * column_weights[b]) @ B_t
 
 All wrapped layers of a model read one shared :class:`ExpertWeights` holder; weights ``None`` switches the
 experts off (pure base model: what the router's partial prefill needs).
 
-Precision. The factors are stored in the dtype of the base weight (fp32 in AlignX: bf16 comes from
-autocast), so whatever input the base layer accepts, the low-rank path accepts too; under autocast the two
-matmuls run in fp32 even under bf16 autocast (see ``forward``). The folded scale·B is computed in fp32.
-Merged deltas are computed in fp32 and cast once to the weight's dtype.
+Precision. The factors are stored in the dtype of the base weight (bf16 where generation stores the frozen
+projections in bf16 for autocast, else fp32), so the low-rank path runs in the base layer's own precision and
+converts nothing per call: under bf16, x·A comes out of the base GEMM rounded to bf16 and the second product
+accumulates into the bf16 output. The folded scale·B is computed in fp32 and rounded once. Merged deltas
+are computed in fp32 from the stored factors and cast once to the weight's dtype.
 
 Merging. When a whole batch shares one weight vector (a single request), :meth:`MixtureOfExperts.merge`
 folds Σ_a w_a·scale_a·B_a·A_a into the base weights once (computed in fp32) and switches the low-rank path
@@ -165,6 +168,10 @@ class MixedLoRALinear(nn.Module):
 
     ``factors`` are the experts' factors of this layer, in expert order, with ranks ``holder.ranks``;
     ``original`` reads the base weight back from its checkpoint (merges are then in place), or is None.
+
+    The experts' A factors are stored as R extra output rows of the base weight (``stacked``: ``[out + R, in]``,
+    or ``[in, out + R]`` for a Conv1D), and the base layer's weight is a view of its first rows, so one GEMM
+    yields both the base output and x·A, and the weight is not held twice (see the module docstring).
     """
 
     def __init__(self, base: nn.Module, factors: Sequence[LoraFactors], holder: ExpertWeights,
@@ -181,15 +188,40 @@ class MixedLoRALinear(nn.Module):
                 )
         self.base = base.requires_grad_(False)
         self.holder = holder
-        weight = base.weight
-        A_t = torch.cat([f.A.float() for f in factors], dim=0).T.contiguous()
-        B_t = torch.cat([f.scale * f.B.float() for f in factors], dim=1).T.contiguous()
-        self.register_buffer("A_t", A_t.to(device=weight.device), persistent=False)  # fp32: see forward
-        self.register_buffer("B_t", B_t.to(device=weight.device), persistent=False)
+        self.out_features = out_features
+        weight = base.weight.detach()
+        A = torch.cat([f.A.float() for f in factors], dim=0)  # [R, in]
+        B_t = torch.cat([f.scale * f.B.float() for f in factors], dim=1).T  # [R, out], scale folded in, in fp32
+        rows = A.to(device=weight.device, dtype=weight.dtype)
+        stacked = torch.cat([weight, rows.T], dim=1) if self._transposed else torch.cat([weight, rows], dim=0)
+        self.register_buffer("stacked", stacked, persistent=False)
+        self.register_buffer("B_t", B_t.to(device=weight.device, dtype=weight.dtype).contiguous(), persistent=False)
+        bias = getattr(base, "bias", None)
+        self.register_buffer("stacked_bias", None if bias is None else torch.cat(
+            [bias.detach(), bias.new_zeros(A.shape[0])]), persistent=False)
+        self.relink()
         self._original = original
         self._original_weight: nn.Parameter | None = None  # set while merged by copy
         self._merged_in_place = False
         self._merged_columns: torch.Tensor | None = None  # the column weights merged in place
+
+    def relink(self) -> None:
+        """Make the base weight the view of ``stacked``'s first rows again, if something made them two tensors
+        (``module.to``, a clone): the base weight is the truth, and the separate copy is dropped."""
+        weight = self.base.weight
+        if weight.data_ptr() == self.stacked.data_ptr():  # a view of the first rows (columns) starts where it does
+            return
+        if self.stacked.dtype != weight.dtype or self.stacked.device != weight.device:
+            self.stacked = self.stacked.to(device=weight.device, dtype=weight.dtype)
+            self.B_t = self.B_t.to(device=weight.device, dtype=weight.dtype)
+        view = self.stacked[:, : self.out_features] if self._transposed else self.stacked[: self.out_features]
+        view.copy_(weight.detach())
+        self.base.weight = nn.Parameter(view, requires_grad=False)
+
+    @property
+    def A(self) -> torch.Tensor:
+        """The experts' A factors, stacked: ``[R, in]`` (a view of ``stacked``)."""
+        return self.stacked[:, self.out_features:].T if self._transposed else self.stacked[self.out_features:]
 
     @property
     def merged(self) -> bool:
@@ -200,34 +232,30 @@ class MixedLoRALinear(nn.Module):
         return self._original is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         if self.merged or self.holder.weights is None:
-            return out
+            return self.base(x)
+        self.relink()
+        # One GEMM gives [W0·x | A·x]: the base output and the R rank columns (a few % more weight rows to
+        # stream, where a separate x·A product would cost a GEMM call of its own).
+        if self._transposed:  # Conv1D: out = bias + x @ W, W [in, out]
+            flat = x.reshape(-1, x.shape[-1])
+            full = (torch.mm(flat, self.stacked) if self.stacked_bias is None
+                    else torch.addmm(self.stacked_bias, flat, self.stacked)).view(*x.shape[:-1], -1)
+        else:
+            full = F.linear(x, self.stacked, self.stacked_bias)
+        out, h = full[..., : self.out_features], full[..., self.out_features:]
         batch = x.shape[0] if x.dim() > 1 else 1
-        cols = self.holder.columns(batch, x.device, torch.float32)  # [B or 1, R]
-        # The low-rank path runs in fp32 even under bf16 autocast: its products are tiny ([B, in]x[in, R]
-        # while decoding) and CPU fp32 GEMMs of that size cost a third of bf16 ones (fixed oneDNN overhead);
-        # it also keeps the mixing exact. Autocast is switched off with the flag itself, not a
-        # ``torch.autocast`` context: entering one costs more than the two products on a decode step.
-        device = x.device.type
-        autocasting = torch.is_autocast_enabled(device)
-        if autocasting:
-            torch.set_autocast_enabled(device, False)
-        try:
-            h = torch.mm(x.reshape(-1, x.shape[-1]).float(), self.A_t)  # [B*T, R]
-            h.view(batch, -1, h.shape[-1]).mul_(cols.unsqueeze(1))
-            if out.dtype == torch.float32:  # out += h @ B_t in one kernel, with no [B*T, out] temporary
-                out.view(-1, out.shape[-1]).addmm_(h, self.B_t)
-            else:
-                out.add_(torch.mm(h, self.B_t).view(out.shape))
-        finally:
-            if autocasting:
-                torch.set_autocast_enabled(device, True)
+        cols = self.holder.columns(batch, x.device, full.dtype)  # [B or 1, R]
+        scaled = (h.view(batch, -1, h.shape[-1]) * cols.unsqueeze(1)).view(-1, h.shape[-1])  # [B*T, R]
+        B_t = self.B_t if self.B_t.dtype == full.dtype else self.B_t.to(full.dtype)
+        # out += (h·diag(w)) @ B_t in one kernel, written into the base output (a view of ``full``)
+        full.view(-1, full.shape[-1])[:, : self.out_features].addmm_(scaled, B_t)
         return out
 
     def delta(self, column_weights: torch.Tensor) -> torch.Tensor:
         """Σ_a w_a·scale_a·B_a·A_a in fp32, laid out like the base weight; ``column_weights``: ``[R]``."""
-        delta = (self.A_t * column_weights.to(self.A_t.device, torch.float32)) @ self.B_t  # [in, out]
+        scaled = self.A.float().T * column_weights.to(self.stacked.device, torch.float32)  # [in, R]
+        delta = scaled @ self.B_t.float()  # [in, out]
         return delta if self._transposed else delta.T
 
     def merge(self, column_weights: torch.Tensor) -> None:
@@ -235,6 +263,7 @@ class MixedLoRALinear(nn.Module):
         tensor with the original Parameter kept aside."""
         if self.merged:
             self.unmerge()
+        self.relink()
         weight = self.base.weight
         if self._original is None:
             self._original_weight = weight
@@ -242,7 +271,7 @@ class MixedLoRALinear(nn.Module):
             self.base.weight = nn.Parameter(merged, requires_grad=False)
             return
         if weight.dtype == torch.float32:  # W += (A·diag(w)·B) laid out like W, with no [out, in] temporary
-            scaled = self.A_t * column_weights.to(self.A_t.device, torch.float32)  # [in, R]
+            scaled = self.A.T * column_weights.to(weight.device, torch.float32)  # [in, R]
             weight.data.addmm_(*((scaled, self.B_t) if self._transposed else (self.B_t.T, scaled.T)))
         else:  # computed in fp32, rounded once into the stored dtype
             weight.data.copy_(weight.detach().float() + self.delta(column_weights))
