@@ -273,8 +273,8 @@ class MixedLoRALinear(nn.Module):
         if weight.dtype == torch.float32:  # W += (A·diag(w)·B) laid out like W, with no [out, in] temporary
             scaled = self.A.T * column_weights.to(weight.device, torch.float32)  # [in, R]
             weight.data.addmm_(*((scaled, self.B_t) if self._transposed else (self.B_t.T, scaled.T)))
-        else:  # computed in fp32, rounded once into the stored dtype
-            weight.data.copy_(weight.detach().float() + self.delta(column_weights))
+        else:  # computed in fp32, rounded once into the stored dtype (an in-place add: one fp32 temporary, the delta)
+            weight.data.add_(self.delta(column_weights))
         self._merged_in_place, self._merged_columns = True, column_weights
 
     def unmerge(self) -> None:
@@ -286,7 +286,7 @@ class MixedLoRALinear(nn.Module):
             try:
                 original = self._original()
             except AlignXError:
-                weight.data.copy_(weight.detach().float() - self.delta(self._merged_columns))
+                weight.data.sub_(self.delta(self._merged_columns))
                 self._original = None
                 raise
             finally:

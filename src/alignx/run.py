@@ -204,14 +204,18 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
 
 
 def load_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
-    """Load tensors and metadata, turning a truncated or corrupted file into a clear error naming it."""
+    """Load tensors and metadata, turning a truncated or corrupted file into a clear error naming it.
+
+    Each tensor is a copy of its own: tensors read from one file share its memory map, so a caller that keeps
+    any of them (a router keeps its small tensors as they are and its feature banks transposed) would keep every
+    page it has read of the whole file resident (61 MiB beside three 20,000-point banks' own copies)."""
     path = Path(path)
     if not path.is_file():
         raise AlignXError(f"file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise AlignXError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupted") from None
     return tensors, metadata
