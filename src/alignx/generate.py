@@ -109,7 +109,7 @@ class AlignX:
         if method == ARROW:  # PEFT's Arrow layer fails under bf16 autocast on CPU (see alignx.baselines.arrow)
             precision = dataclasses.replace(model_config, precision="fp32")
         dtype = autocast_dtype(precision, next(loaded.model.parameters()).device)
-        if dtype is not None:  # projections and LM head in the compute dtype (expert factors stay fp32: see mixing)
+        if dtype is not None:  # projections and LM head in the compute dtype (the experts, attached after, follow)
             store_frozen_linears_in(loaded.model, dtype, output_projection=True)
         mixture = None
         if method == ARROW:  # PEFT mixes inside the model, per token; there is no per-prompt weight vector
