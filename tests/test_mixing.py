@@ -464,7 +464,8 @@ def test_conv1d_layer_with_bias_mixes_like_the_reference():
     layer.holder.set(weights)
     x = torch.randn(2, 5, 16)
     expected = torch.stack([
-        x[b] @ layer.base.weight + reference[0] + sum(w * f.scale * x[b] @ f.A.T @ f.B.T for w, f in zip(weights[b], factors))
+        x[b] @ layer.base.weight + reference[0]
+        + sum(w * f.scale * x[b] @ f.A.T @ f.B.T for w, f in zip(weights[b], factors))
         for b in range(2)
     ])
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
