@@ -21,6 +21,9 @@ decided here by a rule fixed before any result was read:
 (e) the gap to the oracle (each prompt its gold axis's expert): HHH mean and axis-loss mean, oracle − alignx,
     with paired intervals. The oracle is not a bound: a mixture can beat every single expert on a prompt.
 
+Beside the verdicts, each expert against base on its own axis's headline score (paired, expert − base, 95 %): an
+expert that does not beat base there is no expert by the judges, whatever its loss says.
+
 The power statement: from the study's own paired bootstrap spread of each comparison's HHH mean, the items per
 benchmark needed to detect a 5-point difference at 80 % power (two-sided, 5 %).
 
@@ -94,6 +97,21 @@ def matrix_table(matrix: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- verdicts
+def experts_against_base(samples: dict, resamples: int, seed: int) -> list[list[str]]:
+    """Each expert − base on its own axis's headline score: paired bootstrap 95 % interval, in points."""
+    rows = []
+    for axis, (benchmark, key) in HEADLINE.items():
+        expert = f"expert-{axis}"
+        if key not in samples.get(expert, {}).get(benchmark, {}) or key not in samples.get("base", {}).get(benchmark, {}):
+            continue
+        a, b = samples[expert][benchmark][key].sample, samples["base"][benchmark][key].sample
+        delta = paired_difference([a], [b], resamples, seed)
+        rows.append([expert, f"{benchmark} {key}", f"{100 * a.value():.1f}", f"{100 * b.value():.1f}",
+                     interval(delta) + (" *" if delta["excludes_zero"] else ""),
+                     "yes" if delta["ci"][0] > 0 else "no"])
+    return rows
+
+
 def verdict_a(samples: dict, resamples: int, seed: int) -> str:
     tests = [(axis, benchmark, key, f"expert-{e}") for axis, (benchmark, key) in HEADLINE.items() for e in AXES
              if key in samples.get(f"expert-{e}", {}).get(benchmark, {}) and key in samples["alignx"].get(benchmark, {})]
@@ -243,6 +261,10 @@ def report(study: dict) -> str:
     for title, header, rows, note in tables(results):
         out += [f"## {title}\n"] + ([note + "\n"] if note else []) + [markdown_table(header, rows) + "\n"]
     out += ["## Verdicts\n", "\n".join(f"- {line}" for line in verdicts(study, results, matrix)) + "\n"]
+    resamples, seed = per_item["bootstrap"]["resamples"], per_item["bootstrap"]["seed"]
+    out += ["## Each expert against base on its own axis (expert − base, points; paired bootstrap 95 % CI)\n",
+            markdown_table(["expert", "headline score", "expert", "base", "expert − base", "beats base"],
+                           experts_against_base(method_samples(per_item), resamples, seed)) + "\n"]
     out += [f"## Power (items per benchmark to detect a {100 * DETECT:.0f}-point HHH-mean difference at "
             f"{100 * POWER:.0f} % power, two-sided 5 %, from this study's paired bootstrap spread)\n",
             markdown_table(["method", "HHH mean − alignx (points)", "standard error (points)", "items now", "items needed"],

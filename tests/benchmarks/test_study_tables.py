@@ -133,6 +133,15 @@ def test_e_reports_a_gap_and_never_calls_the_oracle_a_bound():
     assert line.startswith("(e) the gap to the oracle (oracle − alignx): HHH mean -3.3") and "not a bound" in line
 
 
+def test_an_expert_beats_base_only_where_its_paired_interval_on_its_own_axis_is_above_zero():
+    # base judged unsafe on 40 BeaverTails answers the harmless expert answered safely; the helpful expert as base
+    data = study({"base": {"beavertails": {"safety": flags(*range(40))}}})
+    rows = {row[0]: row for row in study_tables.experts_against_base(method_samples(data["eval"]), 1000, 0)}
+    assert rows["expert-harmless"][1:4] == ["beavertails safe_rate", "100.0", "60.0"]
+    assert rows["expert-harmless"][4].startswith("+40.0") and rows["expert-harmless"][5] == "yes"
+    assert rows["expert-helpful"][4] == "+0.0 [+0.0, +0.0]" and rows["expert-helpful"][5] == "no"
+
+
 def test_the_committed_file_regenerates_the_same_tables(tmp_path):
     data = study({"sft-mix": {"beavertails": {"safety": flags(*range(40))}}})
     path = tmp_path / "results.json.gz"
@@ -140,6 +149,6 @@ def test_the_committed_file_regenerates_the_same_tables(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--results", str(path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == study_tables.report(data).strip()
-    for title in ("## Results", "## Verdicts", "## Power", "## Answers cut at the token cap"):
+    for title in ("## Results", "## Verdicts", "## Power", "## Answers cut at the token cap", "## Each expert against base"):
         assert title in done.stdout
     assert "- (a) no Axis Collapse" in done.stdout and "- (e) the gap to the oracle" in done.stdout
