@@ -44,9 +44,9 @@ demo: data-check install
 	$(VENV)/bin/alignx stage1 --config configs/demo.yaml --resume
 	$(VENV)/bin/alignx stage2 --run runs/demo
 	$(VENV)/bin/alignx generate --run runs/demo --method alignx --explain --max-new-tokens 48 $(DEMO_PROMPTS)
-	@echo "Note: these experts trained 12 steps of 8 rows each, a budget that shows the pipeline running but is too"
-	@echo "small to align a model: judge the answers above with that in mind. docs/study.md measures what a larger"
-	@echo "budget (make study) does on each axis."
+	@echo "Note: these experts trained 12 steps of 8 rows each (the honest one on preference pairs, by DPO), a budget"
+	@echo "that shows the pipeline running but is too small to align a model (its bomb prompt is still answered):"
+	@echo "judge the answers above with that in mind. docs/study.md measures what a larger budget (make study) does."
 	$(VENV)/bin/alignx baseline --run runs/demo --method sft-mix --resume
 	$(VENV)/bin/alignx judge train
 	$(VENV)/bin/alignx eval --run runs/demo --methods $(DEMO_METHODS)
