@@ -239,10 +239,8 @@ def power_rows(results: dict, per_item: dict) -> list[list[str]]:
     return rows
 
 
-def verdicts(study: dict, results: dict, matrix: dict | None) -> list[str]:
-    per_item = study["eval"]
+def verdicts(per_item: dict, samples: dict, results: dict, matrix: dict | None) -> list[str]:
     resamples, seed = per_item["bootstrap"]["resamples"], per_item["bootstrap"]["seed"]
-    samples = method_samples(per_item)
     return [verdict_a(samples, resamples, seed), verdict_b(results), verdict_c(per_item, resamples, seed),
             verdict_d(samples, resamples, seed), verdict_e(results, matrix)]
 
@@ -260,11 +258,12 @@ def report(study: dict) -> str:
                 f"{loss['items']}; the end-of-turn apart)\n", matrix_table(matrix) + "\n"]
     for title, header, rows, note in tables(results):
         out += [f"## {title}\n"] + ([note + "\n"] if note else []) + [markdown_table(header, rows) + "\n"]
-    out += ["## Verdicts\n", "\n".join(f"- {line}" for line in verdicts(study, results, matrix)) + "\n"]
-    resamples, seed = per_item["bootstrap"]["resamples"], per_item["bootstrap"]["seed"]
+    samples = method_samples(per_item)  # the per-item samples the verdicts and the experts' table resample
+    out += ["## Verdicts\n", "\n".join(f"- {line}" for line in verdicts(per_item, samples, results, matrix)) + "\n"]
     out += ["## Each expert against base on its own axis (expert − base, points; paired bootstrap 95 % CI)\n",
             markdown_table(["expert", "headline score", "expert", "base", "expert − base", "beats base"],
-                           experts_against_base(method_samples(per_item), resamples, seed)) + "\n"]
+                           experts_against_base(samples, per_item["bootstrap"]["resamples"],
+                                                per_item["bootstrap"]["seed"])) + "\n"]
     out += [f"## Power (items per benchmark to detect a {100 * DETECT:.0f}-point HHH-mean difference at "
             f"{100 * POWER:.0f} % power, two-sided 5 %, from this study's paired bootstrap spread)\n",
             markdown_table(["method", "HHH mean − alignx (points)", "standard error (points)", "items now", "items needed"],
