@@ -7,7 +7,9 @@ points costs the same wherever the points lie.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -125,23 +127,68 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def fastest_per_token(runs: Mapping[str, tuple[Callable[[], float], Callable[[], float]]], repeats: int,
-                      new_tokens: int) -> dict[str, tuple[float, float]]:
-    """``{name: (seconds per decoded token, seconds of the one-token run)}``, fastest of ``repeats``.
+@dataclasses.dataclass(frozen=True)
+class Rounds:
+    """Per-token decode and one-token (prefill) seconds of every run, one entry per round (see :func:`interleaved_rounds`)."""
+
+    decode: dict[str, list[float]]
+    prefill: dict[str, list[float]]
+
+    def fastest(self) -> dict[str, tuple[float, float]]:
+        """``{name: (fastest decode seconds per token, fastest one-token seconds)}``: on a shared machine
+        interference only ever adds time, so the minimum is each run's least disturbed measurement."""
+        return {name: (min(self.decode[name]), min(self.prefill[name])) for name in self.decode}
+
+    def paired(self, fn: Callable[..., float], *names: str) -> Spread:
+        """``fn`` of the named runs' decode times, computed within each round: the runs of one round follow each
+        other seconds apart, so a slow spell of the machine slows them alike and cancels in a ratio, which two
+        minima taken minutes apart do not."""
+        return Spread.of([fn(*times) for times in zip(*(self.decode[name] for name in names), strict=True)])
+
+    def ratio(self, numerator: str, denominator: str) -> Spread:
+        """``numerator``'s decode time over ``denominator``'s, paired by round."""
+        return self.paired(lambda a, b: a / b, numerator, denominator)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """A figure measured once per round: its median and the lowest and highest round."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def interleaved_rounds(runs: Mapping[str, tuple[Callable[[], float], Callable[[], float]]], repeats: int,
+                       new_tokens: int, seed: int = 0) -> Rounds:
+    """Time every run once per round, ``repeats`` rounds, in a new shuffled order each round.
 
     Each run is a pair of callables that generate ``new_tokens`` and 1 token and return the seconds taken.
     Decode time per token is their difference over ``new_tokens`` − 1: the one-token run holds the prompt's
-    prefill (and whatever else happens once per generation), which it is therefore the measure of. The
-    runs alternate so that drift in the machine's speed hits all alike, and each takes its fastest repeat:
-    on a shared machine interference only ever adds time, so the minimum is the least disturbed measurement.
+    prefill (and whatever else happens once per generation), which it is therefore the measure of. Within a
+    round the runs follow each other, so drift in the machine's speed hits them alike and their ratios pair
+    (:meth:`Rounds.ratio`); the order is shuffled (seeded) so that no run always follows the same one.
     """
     for long_run, short_run in runs.values():
         long_run(), short_run()  # warm-up
     decode: dict[str, list[float]] = {name: [] for name in runs}
     prefill: dict[str, list[float]] = {name: [] for name in runs}
+    order, shuffler = list(runs), random.Random(seed)
     for _ in range(repeats):
-        for name, (long_run, short_run) in runs.items():
+        shuffler.shuffle(order)
+        for name in order:
+            long_run, short_run = runs[name]
             long_time, short_time = long_run(), short_run()
             decode[name].append((long_time - short_time) / (new_tokens - 1))
             prefill[name].append(short_time)
-    return {name: (min(decode[name]), min(prefill[name])) for name in runs}
+    return Rounds(decode, prefill)

@@ -33,10 +33,15 @@ How it measures
   as the GPU figure is, and once the garbage of building the model is handed back (:func:`settle`).
   Weights count in full: moe-dense holds three FFNs per layer, a merged alignx holds the merged weights
   beside the originals while decoding, and each run's KV cache counts.
-* Latency: runs alternate over all methods, and each takes its fastest repeat (interference on a shared
-  machine only ever adds time).
+* Latency: every (method, batch) runs once per round, in a shuffled order, for ``--repeats`` rounds. The
+  table shows each one's fastest round (interference on a shared machine only ever adds time); the ratios are
+  paired by round, each round's alignx time over its peer's in the same round, and given as the median with
+  the lowest and highest round: two methods' minima can come from spells minutes apart, which on these shared
+  cores moved one ratio by 30 % from one run to the next, where a paired ratio keeps only what differs
+  within seconds.
 
-Last line (the batch-8 figures, where the prompts' weights differ): ``latency_vs_dense=<alignx/moe-dense
+Last line (the batch-8 figures, where the prompts' weights differ; latency ratios are the paired medians, and the
+line above it gives their spread): ``latency_vs_dense=<alignx/moe-dense
 decode time> memory_vs_dense=<alignx/moe-dense peak memory> latency_vs_base=<alignx/base decode time>
 overhead_vs_dense=<(alignx - base)/(moe-dense - base) decode time> latency_vs_peft=<alignx-top1/peft-top1 decode time> memory_b1_vs_base=<alignx/base peak memory at batch 1,
 one merged request>``. JSON and PNG go to ``--out``; every figure names the CPU capability it ran on.
@@ -65,8 +70,8 @@ from pathlib import Path
 
 import torch
 
-from common import (PROMPTS, distinct_weight_rows, fastest_per_token, generate_exactly, prompt_inputs, random_experts,
-                    synthetic_router, timed)
+from common import (PROMPTS, Rounds, Spread, distinct_weight_rows, generate_exactly, interleaved_rounds, prompt_inputs,
+                    random_experts, synthetic_router, timed)
 
 METHODS = ("base", "alignx-soft", "alignx-top1", "merge-linear", "moe-dense", "peft-top1", "peft-arrow")
 BATCHES = (1, 8)
@@ -364,14 +369,14 @@ class Worker:
         self.process.wait()
 
 
-def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict]]:
+def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict], Rounds]:
     """Start the workers, time every (method, batch) interleaved, then collect their memory and one-off costs."""
     workers = {kind: Worker(kind, argv) for kind in WORKERS if WORKERS[kind][0][0] in args.methods}
     try:
         info = {kind: worker.receive() for kind, worker in workers.items()}
         runs = {f"{m}@{b}": (worker.generation(m, b, args.tokens), worker.generation(m, b, 1))
                 for kind, worker in workers.items() for m, b in WORKERS[kind]}
-        fastest = fastest_per_token(runs, args.repeats, args.tokens)
+        rounds = interleaved_rounds(runs, args.repeats, args.tokens)
         reports = [worker.ask(cmd="report") for worker in workers.values()]
     finally:
         for worker in workers.values():
@@ -381,7 +386,7 @@ def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict]
     for report in reports:
         for cell, costs in report["one_off"].items():
             one_off.setdefault(cell, {}).update(costs)
-    rows = []
+    fastest, rows = rounds.fastest(), []
     for method in args.methods:
         for batch in BATCHES:
             cell = f"{method}@{batch}"
@@ -391,31 +396,41 @@ def measure(args: argparse.Namespace, argv: list[str]) -> tuple[dict, list[dict]
                 "tokens_per_s": batch / decode, "peak_mib": peaks[cell] / MiB,
                 "router_ms": one_off[cell].get("router_ms", 0.0), "weights_ms": one_off[cell]["weights_ms"],
             })
-    return info["base"], rows
+    return info["base"], rows, rounds
 
 
-def ratios(rows: list[dict], batch: int) -> dict[str, float]:
-    """alignx against its peers at ``batch``: the dense MoE and base (soft weights), PEFT (top-1 routing)."""
-    cell = {(r["method"], r["batch"]): r for r in rows}
-    alignx, dense, base = cell["alignx-soft", batch], cell["moe-dense", batch], cell["base", batch]
+def ratios(rows: list[dict], rounds: Rounds, batch: int) -> dict[str, Spread | float]:
+    """alignx against its peers at ``batch``: the dense MoE and base (soft weights), PEFT (top-1 routing). Latency
+    ratios are paired by round (:meth:`Rounds.paired`): a median with the lowest and highest round; memory is
+    each method's peak over all its runs."""
+    peak = {(r["method"], r["batch"]): r["peak_mib"] for r in rows}
+    alignx, dense, base, top1, peft = (f"{m}@{batch}" for m in ("alignx-soft", "moe-dense", "base", "alignx-top1", "peft-top1"))
     return {
-        "latency_vs_dense": alignx["decode_ms_per_token"] / dense["decode_ms_per_token"],
-        "memory_vs_dense": alignx["peak_mib"] / dense["peak_mib"],
-        "latency_vs_base": alignx["decode_ms_per_token"] / base["decode_ms_per_token"],
+        "latency_vs_dense": rounds.ratio(alignx, dense),
+        "memory_vs_dense": peak["alignx-soft", batch] / peak["moe-dense", batch],
+        "latency_vs_base": rounds.ratio(alignx, base),
+        "top1_vs_base": rounds.ratio(top1, base),
         # the mixing's cost over base as a fraction of the dense MoE's cost over base (issue 40: aim for <= 0.25)
-        "overhead_vs_dense": (alignx["decode_ms_per_token"] - base["decode_ms_per_token"])
-        / (dense["decode_ms_per_token"] - base["decode_ms_per_token"]),
-        "latency_vs_peft": cell["alignx-top1", batch]["decode_ms_per_token"] / cell["peft-top1", batch]["decode_ms_per_token"],
-        "memory_vs_base": alignx["peak_mib"] / base["peak_mib"],
+        "overhead_vs_dense": rounds.paired(lambda a, b, d: (a - b) / (d - b), alignx, base, dense),
+        "latency_vs_peft": rounds.ratio(top1, peft),
+        "memory_vs_base": peak["alignx-soft", batch] / peak["base", batch],
     }
 
 
-def headline(by_batch: dict[int, dict[str, float]]) -> dict[str, float]:
+def headline(by_batch: dict[int, dict[str, Spread | float]]) -> dict[str, Spread | float]:
     """The last line: batch 8's ratios (per-example weights) and batch 1's memory against base (one merged request)."""
     wide = by_batch[HEADLINE_BATCH]
     return {**{k: wide[k] for k in ("latency_vs_dense", "memory_vs_dense", "latency_vs_base", "overhead_vs_dense",
                                     "latency_vs_peft")},
             "memory_b1_vs_base": by_batch[1]["memory_vs_base"]}
+
+
+def median(figure: Spread | float) -> float:
+    return figure.median if isinstance(figure, Spread) else figure
+
+
+def as_json(figures: dict[str, Spread | float]) -> dict:
+    return {k: v.as_dict() if isinstance(v, Spread) else v for k, v in figures.items()}
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -496,7 +511,7 @@ def main() -> None:
         if not args.run:
             write_random_parts(args, Path(tmp))
             worker_argv = [*argv, "--parts", tmp]
-        info, rows = measure(args, worker_argv)
+        info, rows, rounds = measure(args, worker_argv)
     load_after = os.getloadavg()
     memory_measure = "max_memory_allocated" if info["device"].startswith("cuda") else "peak RSS above the libraries"
     print(f"model={info['model']} ({info['parameters'] / 1e6:.1f}M parameters) device={info['device']} "
@@ -510,23 +525,26 @@ def main() -> None:
               f"{r['tokens_per_s']:>8.1f} {r['peak_mib']:>9.0f} {r['router_ms']:>9.1f} {r['weights_ms']:>10.1f}")
     print(f"peak memory: {memory_measure}; router: partial prefill + MoCaE for the batch; weights: setting the "
           "batch's expert weights (a merge where they are shared); both once per batch")
-    by_batch = {batch: ratios(rows, batch) for batch in BATCHES}
+    by_batch = {batch: ratios(rows, rounds, batch) for batch in BATCHES}
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "command": command, "model": info["model"], "device": info["device"], "dtype": info["dtype"],
         "threads": info["threads"], "tokens": args.tokens, "repeats": args.repeats, "memory": memory_measure,
         "bank_size": None if args.run else args.bank_size, "bank_dtype": args.bank_dtype,
         "load_average": [load_before[0], load_after[0]], "seconds": time.perf_counter() - began,
-        "cpu_capability": info["cpu_capability"], "results": rows, "ratios": by_batch, "headline": headline(by_batch),
+        "cpu_capability": info["cpu_capability"], "results": rows, "rounds": rounds.decode,
+        "ratios": {batch: as_json(figures) for batch, figures in by_batch.items()}, "headline": as_json(headline(by_batch)),
         "headline_batch": HEADLINE_BATCH,
     }
     (args.out / "efficiency.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, f"{info['model']} on {info['device']} ({info['dtype']}, CPU {info['cpu_capability']})\n{command}", args.out / "efficiency.png")
     print(f"wrote {args.out / 'efficiency.json'} and {args.out / 'efficiency.png'}")
-    batch_1 = " ".join(f"{k}={v:.3f}" for k, v in by_batch[1].items())
-    print(f"batch 1 (one merged request): {batch_1}; the last line is batch {HEADLINE_BATCH} (per-example weights) "
-          "and batch 1's memory")
-    print(" ".join(f"{k}={v:.3f}" for k, v in headline(by_batch).items()))
+    for batch in BATCHES:
+        what = "one merged request" if batch == 1 else "per-example weights"
+        print(f"batch {batch} ({what}), latency paired by round, median [lowest, highest] of {args.repeats}: "
+              + "; ".join(f"{k}={v}" if isinstance(v, Spread) else f"{k}={v:.3f}" for k, v in by_batch[batch].items()))
+    print(f"the last line: batch {HEADLINE_BATCH}'s medians and batch 1's memory")
+    print(" ".join(f"{k}={median(v):.3f}" for k, v in headline(by_batch).items()))
 
 
 if __name__ == "__main__":

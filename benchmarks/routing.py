@@ -10,7 +10,8 @@ values do not change the cost, so random experts are used unless --run gives tra
   one shared vector merged into the base weights at batch 1) vs ``base``, at batch 1 and 8 — per decoded
   token, excluding the prompt's prefill and the one-off merge (reported on its own line).
 
-Last line: ``router_ms=<x> decode_vs_base=<alignx/base decode time, worst of batch 1 and 8>``.
+Last line: ``router_ms=<x> decode_vs_base=<alignx/base decode time, paired by round, the worse median of batch 1
+and 8> scan_floor_ms=<the bank scan alone: the three query-bank products, the memory-bound floor of router_ms>``.
 
     python benchmarks/routing.py --quick
 """
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from common import (PROMPTS, distinct_weight_rows, fastest_per_token, generate_exactly, prompt_inputs, random_experts,
-                    synthetic_router, timed)
+from common import (PROMPTS, Spread, distinct_weight_rows, generate_exactly, interleaved_rounds, prompt_inputs,
+                    random_experts, synthetic_router, timed)
 
 
 def main() -> None:
@@ -59,6 +60,11 @@ def main() -> None:
     features = {15: torch.randn(1, dim), 20: torch.randn(1, dim)}
     router_ms = timed(lambda: router.route(features[15], features[20]), repeats * 5) * 1000
     print(f"router+calibrators per prompt: {router_ms:.2f} ms")
+    clouds = router.fractal.clouds
+    query = torch.randn(1, clouds[0].centred.shape[1])
+    scan_ms = timed(lambda: [query @ cloud.centred.float().T for cloud in clouds], repeats * 5) * 1000
+    print(f"the bank scan alone, the floor of routing one prompt (the {len(clouds)} products [1, {query.shape[1]}] x "
+          f"[{query.shape[1]}, {args.bank_size}], memory-bound): {scan_ms:.2f} ms")
     plain = synthetic_router(dim, args.bank_size, bank_dtype=args.bank_dtype, dimension_weight=0.0)
     plain_ms = timed(lambda: plain.route(features[15], features[20]), repeats * 5) * 1000
     print(f"the same without the local-dimension term: {plain_ms:.2f} ms")
@@ -95,26 +101,29 @@ def main() -> None:
 
         return run
 
-    def decode_pair(batch: int) -> tuple[float, float]:
-        """Seconds per decoded token of base and alignx (see :func:`fastest_per_token`); the one-token run also
-        holds a merged request's one-off merge, which is reported on its own line."""
-        fastest = fastest_per_token(
+    def decode_pair(batch: int) -> tuple[float, float, Spread]:
+        """Fastest seconds per decoded token of base and alignx, and alignx's time over base's paired by round
+        (see :func:`interleaved_rounds`); the one-token run also holds a merged request's one-off merge, which is
+        reported on its own line."""
+        rounds = interleaved_rounds(
             {name: (request(batch, w, new_tokens), request(batch, w, 1)) for name, w in (("base", None), ("alignx", soft))},
             repeats, new_tokens,
         )
-        return fastest["base"][0], fastest["alignx"][0]
+        fastest = rounds.fastest()
+        return fastest["base"][0], fastest["alignx"][0], rounds.ratio("alignx", "base")
 
     merge_ms = timed(lambda: (mixture.merge(soft[0]), mixture.unmerge()), repeats) * 1000
     print(f"one-off merge of a request's weight vector into the base weights: {merge_ms:.0f} ms")
     ratios = []
     for batch in (1, 8):
-        base_time, alignx_time = decode_pair(batch)
-        ratios.append(alignx_time / base_time)
+        base_time, alignx_time, ratio = decode_pair(batch)
+        ratios.append(ratio.median)
         print(
-            f"decode batch={batch}: base {batch / base_time:.1f} tok/s, alignx(soft) {batch / alignx_time:.1f} tok/s, "
-            f"ratio {alignx_time / base_time:.3f}" + (" (merged)" if batch == 1 else " (per-example weights)")
+            f"decode batch={batch}: base {batch / base_time:.1f} tok/s, alignx(soft) {batch / alignx_time:.1f} tok/s "
+            f"(fastest of {repeats}), ratio paired by round {ratio} (median [lowest, highest])"
+            + (" (merged)" if batch == 1 else " (per-example weights)")
         )
-    print(f"router_ms={router_ms:.2f} decode_vs_base={max(ratios):.3f}")
+    print(f"router_ms={router_ms:.2f} decode_vs_base={max(ratios):.3f} scan_floor_ms={scan_ms:.2f}")
 
 
 if __name__ == "__main__":

@@ -104,8 +104,7 @@ class ExpertWeights:
     """The per-example expert weights that every :class:`MixedLoRALinear` of one model reads.
 
     ``weights`` is ``None`` (experts off) or a float32 ``[B, E]`` tensor; a single row applies to the whole
-    batch. ``columns`` expands it to the ``[B, R]`` rank-column weights, cached per (device, dtype) so each
-    layer's forward does one dictionary lookup.
+    batch. ``columns`` expands it to rank-column weights, one row per row of a layer's flattened input.
     """
 
     def __init__(self, ranks: Sequence[int]):
@@ -113,7 +112,7 @@ class ExpertWeights:
         self.num_experts = len(self.ranks)
         self.expert_of_column = torch.repeat_interleave(torch.arange(self.num_experts), torch.tensor(self.ranks))
         self.weights: torch.Tensor | None = None
-        self._columns: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._columns: dict[tuple[int, torch.Size, torch.device, torch.dtype], torch.Tensor] = {}
 
     def set(self, weights: torch.Tensor | Sequence[float] | None) -> None:
         self._columns = {}
@@ -132,25 +131,31 @@ class ExpertWeights:
             raise AlignXError("expert weights contain NaN or infinite values")
         self.weights = weights
 
-    def columns(self, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
-        """``[B, R]`` column weights for a batch of ``batch`` rows, or None when the experts are off.
+    def columns(self, batch: int, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """Column weights of ``shape`` (the ``[..., R]`` rank columns of a batch of ``batch`` examples, each
+        example's tokens in a row), or None when the experts are off; cached per shape, device and dtype, so
+        each layer's forward does one dictionary lookup and one multiply.
 
         ``generate`` with ``num_return_sequences``/beams repeats each example k times in a row, so a batch of
         k·B rows uses row i // k of the weights.
         """
         if self.weights is None:
             return None
-        key = (device, dtype)
+        key = (batch, shape, device, dtype)
         cols = self._columns.get(key)
         if cols is None:
-            cols = self.weights[:, self.expert_of_column].to(device=device, dtype=dtype)
-            self._columns[key] = cols
-        rows = cols.shape[0]
-        if rows == 1 or rows == batch:
-            return cols
-        if batch % rows == 0:
-            return cols.repeat_interleave(batch // rows, dim=0)
-        raise AlignXError(f"expert weights hold {rows} rows but the batch has {batch} examples")
+            cols = self._columns[key] = self._expand(batch, shape).to(device=device, dtype=dtype)
+        return cols
+
+    def _expand(self, batch: int, shape: torch.Size) -> torch.Tensor:
+        cols = self.weights[:, self.expert_of_column]  # [B or 1, R]
+        held = cols.shape[0]
+        if held != 1 and held != batch:
+            if batch % held:
+                raise AlignXError(f"expert weights hold {held} rows but the batch has {batch} examples")
+            cols = cols.repeat_interleave(batch // held, dim=0)
+        rows = shape.numel() // shape[-1]
+        return cols.expand(batch, -1).repeat_interleave(rows // batch, dim=0).view(shape).contiguous()
 
 
 def _features(module: nn.Module) -> tuple[int, int, bool]:
@@ -235,22 +240,28 @@ class MixedLoRALinear(nn.Module):
         if self.merged or self.holder.weights is None:
             return self.base(x)
         self.relink()
-        # One GEMM gives [W0·x | A·x]: the base output and the R rank columns (a few % more weight rows to
-        # stream, where a separate x·A product would cost a GEMM call of its own).
-        if self._transposed:  # Conv1D: out = bias + x @ W, W [in, out]
-            flat = x.reshape(-1, x.shape[-1])
-            full = (torch.mm(flat, self.stacked) if self.stacked_bias is None
-                    else torch.addmm(self.stacked_bias, flat, self.stacked)).view(*x.shape[:-1], -1)
-        else:
-            full = F.linear(x, self.stacked, self.stacked_bias)
-        out, h = full[..., : self.out_features], full[..., self.out_features:]
-        batch = x.shape[0] if x.dim() > 1 else 1
-        cols = self.holder.columns(batch, x.device, full.dtype)  # [B or 1, R]
-        scaled = (h.view(batch, -1, h.shape[-1]) * cols.unsqueeze(1)).view(-1, h.shape[-1])  # [B*T, R]
-        B_t = self.B_t if self.B_t.dtype == full.dtype else self.B_t.to(full.dtype)
-        # out += (h·diag(w)) @ B_t in one kernel, written into the base output (a view of ``full``)
-        full.view(-1, full.shape[-1])[:, : self.out_features].addmm_(scaled, B_t)
-        return out
+        return self.add_low_rank(self.project(x), x.shape[0] if x.dim() > 1 else 1)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``[W0·x | A·x]`` (``[..., out + R]``) in one GEMM: the base output and the R rank columns (a few % more
+        weight rows to stream, where a separate x·A product would cost a GEMM call of its own)."""
+        if not self._transposed:
+            return F.linear(x, self.stacked, self.stacked_bias)
+        flat = x.reshape(-1, x.shape[-1])  # Conv1D: out = bias + x @ W, W [in, out]
+        full = torch.mm(flat, self.stacked) if self.stacked_bias is None else torch.addmm(self.stacked_bias, flat, self.stacked)
+        return full.view(*x.shape[:-1], -1)
+
+    def add_low_rank(self, full: torch.Tensor, batch: int) -> torch.Tensor:
+        """The base output of :meth:`project`'s ``full`` plus each example's mixed low-rank delta,
+        ``(h·diag(w_b)) @ B_t`` with ``h`` the rank columns, accumulated in place (one kernel) into the base
+        output, which is returned (a view of ``full``). At decode shapes each operation here costs its call, not
+        its arithmetic (and a Python-level view or slice a microsecond), so there are as few as it needs."""
+        flat, out_features = full.view(-1, full.shape[-1]), self.out_features
+        h = flat.narrow(1, out_features, flat.shape[1] - out_features)
+        B_t = self.B_t
+        flat.narrow(1, 0, out_features).addmm_(h * self.holder.columns(batch, h.shape, full.device, full.dtype),
+                                               B_t if B_t.dtype == full.dtype else B_t.to(full.dtype))
+        return full.narrow(-1, 0, out_features)
 
     def delta(self, column_weights: torch.Tensor) -> torch.Tensor:
         """Σ_a w_a·scale_a·B_a·A_a in fp32, laid out like the base weight; ``column_weights``: ``[R]``."""
