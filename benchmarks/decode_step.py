@@ -15,11 +15,11 @@ the ratio to base is paired by round (median, lowest and highest round), as in `
 Then the parts alone, each over all 210 projections in the model's order with nothing else in between, fastest
 of the rounds: the wider GEMM (``[out + R, in]``: the base output and x·A) against the base layer's, and the
 mixing proper (:meth:`MixedLoRALinear.add_low_rank`: the multiply by the column weights and the second product
-added into the base output). The latter is the floor of this design: what the per-example path costs when
-each small product runs hot, as it never does inside a step, where it follows a GEMM that has streamed a weight
-matrix through the caches.
+added into the base output). Alone, the parts cost what their calls cost with nothing else competing for the
+caches: with bf16 on AVX-512 less than inside a step, where each small product follows a GEMM that has just
+streamed a weight matrix through the caches (docs/performance.md).
 
-Last line: ``step_vs_base=<alignx-soft/base, paired median> floor_vs_base=<1 + (wider GEMMs' extra + mixing
+Last line: ``step_vs_base=<alignx-soft/base, paired median> alone_vs_base=<1 + (wider GEMMs' extra + mixing
 alone) / base step>``.
 
     python benchmarks/decode_step.py --quick
@@ -146,7 +146,7 @@ def main() -> None:
         print(f"alone, all {len(mixture.layers)} projections: {name:<12} {seconds * 1000:6.2f} ms per step")
     print(f"mixing in its step: {(min(times['alignx-soft']) - base_step) * 1000:.2f} ms over base's "
           f"{base_step * 1000:.2f}; alone (the wider GEMMs' extra + the mixing): {extra * 1000:.2f} ms")
-    print(f"step_vs_base={step_ratio.median:.3f} floor_vs_base={1 + extra / base_step:.3f}")
+    print(f"step_vs_base={step_ratio.median:.3f} alone_vs_base={1 + extra / base_step:.3f}")
 
 
 if __name__ == "__main__":

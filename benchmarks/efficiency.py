@@ -30,9 +30,11 @@ How it measures
 * Peak memory is per run, reset before each: on a GPU ``torch.cuda.max_memory_allocated``; on CPU the
   process's resident-set high-water mark (reset through ``/proc/self/clear_refs``) less its resident set
   before any model was built, i.e. without the interpreter and libraries that every method loads alike,
-  as the GPU figure is, and once the garbage of building the model is handed back (:func:`settle`).
-  Weights count in full: moe-dense holds three FFNs per layer, a merged alignx holds the merged weights
-  beside the originals while decoding, and each run's KV cache counts.
+  as the GPU figure is, and once the garbage of building the model is handed back (:func:`settle`). Before
+  each run what the worker's earlier runs freed is handed back too (:func:`release_free_memory`): glibc keeps
+  freed blocks resident, so a batch-1 run that followed a batch-8 one counted the batch-8 activations (a
+  merged request measured 1.135× base that way, 1.08× alone). Weights count in full: moe-dense holds three
+  FFNs per layer, a merged alignx its experts' factors and the merge's transients, and each run's KV cache.
 * Latency: every (method, batch) runs once per round, in a shuffled order, for ``--repeats`` rounds. The
   table shows each one's fastest round (interference on a shared machine only ever adds time); the ratios are
   paired by round, each round's alignx time over its peer's in the same round, and given as the median with
@@ -218,6 +220,12 @@ def settle(model) -> None:
     for module in model.modules():
         if isinstance(module, MixedLoRALinear):
             module.relink()  # the clones split each base weight from the stacked factors it is a view of
+    release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Hand what the process has freed back to the system: the garbage collector's, then the C allocator's
+    free heap, which glibc otherwise keeps resident (its mmap threshold grows once a large block is freed)."""
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -237,6 +245,7 @@ class PeakMemory:
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            release_free_memory()  # the previous run's freed blocks are not this run's
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
 
     def peak(self) -> int:
