@@ -117,14 +117,15 @@ def generate_exactly(model, inputs: dict, tokens: int, pad_token_id: int, **extr
                    **extra)
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, statistic: Callable[[list[float]], float] = statistics.median) -> float:
+    """Seconds per call of ``fn`` after a warm-up call: the median of ``repeats`` (or another ``statistic``)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
         fn()
         times.append(time.perf_counter() - began)
-    return statistics.median(times)
+    return statistic(times)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from common import PROMPTS, Spread, distinct_weight_rows, prompt_inputs, random_experts
+from common import PROMPTS, Spread, distinct_weight_rows, prompt_inputs, random_experts, timed
 
 from alignx.axes import AXES
 from alignx.config import ModelConfig
@@ -88,17 +88,8 @@ def parts_alone(mixture: MixtureOfExperts, inputs: dict, weights: torch.Tensor, 
         for layer, full in zip(layers, wide):
             layer.add_low_rank(full, batch)
 
-    fastest = {}
     with torch.inference_mode(), autocast(dtype, "cpu"), mixture.using(weights):
-        for name, fn in (("base GEMMs", base), ("wider GEMMs", wider), ("mixing", mixing)):
-            fn()  # warm-up
-            times = []
-            for _ in range(rounds):
-                began = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - began)
-            fastest[name] = min(times)
-    return fastest
+        return {name: timed(fn, rounds, min) for name, fn in (("base GEMMs", base), ("wider GEMMs", wider), ("mixing", mixing))}
 
 
 def main() -> None:
