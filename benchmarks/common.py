@@ -14,10 +14,13 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from alignx.axes import AXES
+
+T = TypeVar("T")
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -148,7 +151,7 @@ class Rounds:
 
     def ratio(self, numerator: str, denominator: str) -> Spread:
         """``numerator``'s decode time over ``denominator``'s, paired by round."""
-        return self.paired(lambda a, b: a / b, numerator, denominator)
+        return Spread.ratio(self.decode[numerator], self.decode[denominator])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +166,11 @@ class Spread:
     def of(cls, values: Sequence[float]) -> Spread:
         return cls(statistics.median(values), min(values), max(values))
 
+    @classmethod
+    def ratio(cls, numerators: Sequence[float], denominators: Sequence[float]) -> Spread:
+        """Round by round ``numerators[i] / denominators[i]`` (two runs' times in the same rounds)."""
+        return cls.of([a / b for a, b in zip(numerators, denominators, strict=True)])
+
     def __str__(self) -> str:
         return f"{self.median:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
@@ -170,26 +178,31 @@ class Spread:
         return dataclasses.asdict(self)
 
 
-def interleaved_rounds(runs: Mapping[str, tuple[Callable[[], float], Callable[[], float]]], repeats: int,
-                       new_tokens: int, seed: int = 0) -> Rounds:
-    """Time every run once per round, ``repeats`` rounds, in a new shuffled order each round.
-
-    Each run is a pair of callables that generate ``new_tokens`` and 1 token and return the seconds taken.
-    Decode time per token is their difference over ``new_tokens`` − 1: the one-token run holds the prompt's
-    prefill (and whatever else happens once per generation), which it is therefore the measure of. Within a
-    round the runs follow each other, so drift in the machine's speed hits them alike and their ratios pair
-    (:meth:`Rounds.ratio`); the order is shuffled (seeded) so that no run always follows the same one.
-    """
-    for long_run, short_run in runs.values():
-        long_run(), short_run()  # warm-up
-    decode: dict[str, list[float]] = {name: [] for name in runs}
-    prefill: dict[str, list[float]] = {name: [] for name in runs}
+def shuffled_rounds(runs: Mapping[str, Callable[[], T]], repeats: int, seed: int = 0) -> dict[str, list[T]]:
+    """``{name: [what the run returned, one per round]}``: every run is called once to warm up, then once per
+    round for ``repeats`` rounds, in a new shuffled order each round (seeded), so that drift in the machine's
+    speed hits the runs of one round alike and no run always follows the same one."""
+    for run in runs.values():
+        run()  # warm-up
+    results: dict[str, list[T]] = {name: [] for name in runs}
     order, shuffler = list(runs), random.Random(seed)
     for _ in range(repeats):
         shuffler.shuffle(order)
         for name in order:
-            long_run, short_run = runs[name]
-            long_time, short_time = long_run(), short_run()
-            decode[name].append((long_time - short_time) / (new_tokens - 1))
-            prefill[name].append(short_time)
-    return Rounds(decode, prefill)
+            results[name].append(runs[name]())
+    return results
+
+
+def interleaved_rounds(runs: Mapping[str, tuple[Callable[[], float], Callable[[], float]]], repeats: int,
+                       new_tokens: int, seed: int = 0) -> Rounds:
+    """Time every run once per round, ``repeats`` rounds, in a new shuffled order each round (:func:`shuffled_rounds`).
+
+    Each run is a pair of callables that generate ``new_tokens`` and 1 token and return the seconds taken.
+    Decode time per token is their difference over ``new_tokens`` − 1: the one-token run holds the prompt's
+    prefill (and whatever else happens once per generation), which it is therefore the measure of. Within a
+    round the runs follow each other, so their ratios pair (:meth:`Rounds.ratio`).
+    """
+    times = shuffled_rounds({name: (lambda long_run=long_run, short_run=short_run: (long_run(), short_run()))
+                             for name, (long_run, short_run) in runs.items()}, repeats, seed)
+    return Rounds({name: [(long - short) / (new_tokens - 1) for long, short in pairs] for name, pairs in times.items()},
+                  {name: [short for _, short in pairs] for name, pairs in times.items()})

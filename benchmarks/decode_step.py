@@ -28,7 +28,6 @@ alone) / base step>``.
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from common import PROMPTS, Spread, distinct_weight_rows, prompt_inputs, random_experts, timed
+from common import PROMPTS, Spread, distinct_weight_rows, prompt_inputs, random_experts, shuffled_rounds, timed
 
 from alignx.axes import AXES
 from alignx.config import ModelConfig
@@ -117,19 +116,11 @@ def main() -> None:
     configs = {"base": step_timer(mixture, inputs, None, dtype, args.steps),
                "alignx-soft": step_timer(mixture, inputs, soft, dtype, args.steps),
                "alignx-top1": step_timer(mixture, inputs, apply_mode(soft, "top1"), dtype, args.steps)}
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for run in configs.values():
-        run()  # warm-up
-    order, shuffler = list(configs), random.Random(0)
-    for _ in range(rounds):
-        shuffler.shuffle(order)
-        for name in order:
-            times[name].append(configs[name]())
+    times = shuffled_rounds(configs, rounds)
     base_step = min(times["base"])
-    for name in configs:
-        ratio = Spread.of([t / b for t, b in zip(times[name], times["base"], strict=True)])
+    ratios = {name: Spread.ratio(times[name], times["base"]) for name in configs}
+    for name, ratio in ratios.items():
         print(f"{name:<12} fastest step {min(times[name]) * 1000:6.2f} ms   vs base, paired by round: {ratio}")
-    step_ratio = Spread.of([t / b for t, b in zip(times["alignx-soft"], times["base"], strict=True)])
 
     parts = parts_alone(mixture, inputs, soft, dtype, rounds)
     extra = parts["wider GEMMs"] - parts["base GEMMs"] + parts["mixing"]
@@ -137,7 +128,7 @@ def main() -> None:
         print(f"alone, all {len(mixture.layers)} projections: {name:<12} {seconds * 1000:6.2f} ms per step")
     print(f"mixing in its step: {(min(times['alignx-soft']) - base_step) * 1000:.2f} ms over base's "
           f"{base_step * 1000:.2f}; alone (the wider GEMMs' extra + the mixing): {extra * 1000:.2f} ms")
-    print(f"step_vs_base={step_ratio.median:.3f} alone_vs_base={1 + extra / base_step:.3f}")
+    print(f"step_vs_base={ratios['alignx-soft'].median:.3f} alone_vs_base={1 + extra / base_step:.3f}")
 
 
 if __name__ == "__main__":
